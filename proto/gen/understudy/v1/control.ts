@@ -58,6 +58,12 @@ export interface SourceSetStatus {
   targets: TargetStatus[];
   files: number;
   bytes: number;
+  /**
+   * File data captured and journaled since the agent started (a restart with
+   * an intact journal must not re-send everything).
+   */
+  capturedDataBytes: number;
+  lastError: string;
 }
 
 export interface ImageStatus {
@@ -313,6 +319,8 @@ function createBaseSourceSetStatus(): SourceSetStatus {
     targets: [],
     files: 0,
     bytes: 0,
+    capturedDataBytes: 0,
+    lastError: "",
   };
 }
 
@@ -344,6 +352,12 @@ export const SourceSetStatus: MessageFns<SourceSetStatus> = {
     }
     if (message.bytes !== 0) {
       writer.uint32(72).uint64(message.bytes);
+    }
+    if (message.capturedDataBytes !== 0) {
+      writer.uint32(80).uint64(message.capturedDataBytes);
+    }
+    if (message.lastError !== "") {
+      writer.uint32(90).string(message.lastError);
     }
     return writer;
   },
@@ -431,6 +445,22 @@ export const SourceSetStatus: MessageFns<SourceSetStatus> = {
             }
 
             message.bytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.capturedDataBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.lastError = reader.string();
             continue;
           }
         }

@@ -1,0 +1,379 @@
+// Capture (watch mode): turns "these paths may have changed" into operations.
+// Level-based, like syncthing's scanner: the file system is compared with the
+// index of what the targets were told, so merged, duplicated or reordered
+// events cannot produce a wrong copy. Renames are found by inode, hard links
+// by inode and link count, and file content by block digests: only changed
+// blocks become Write ops, all-zero blocks of new files stay holes.
+import { lstat, open, readdir, readlink } from "node:fs/promises";
+import type { BigIntStats } from "node:fs";
+import path from "node:path";
+import type { Logger } from "../../common/log.ts";
+import type { Attr, Op } from "../wire.ts";
+import { hashBlocks, digestAt, isZero } from "./blocks.ts";
+import type { FileIndex, IndexDelta, IndexEntry } from "./file-index.ts";
+import type { DirWatcher } from "./watcher.ts";
+
+/** Largest data carried by one Write op, and by one packet. */
+export const MAX_WRITE = 1024 * 1024;
+export const MAX_PACKET_DATA = 4 * 1024 * 1024;
+const MAX_PACKET_OPS = 4096;
+
+export type PacketSink = (ops: Op[], deltas: IndexDelta[]) => Promise<void>;
+
+/** Groups ops into packets; renames travel alone so replaying a packet stays idempotent. */
+export class Packetizer {
+  private ops: Op[] = [];
+  private deltas: IndexDelta[] = [];
+  private bytes = 0;
+  private readonly sink: PacketSink;
+  constructor(sink: PacketSink) {
+    this.sink = sink;
+  }
+  async push(op: Op | undefined, delta?: IndexDelta): Promise<void> {
+    if (op) {
+      this.ops.push(op);
+      if (op.kind?.$case === "write") this.bytes += op.kind.value.data.length;
+    }
+    if (delta) this.deltas.push(delta);
+    if (this.bytes >= MAX_PACKET_DATA || this.ops.length >= MAX_PACKET_OPS) await this.flush();
+  }
+  async alone(op: Op, delta: IndexDelta): Promise<void> {
+    await this.flush();
+    await this.push(op, delta);
+    await this.flush();
+  }
+  async flush(): Promise<void> {
+    if (this.ops.length === 0 && this.deltas.length === 0) return;
+    const ops = this.ops;
+    const deltas = this.deltas;
+    this.ops = [];
+    this.deltas = [];
+    this.bytes = 0;
+    await this.sink(ops, deltas);
+  }
+}
+
+export interface CaptureOptions {
+  root: string;
+  blockSize: number;
+  index: FileIndex;
+  watcher?: DirWatcher;
+  /** false for paths outside the replication set */
+  wanted: (rel: string, isDir: boolean) => boolean;
+  sink: PacketSink;
+  log: Logger;
+  /** asks for another look at a path that changed while it was being read */
+  redirty: (rel: string) => void;
+}
+
+type St = BigIntStats | undefined;
+
+function parentOf(rel: string): string {
+  const i = rel.lastIndexOf("/");
+  return i < 0 ? "" : rel.slice(0, i);
+}
+
+function depth(rel: string): number {
+  let n = 0;
+  for (let i = 0; i < rel.length; i++) if (rel.charCodeAt(i) === 47) n++;
+  return n;
+}
+
+function typeOf(st: BigIntStats): "f" | "d" | "l" | undefined {
+  if (st.isFile()) return "f";
+  if (st.isDirectory()) return "d";
+  if (st.isSymbolicLink()) return "l";
+  return undefined; // fifos, sockets, devices: not replicated in watch mode yet
+}
+
+function attrOf(st: BigIntStats): Attr {
+  return { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(st.mtimeNs / 1_000_000_000n), mtimeNsec: Number(st.mtimeNs % 1_000_000_000n) };
+}
+
+function entryOf(st: BigIntStats, extra: Partial<IndexEntry> = {}): IndexEntry {
+  const a = attrOf(st);
+  return { t: typeOf(st)!, mode: a.mode, uid: a.uid, gid: a.gid, size: Number(st.size), mtimeSec: a.mtimeSec, mtimeNsec: a.mtimeNsec, ctimeMs: Number(st.ctimeNs / 1000n) / 1000, ino: Number(st.ino), nlink: Number(st.nlink), ...extra };
+}
+
+function attrDiffers(e: IndexEntry, st: BigIntStats): boolean {
+  const a = attrOf(st);
+  return e.mode !== a.mode || e.uid !== a.uid || e.gid !== a.gid || e.mtimeSec !== a.mtimeSec || e.mtimeNsec !== a.mtimeNsec;
+}
+
+function contentMayDiffer(e: IndexEntry, st: BigIntStats): boolean {
+  return e.size !== Number(st.size) || e.mtimeSec !== Number(st.mtimeNs / 1_000_000_000n) || e.mtimeNsec !== Number(st.mtimeNs % 1_000_000_000n) || e.ctimeMs !== Number(st.ctimeNs / 1000n) / 1000;
+}
+
+async function lst(abs: string): Promise<St> {
+  try {
+    return await lstat(abs, { bigint: true });
+  } catch (e) {
+    const c = (e as NodeJS.ErrnoException).code;
+    if (c === "ENOENT" || c === "ENOTDIR") return undefined;
+    throw e;
+  }
+}
+
+export interface CaptureStats {
+  ops: number;
+  dataBytes: number;
+  filesHashed: number;
+  bytesHashed: number;
+}
+
+export class Capture {
+  private readonly o: CaptureOptions;
+  private readonly out: Packetizer;
+  readonly stats: CaptureStats = { ops: 0, dataBytes: 0, filesHashed: 0, bytesHashed: 0 };
+  /** Directories whose attributes to send after this pass; true = the target's copy changed (children added/removed), send even if the source's did not. */
+  private attrCheck = new Map<string, boolean>();
+
+  constructor(o: CaptureOptions) {
+    this.o = o;
+    this.out = new Packetizer(o.sink);
+  }
+
+  private abs(rel: string): string {
+    return rel ? path.join(this.o.root, rel) : this.o.root;
+  }
+
+  private async emit(op: Op | undefined, delta?: IndexDelta): Promise<void> {
+    if (delta) this.o.index.apply(delta);
+    if (op) {
+      this.stats.ops++;
+      if (op.kind?.$case === "write") this.stats.dataBytes += op.kind.value.data.length;
+    }
+    if (op?.kind?.$case === "rename" && delta) await this.out.alone(op, delta);
+    else await this.out.push(op, delta);
+  }
+
+  /** Compare the whole tree with the index (start-up, periodic safety net). */
+  async fullScan(): Promise<void> {
+    this.o.watcher?.add("");
+    await this.reconcileDir("");
+    await this.finish();
+  }
+
+  /**
+   * Bring the given paths up to date. `deep` entries are directories whose
+   * children must be listed again (an event without a file name).
+   */
+  async sync(paths: Iterable<[string, boolean]>): Promise<void> {
+    const items: { rel: string; deep: boolean; st: St }[] = [];
+    for (const [rel, deep] of paths) items.push({ rel, deep, st: rel === "" ? undefined : await lst(this.abs(rel)) });
+    // Paths that exist first, parents before children (a rename's new name must be
+    // seen before its old name is taken for a deletion); then the missing ones.
+    const present = items.filter((i) => i.st || i.rel === "").sort((a, b) => depth(a.rel) - depth(b.rel));
+    const missing = items.filter((i) => !i.st && i.rel !== "").sort((a, b) => depth(b.rel) - depth(a.rel));
+    for (const i of present) {
+      if (i.rel === "") {
+        if (i.deep) await this.reconcileDir("");
+        continue;
+      }
+      await this.syncPath(i.rel, i.deep);
+    }
+    for (const i of missing) await this.syncPath(i.rel, false);
+    await this.finish();
+  }
+
+  private async finish(): Promise<void> {
+    // Directory times last, deepest first: creating children changes them on the target.
+    const dirs = [...this.attrCheck].sort((a, b) => depth(b[0]) - depth(a[0]));
+    this.attrCheck.clear();
+    for (const [d, force] of dirs) {
+      const e = this.o.index.get(d);
+      if (!e || e.t !== "d") continue;
+      const st = await lst(this.abs(d));
+      if (!st || !st.isDirectory() || Number(st.ino) !== e.ino) continue;
+      if (force || attrDiffers(e, st)) await this.emit({ path: d, kind: { $case: "attr", value: { attr: attrOf(st) } } }, { set: d, e: entryOf(st) });
+    }
+    await this.out.flush();
+  }
+
+  /** The target's copy of directory rel changes (an entry added, removed or renamed). */
+  private touch(rel: string): void {
+    this.attrCheck.set(rel, true);
+  }
+
+  private async syncPath(rel: string, deep: boolean): Promise<void> {
+    const parent = parentOf(rel);
+    if (parent !== "" && !this.o.index.has(parent)) {
+      // The parent is new too: syncing it (deeply) covers this path.
+      const pst = await lst(this.abs(parent));
+      if (pst?.isDirectory() && this.o.wanted(parent, true)) return this.syncPath(parent, true);
+      return;
+    }
+    const st = await lst(this.abs(rel));
+    const e = this.o.index.get(rel);
+    const t = st ? typeOf(st) : undefined;
+    if (!st || !t || !this.o.wanted(rel, t === "d")) {
+      if (e) await this.remove(rel, e);
+      return;
+    }
+    if (e && e.t === t && e.ino === Number(st.ino)) return this.update(rel, e, st, deep);
+    // Something new at rel: a renamed path, another name of a file, or a new object.
+    if (await this.tryRenameOrLink(rel, st, t)) return;
+    if (e && e.t === "f" && t === "f" && e.nlink === 1 && Number(st.nlink) === 1) {
+      // Replaced by another single-link file (an editor's save-by-rename): diff in place.
+      return this.update(rel, e, st, deep, true);
+    }
+    if (e) await this.remove(rel, e);
+    await this.create(rel, st, t);
+  }
+
+  private async tryRenameOrLink(rel: string, st: BigIntStats, t: "f" | "d" | "l"): Promise<boolean> {
+    const ino = Number(st.ino);
+    for (const p of this.o.index.pathsWithIno(ino)) {
+      if (p === rel) continue;
+      const pe = this.o.index.get(p)!;
+      if (pe.t !== t) continue;
+      const now = await lst(this.abs(p));
+      if (!now || Number(now.ino) !== ino) {
+        // Renamed (the old name is gone, or is another object now).
+        if (rel.startsWith(p + "/")) continue; // cannot move into itself
+        await this.emit({ path: p, kind: { $case: "rename", value: { to: rel } } }, { mv: [p, rel] });
+        this.touch(parentOf(p));
+        this.touch(parentOf(rel));
+        if (t === "d") this.o.watcher?.rename(p, rel);
+        const e = this.o.index.get(rel)!;
+        await this.update(rel, e, st, t === "d");
+        if (now) this.o.redirty(p);
+        return true;
+      }
+      if (t === "f" && Number(st.nlink) > 1) {
+        await this.emit({ path: rel, kind: { $case: "link", value: { existing: p } } }, { set: rel, e: { ...pe, nlink: Number(st.nlink) } });
+        this.touch(parentOf(rel));
+        const e = this.o.index.get(rel)!;
+        if (contentMayDiffer(e, st) || attrDiffers(e, st)) await this.update(rel, e, st, false);
+        return true;
+      }
+    }
+    return false;
+  }
+
+  private async remove(rel: string, e: IndexEntry): Promise<void> {
+    if (e.t === "d") this.o.watcher?.remove(rel);
+    await this.emit({ path: rel, kind: { $case: "remove", value: { directory: e.t === "d" } } }, { del: rel });
+    this.touch(parentOf(rel));
+  }
+
+  private async create(rel: string, st: BigIntStats, t: "f" | "d" | "l"): Promise<void> {
+    this.touch(parentOf(rel));
+    if (t === "d") {
+      this.o.watcher?.add(rel); // watch before listing, so nothing created meanwhile is missed
+      await this.emit({ path: rel, kind: { $case: "mkdir", value: { attr: attrOf(st) } } }, { set: rel, e: entryOf(st) });
+      await this.reconcileDir(rel);
+      this.touch(rel);
+      return;
+    }
+    if (t === "l") {
+      let target: string;
+      try {
+        target = await readlink(this.abs(rel));
+      } catch {
+        return this.o.redirty(rel);
+      }
+      await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
+      return;
+    }
+    await this.emit({ path: rel, kind: { $case: "create", value: { attr: attrOf(st) } } });
+    await this.sendContent(rel, st, undefined, 0, true);
+  }
+
+  /** Same object as indexed: ship what differs. */
+  private async update(rel: string, e: IndexEntry, st: BigIntStats, deep: boolean, inPlace = false): Promise<void> {
+    if (e.t === "d") {
+      if (deep) await this.reconcileDir(rel);
+      if (!this.attrCheck.has(rel)) this.attrCheck.set(rel, false);
+      return;
+    }
+    if (e.t === "l") {
+      const target = await readlink(this.abs(rel)).catch(() => undefined);
+      if (target === undefined) return this.o.redirty(rel);
+      if (target !== e.link) {
+        await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
+      } else if (attrDiffers(e, st)) {
+        await this.emit({ path: rel, kind: { $case: "attr", value: { attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
+      }
+      return;
+    }
+    if (inPlace || contentMayDiffer(e, st)) return this.sendContent(rel, st, e.hashes, e.size, false);
+    if (attrDiffers(e, st) || e.nlink !== Number(st.nlink)) {
+      await this.setEntry(rel, entryOf(st, { hashes: e.hashes }), attrDiffers(e, st));
+    }
+  }
+
+  /** Record the new entry for rel (and the other names of the same inode) with an attr op. */
+  private async setEntry(rel: string, ne: IndexEntry, withAttr: boolean): Promise<void> {
+    const a: Attr = { mode: ne.mode, uid: ne.uid, gid: ne.gid, mtimeSec: ne.mtimeSec, mtimeNsec: ne.mtimeNsec };
+    await this.emit(withAttr ? { path: rel, kind: { $case: "attr", value: { attr: a } } } : undefined, { set: rel, e: ne });
+    for (const p of this.o.index.pathsWithIno(ne.ino)) if (p !== rel) await this.emit(undefined, { set: p, e: { ...ne } });
+  }
+
+  /**
+   * Read the file, compare block digests with `old`, and emit Writes for the
+   * blocks that differ (contiguous ones merged), a Truncate when the size
+   * changed, and the final attributes.
+   */
+  private async sendContent(rel: string, st: BigIntStats, old: Buffer | undefined, oldSize: number, fresh: boolean): Promise<void> {
+    const bs = this.o.blockSize;
+    let fh;
+    try {
+      fh = await open(this.abs(rel), "r");
+    } catch {
+      return this.o.redirty(rel);
+    }
+    const size = Number(st.size);
+    let pend: { offset: number; parts: Buffer[]; len: number } | undefined;
+    const flushWrite = async () => {
+      if (!pend) return;
+      const data = pend.parts.length === 1 ? pend.parts[0]! : Buffer.concat(pend.parts, pend.len);
+      await this.emit({ path: rel, kind: { $case: "write", value: { offset: pend.offset, data } } });
+      pend = undefined;
+    };
+    try {
+      if (size < oldSize) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });
+      const hashes = await hashBlocks(fh, size, bs, async (b) => {
+        const was = digestAt(old, b.index);
+        const wasFull = b.index < Math.floor(oldSize / bs) || (b.index === Math.floor(oldSize / bs) && b.data.length === oldSize - b.offset);
+        if (was && wasFull && was.equals(b.digest)) return flushWrite();
+        if (fresh && isZero(b.data)) return flushWrite(); // leave a hole; the final truncate sets the size
+        if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > MAX_WRITE)) await flushWrite();
+        if (!pend) pend = { offset: b.offset, parts: [], len: 0 };
+        pend.parts.push(Buffer.from(b.data));
+        pend.len += b.data.length;
+      });
+      await flushWrite();
+      this.stats.filesHashed++;
+      this.stats.bytesHashed += size;
+      if (size > oldSize || (fresh && size > 0)) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });
+      const after = await fh.stat({ bigint: true });
+      if (after.size !== st.size || after.mtimeNs !== st.mtimeNs) this.o.redirty(rel); // written while we read
+      await this.setEntry(rel, entryOf(st, { hashes }), true);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** List dir and bring every child up to date; children gone from disk are removed. */
+  private async reconcileDir(rel: string): Promise<void> {
+    let names: string[];
+    try {
+      names = await readdir(this.abs(rel));
+    } catch (e) {
+      const c = (e as NodeJS.ErrnoException).code;
+      if (c === "ENOENT" || c === "ENOTDIR") return;
+      throw e;
+    }
+    const seen = new Set<string>();
+    for (const n of names) {
+      const child = rel ? `${rel}/${n}` : n;
+      seen.add(child);
+      await this.syncPath(child, true);
+    }
+    const pre = rel ? rel + "/" : "";
+    const gone: string[] = [];
+    for (const p of this.o.index.paths()) if (p.startsWith(pre) && p.indexOf("/", pre.length) < 0 && !seen.has(p)) gone.push(p);
+    for (const p of gone) await this.syncPath(p, false);
+  }
+}

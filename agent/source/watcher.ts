@@ -1,0 +1,89 @@
+// Watch mode: one inotify watch per directory (Node's fs.watch, not recursive:
+// its recursive mode has had rename bugs, and @parcel/watcher batches events
+// for 50-500 ms, too slow for our latency goal). Events only mark paths dirty;
+// capture decides what changed by comparing with the index, so a lost or
+// merged event costs a later rescan, never a wrong copy.
+import { watch, type FSWatcher } from "node:fs";
+import path from "node:path";
+
+export class DirWatcher {
+  private readonly root: string;
+  private readonly watchers = new Map<string, FSWatcher>(); // rel dir ("" = root) -> watcher
+  private readonly rel = new Map<FSWatcher, string>();
+  private readonly onDirty: (rel: string, childrenChanged: boolean) => void;
+  private readonly onError: (rel: string, err: Error) => void;
+
+  constructor(root: string, onDirty: (rel: string, childrenChanged: boolean) => void, onError: (rel: string, err: Error) => void) {
+    this.root = root;
+    this.onDirty = onDirty;
+    this.onError = onError;
+  }
+
+  get count(): number {
+    return this.watchers.size;
+  }
+
+  /** Start watching directory rel (idempotent). */
+  add(rel: string): void {
+    if (this.watchers.has(rel)) return;
+    let w: FSWatcher;
+    try {
+      w = watch(rel ? path.join(this.root, rel) : this.root, { persistent: true });
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === "ENOENT" || code === "ENOTDIR") return; // gone already; capture sees it
+      this.onError(rel, e as Error);
+      return;
+    }
+    this.watchers.set(rel, w);
+    this.rel.set(w, rel);
+    w.on("change", (_type, filename) => {
+      const dir = this.rel.get(w);
+      if (dir === undefined) return;
+      if (filename == null) {
+        this.onDirty(dir, true);
+        return;
+      }
+      const name = filename.toString();
+      this.onDirty(dir ? `${dir}/${name}` : name, false);
+      if (dir) this.onDirty(dir, false);
+    });
+    w.on("error", () => {
+      // The directory went away (or was replaced): drop the watch; capture handles the path.
+      this.remove(this.rel.get(w) ?? rel);
+    });
+  }
+
+  /** Stop watching rel and everything below it. */
+  remove(rel: string): void {
+    for (const [p, w] of this.watchers) {
+      if (p === rel || p.startsWith(rel + "/")) {
+        this.watchers.delete(p);
+        this.rel.delete(w);
+        w.close();
+      }
+    }
+  }
+
+  /**
+   * A directory was renamed: its inotify watches follow the inode, so keep them
+   * and only re-map the paths their events are reported under.
+   */
+  rename(from: string, to: string): void {
+    this.remove(to);
+    const moved: [string, FSWatcher][] = [];
+    for (const [p, w] of this.watchers) if (p === from || p.startsWith(from + "/")) moved.push([p, w]);
+    for (const [p, w] of moved) {
+      const q = to + p.slice(from.length);
+      this.watchers.delete(p);
+      this.watchers.set(q, w);
+      this.rel.set(w, q);
+    }
+  }
+
+  close(): void {
+    for (const w of this.watchers.values()) w.close();
+    this.watchers.clear();
+    this.rel.clear();
+  }
+}

@@ -1,0 +1,25 @@
+// Human-readable rendering of an agent's status (the JSON form is the raw message).
+import type { StatusResponse } from "./wire.ts";
+
+export function bytes(n: number): string {
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${i ? n.toFixed(1) : n} ${u[i]}`;
+}
+
+export function formatStatus(s: StatusResponse): string {
+  const out = [`agent ${s.name}  version ${s.agentVersion} (protocol v${s.protocolVersion})  up ${Math.round(s.uptimeSeconds)}s`];
+  for (const set of s.sets) {
+    out.push(`  set ${set.name}  ${set.path}  ${set.state}  files ${set.files}  ${bytes(set.bytes)}  seq ${set.lastSeq}  queue ${bytes(set.queuedBytes?.memory ?? 0)} mem / ${bytes(set.queuedBytes?.disk ?? 0)} disk`);
+    for (const t of set.targets) {
+      out.push(`    → ${t.address.padEnd(22)} ${t.state.padEnd(12)} sent ${t.lastSentSeq}  acked ${t.lastAckedSeq}  lag ${t.lagSeconds.toFixed(2)}s  queued ${bytes((t.queuedBytes?.memory ?? 0) + (t.queuedBytes?.disk ?? 0))}${t.lastError ? `  error: ${t.lastError}` : ""}`);
+    }
+  }
+  for (const i of s.images) out.push(`  image ${i.source}/${i.set}  ${i.path}  applied ${i.appliedSeq}  ${i.connected ? "connected" : "disconnected"}${i.lastError ? `  error: ${i.lastError}` : ""}`);
+  if (!s.sets.length && !s.images.length) out.push("  (no replication sets, no images yet)");
+  return out.join("\n");
+}

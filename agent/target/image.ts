@@ -1,0 +1,72 @@
+// One replica image on a target: <root>/<source>/<set>, its applier, and the
+// sequence numbers applied (after every packet, no fsync: survives kill -9)
+// and durable (after fsync of the data: what is acknowledged).
+import { constants } from "node:fs";
+import { mkdir, open, type FileHandle } from "node:fs/promises";
+import path from "node:path";
+import { Applier } from "./applier.ts";
+
+export class Image {
+  readonly source: string;
+  readonly set: string;
+  readonly dir: string;
+  readonly applier: Applier;
+  appliedSeq = 0;
+  durableSeq = 0;
+  connected = false;
+  lastError = "";
+  private readonly state: FileHandle;
+  private readonly buf = Buffer.alloc(16);
+
+  private constructor(source: string, set: string, dir: string, state: FileHandle) {
+    this.source = source;
+    this.set = set;
+    this.dir = dir;
+    this.applier = new Applier(dir);
+    this.state = state;
+  }
+
+  static async open(root: string, stateDir: string, source: string, set: string): Promise<Image> {
+    const dir = path.join(root, source, set);
+    await mkdir(dir, { recursive: true, mode: 0o755 });
+    await mkdir(path.join(stateDir, source), { recursive: true, mode: 0o700 });
+    const fh = await open(path.join(stateDir, source, `${set}.seq`), constants.O_RDWR | constants.O_CREAT, 0o600);
+    const img = new Image(source, set, dir, fh);
+    const { bytesRead } = await fh.read(img.buf, 0, 16, 0);
+    if (bytesRead === 16) {
+      img.appliedSeq = Number(img.buf.readBigUInt64LE(0));
+      img.durableSeq = Number(img.buf.readBigUInt64LE(8));
+      img.appliedSeq = Math.max(img.appliedSeq, img.durableSeq);
+    }
+    return img;
+  }
+
+  private async writeState(): Promise<void> {
+    this.buf.writeBigUInt64LE(BigInt(this.appliedSeq), 0);
+    this.buf.writeBigUInt64LE(BigInt(this.durableSeq), 8);
+    await this.state.write(this.buf, 0, 16, 0);
+  }
+
+  /** Record that packet seq is fully applied (not yet durable). */
+  async markApplied(seq: number): Promise<void> {
+    this.appliedSeq = seq;
+    await this.writeState();
+  }
+
+  /** fsync what was applied; returns the new durable seq. */
+  async makeDurable(): Promise<number> {
+    if (this.durableSeq >= this.appliedSeq) return this.durableSeq;
+    const upto = this.appliedSeq;
+    await this.applier.sync();
+    this.durableSeq = upto;
+    await this.writeState();
+    await this.state.datasync();
+    return upto;
+  }
+
+  async close(): Promise<void> {
+    await this.makeDurable().catch(() => undefined);
+    await this.applier.close();
+    await this.state.close();
+  }
+}

@@ -1,0 +1,198 @@
+// Target role: the Replication service. One stream per (source, set): check
+// the protocol version and the source's identity, then apply packets strictly
+// in sequence order (a gap pauses apply and asks for a resend; duplicates are
+// dropped), and acknowledge only what has been made durable.
+import * as grpc from "@grpc/grpc-js";
+import path from "node:path";
+import type { Logger } from "../../common/log.ts";
+import { peerCommonName } from "../../common/tls.ts";
+import { AGENT_VERSION, PROTOCOL_VERSION, Nack_Reason, PacketError, decodePacket, versionMismatch, type ReplicationServer, SourceMessage, TargetMessage } from "../wire.ts";
+import { PathError } from "../fs/confine.ts";
+import { Image } from "./image.ts";
+
+const NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
+
+type Call = grpc.ServerDuplexStream<SourceMessage, TargetMessage>;
+
+export interface ReceiverOptions {
+  name: string;
+  root: string;
+  stateDir: string;
+  syncIntervalMs: number;
+  requireClientCert: boolean;
+  log: Logger;
+}
+
+class Session {
+  ended = false;
+  readonly call: Call;
+  constructor(call: Call) {
+    this.call = call;
+  }
+  send(m: TargetMessage): void {
+    if (!this.ended) this.call.write(m);
+  }
+  fail(code: grpc.status, details: string): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.call.emit("error", { code, details });
+  }
+}
+
+export class Receiver {
+  readonly images = new Map<string, Image>();
+  private readonly sessions = new Map<string, Session>();
+  private readonly opening = new Map<string, Promise<Image>>();
+  private readonly opts: ReceiverOptions;
+  private readonly log: Logger;
+
+  constructor(opts: ReceiverOptions) {
+    this.opts = opts;
+    this.log = opts.log;
+  }
+
+  readonly service: ReplicationServer = {
+    replicate: (call: Call) => {
+      this.serve(call).catch((e) => {
+        this.log.error({ err: e }, "replication stream failed");
+        call.emit("error", { code: grpc.status.INTERNAL, details: (e as Error).message });
+      });
+    },
+  };
+
+  private async image(source: string, set: string): Promise<Image> {
+    const key = `${source}/${set}`;
+    const have = this.images.get(key);
+    if (have) return have;
+    let p = this.opening.get(key);
+    if (!p) {
+      p = Image.open(this.opts.root, this.opts.stateDir, source, set);
+      this.opening.set(key, p);
+    }
+    const img = await p;
+    this.images.set(key, img);
+    this.opening.delete(key);
+    return img;
+  }
+
+  private async serve(call: Call): Promise<void> {
+    const session = new Session(call);
+    const it = call[Symbol.asyncIterator]() as AsyncIterator<SourceMessage>;
+    const first = await it.next().catch(() => undefined);
+    if (!first || first.done) return;
+    const m0 = (first.value as SourceMessage).msg;
+    const hello = m0?.$case === "hello" ? m0.value : undefined;
+    if (!hello) return session.fail(grpc.status.INVALID_ARGUMENT, "the first message of a replication stream must be Hello");
+    if (hello.protocolVersion !== PROTOCOL_VERSION) {
+      this.log.warn({ source: hello.source, theirs: hello.protocolVersion, ours: PROTOCOL_VERSION }, "refused source with another protocol version");
+      return session.fail(grpc.status.FAILED_PRECONDITION, versionMismatch(PROTOCOL_VERSION, hello.protocolVersion, `source ${JSON.stringify(hello.source)} (agent ${hello.agentVersion})`).replace("this agent", `target ${this.opts.name}`));
+    }
+    if (!NAME.test(hello.source) || !NAME.test(hello.set)) return session.fail(grpc.status.INVALID_ARGUMENT, `invalid source or set name ${JSON.stringify(hello.source)}/${JSON.stringify(hello.set)}`);
+    if (this.opts.requireClientCert) {
+      const cn = peerCommonName(call);
+      if (cn !== hello.source) return session.fail(grpc.status.PERMISSION_DENIED, `source ${JSON.stringify(hello.source)} presented a certificate for ${JSON.stringify(cn)}; a source may only write its own image`);
+    }
+    const key = `${hello.source}/${hello.set}`;
+    const img = await this.image(hello.source, hello.set);
+    // Newest stream wins: an older one for the same image is a dead connection the source gave up on.
+    const old = this.sessions.get(key);
+    if (old) old.fail(grpc.status.ABORTED, "superseded by a newer stream from the same source and set");
+    this.sessions.set(key, session);
+    img.connected = true;
+    const log = this.log.child({ source: hello.source, set: hello.set });
+    log.info({ appliedSeq: img.appliedSeq, peer: call.getPeer() }, "source connected");
+    session.send({ msg: { $case: "welcome", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, target: this.opts.name, appliedSeq: img.appliedSeq } } });
+
+    let ackedSeq = img.durableSeq;
+    let nackedFor = 0;
+    let syncing: Promise<void> | undefined;
+    const syncNow = async () => {
+      const d = await img.makeDurable();
+      if (d > ackedSeq) {
+        ackedSeq = d;
+        session.send({ msg: { $case: "ack", value: { seq: d } } });
+      }
+    };
+    const timer = setInterval(() => {
+      if (syncing || img.durableSeq >= img.appliedSeq && ackedSeq >= img.durableSeq) return;
+      syncing = syncNow()
+        .catch((e) => {
+          img.lastError = `sync failed: ${(e as Error).message}`;
+          log.error({ err: e }, "making applied data durable failed");
+        })
+        .finally(() => (syncing = undefined));
+    }, this.opts.syncIntervalMs);
+
+    try {
+      for (;;) {
+        const r = await it.next();
+        if (r.done || session.ended) break;
+        const m = r.value.msg;
+        if (m?.$case !== "packet") {
+          session.fail(grpc.status.INVALID_ARGUMENT, `unexpected ${m?.$case ?? "empty"} message after Hello`);
+          break;
+        }
+        const p = m.value;
+        const expected = img.appliedSeq + 1;
+        if (p.seq < expected) {
+          // Duplicate (a resend after reconnect): already applied; confirm what is durable.
+          if (ackedSeq > 0) session.send({ msg: { $case: "ack", value: { seq: ackedSeq } } });
+          continue;
+        }
+        if (p.seq > expected) {
+          if (nackedFor !== expected) {
+            nackedFor = expected;
+            log.warn({ got: p.seq, expected }, "sequence gap; asking for a resend");
+            session.send({ msg: { $case: "nack", value: { reason: Nack_Reason.REASON_GAP, expectedSeq: expected, message: `gap: got packet ${p.seq}, expected ${expected}` } } });
+          }
+          continue;
+        }
+        nackedFor = 0;
+        try {
+          const ops = decodePacket(p);
+          await img.applier.apply(ops);
+          await img.markApplied(p.seq);
+          img.lastError = "";
+        } catch (e) {
+          const refused = e instanceof PacketError || e instanceof PathError;
+          const msg = `packet ${p.seq} ${refused ? "refused" : "could not be applied"}: ${(e as Error).message}`;
+          img.lastError = msg;
+          log.error({ seq: p.seq, err: (e as Error).message }, refused ? "packet refused" : "apply failed");
+          session.send({ msg: { $case: "nack", value: { reason: refused ? Nack_Reason.REASON_REJECTED : Nack_Reason.REASON_APPLY_FAILED, expectedSeq: p.seq, message: msg } } });
+          // Stop reading: the source reconnects with backoff and resends from the Welcome's seq.
+          session.ended = true;
+          call.end();
+          break;
+        }
+      }
+    } catch (e) {
+      if (!session.ended) log.warn({ err: (e as Error).message }, "stream error");
+    } finally {
+      clearInterval(timer);
+      await syncing;
+      await syncNow().catch(() => undefined);
+      if (this.sessions.get(key) === session) {
+        this.sessions.delete(key);
+        img.connected = false;
+      }
+      if (!session.ended) {
+        session.ended = true;
+        try {
+          call.end();
+        } catch {
+          /* already closed */
+        }
+      }
+      log.info({ appliedSeq: img.appliedSeq, durableSeq: img.durableSeq }, "source disconnected");
+    }
+  }
+
+  imagePath(source: string, set: string): string {
+    return path.join(this.opts.root, source, set);
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sessions.values()) s.fail(grpc.status.UNAVAILABLE, "target agent shutting down");
+    await Promise.all([...this.images.values()].map((i) => i.close()));
+  }
+}

@@ -1,0 +1,116 @@
+// The one adapter between the generated protobuf code (proto/gen) and the
+// agent: only this module imports proto/gen. It fixes the protocol version and
+// turns op batches into packet bodies (encode + compress) and back.
+import { makeGenericClientConstructor as grpcMakeClient, type CallOptions, type ChannelCredentials, type Client, type ClientDuplexStream, type ClientOptions } from "@grpc/grpc-js";
+import { zstdCompressSync, zstdDecompressSync, constants as zc } from "node:zlib";
+import {
+  Compression,
+  OpBatch,
+  Packet,
+  ReplicationClient,
+  ReplicationService,
+  SourceMessage,
+  TargetMessage,
+  Nack_Reason,
+  type Attr,
+  type Op,
+  type ReplicationServer,
+} from "../proto/gen/understudy/v1/replication.ts";
+import { ControlClient, ControlService, type ControlServer, type StatusResponse, type SourceSetStatus, type TargetStatus, type ImageStatus } from "../proto/gen/understudy/v1/control.ts";
+import type { CompressionLevel } from "../common/config.ts";
+import pkg from "../package.json" with { type: "json" };
+
+/** Bumped when a peer of the previous version would misread the stream. */
+export const PROTOCOL_VERSION = 1;
+export const AGENT_VERSION: string = pkg.version;
+
+/** Largest gRPC message either side accepts (a packet holds at most ~4 MiB of data). */
+export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
+
+export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet };
+export type { Attr, Op, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus };
+export type OpKind = NonNullable<Op["kind"]>["$case"];
+
+const ZSTD_LEVEL: Record<CompressionLevel, number> = { none: 0, fast: 1, balanced: 3, max: 19 };
+
+/** Encode (and compress) a batch into a packet. Incompressible bodies are sent raw. */
+export function encodePacket(seq: number, ops: Op[], level: CompressionLevel): Packet {
+  const raw = Buffer.from(OpBatch.encode({ ops }).finish());
+  if (level !== "none" && raw.length > 256) {
+    const z = zstdCompressSync(raw, { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL[level] } });
+    if (z.length < raw.length * 0.95) return { seq, compression: Compression.COMPRESSION_ZSTD, body: z, rawSize: raw.length };
+  }
+  return { seq, compression: Compression.COMPRESSION_NONE, body: raw, rawSize: raw.length };
+}
+
+export class PacketError extends Error {}
+
+/** Decompress and decode a packet body; throws PacketError with a clear message on garbage. */
+export function decodePacket(p: Packet): Op[] {
+  let raw: Buffer;
+  if (p.compression === Compression.COMPRESSION_NONE) raw = Buffer.from(p.body.buffer, p.body.byteOffset, p.body.byteLength);
+  else if (p.compression === Compression.COMPRESSION_ZSTD) {
+    if (p.rawSize > MAX_MESSAGE_BYTES * 4) throw new PacketError(`packet ${p.seq}: raw size ${p.rawSize} exceeds the limit`);
+    try {
+      raw = zstdDecompressSync(p.body, { maxOutputLength: Math.max(1, p.rawSize) });
+    } catch (e) {
+      throw new PacketError(`packet ${p.seq}: body does not decompress: ${(e as Error).message}`);
+    }
+  } else throw new PacketError(`packet ${p.seq}: unknown compression ${p.compression}`);
+  if (raw.length !== p.rawSize) throw new PacketError(`packet ${p.seq}: body is ${raw.length} bytes, header says ${p.rawSize}`);
+  let batch: OpBatch;
+  try {
+    batch = OpBatch.decode(raw);
+  } catch (e) {
+    throw new PacketError(`packet ${p.seq}: body is not a valid op batch: ${(e as Error).message}`);
+  }
+  for (const [i, op] of batch.ops.entries()) if (!op.kind) throw new PacketError(`packet ${p.seq}: op ${i} (${JSON.stringify(op.path)}) has no kind`);
+  return batch.ops;
+}
+
+export function encodePacketBytes(p: Packet): Buffer {
+  return Buffer.from(Packet.encode(p).finish());
+}
+
+export function decodePacketBytes(b: Uint8Array): Packet {
+  return Packet.decode(b);
+}
+
+/** Bytes a batch of ops carries as file data (for stats and packet sizing). */
+export function dataBytes(ops: Op[]): number {
+  let n = 0;
+  for (const op of ops) if (op.kind?.$case === "write") n += op.kind.value.data.length;
+  return n;
+}
+
+export function versionMismatch(local: number, remote: number, who: string): string {
+  return `protocol version mismatch: this agent speaks v${local}, ${who} speaks v${remote}; upgrade both agents to the same understudy version`;
+}
+
+/**
+ * Client for the Replication service whose request serializer also takes an
+ * already-encoded Packet (the journal stores packets encoded): it is framed as
+ * SourceMessage field 2 without decoding and re-encoding megabytes of data.
+ */
+export const PacketStreamClient = grpcMakeClient(
+  {
+    replicate: {
+      ...ReplicationService.replicate,
+      requestSerialize: (v: SourceMessage | Buffer): Buffer => (Buffer.isBuffer(v) ? framePacket(v) : Buffer.from(SourceMessage.encode(v).finish())),
+    },
+  },
+  "understudy.v1.Replication",
+) as unknown as new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>) => Client & {
+  replicate(options?: Partial<CallOptions>): ClientDuplexStream<SourceMessage | Buffer, TargetMessage>;
+};
+
+export function framePacket(packetBytes: Buffer): Buffer {
+  let n = packetBytes.length;
+  const head = [0x12];
+  while (n >= 0x80) {
+    head.push((n & 0x7f) | 0x80);
+    n >>>= 7;
+  }
+  head.push(n);
+  return Buffer.concat([Buffer.from(head), packetBytes]);
+}

@@ -1,0 +1,342 @@
+// mTLS for the agents: a small private CA (`understudy certs`), agent certificates
+// that both serve and dial with one identity (serverAuth + clientAuth), and grpc
+// credentials that require and verify the peer. A verified peer's CN is its agent name.
+import { KeyObject, X509Certificate as NodeX509, createPrivateKey, randomBytes, type webcrypto as wc } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { mkdir, readFile, rename, stat, unlink, writeFile } from "node:fs/promises";
+import { isIP } from "node:net";
+import path from "node:path";
+import type { PeerCertificate } from "node:tls";
+import * as grpc from "@grpc/grpc-js";
+import type * as X509 from "@peculiar/x509";
+import type { TlsConfig } from "./config.ts";
+
+const CA_DAYS = 3650;
+const CERT_DAYS = 825;
+/** certificates start this long in the past, so small clock skew between hosts does not matter */
+const BACKDATE_MS = 5 * 60_000;
+const DAY_MS = 86_400_000;
+/** same rule as agent names in config.ts: also safe as a file name */
+const AGENT_NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
+const DNS_NAME = /^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/;
+const EC = { name: "ECDSA", namedCurve: "P-256" } as const;
+const SIGN = { name: "ECDSA", hash: "SHA-256" } as const;
+/** Node curve names of EC keys we can sign with → WebCrypto parameters */
+const CURVES: Record<string, { namedCurve: string; hash: string }> = {
+  prime256v1: { namedCurve: "P-256", hash: "SHA-256" },
+  secp384r1: { namedCurve: "P-384", hash: "SHA-384" },
+  secp521r1: { namedCurve: "P-521", hash: "SHA-512" },
+};
+
+const webcrypto = globalThis.crypto;
+
+/**
+ * @peculiar/x509 uses tsyringe, which refuses to load without a `Reflect.getMetadata`
+ * polyfill (reflect-metadata is not a dependency). It only needs get/getOwn/defineMetadata,
+ * so install that much, only if absent, and load x509 lazily: agents that merely use
+ * credentials never load it.
+ */
+function ensureReflectMetadata(): void {
+  type Key = string | symbol | undefined;
+  const R = Reflect as unknown as Record<string, unknown>;
+  if (typeof R.getMetadata === "function") return;
+  const store = new WeakMap<object, Map<Key, Map<unknown, unknown>>>();
+  const own = (target: object, prop: Key, create: boolean) => {
+    let byProp = store.get(target);
+    if (!byProp && create) store.set(target, (byProp = new Map()));
+    let m = byProp?.get(prop);
+    if (!m && create && byProp) byProp.set(prop, (m = new Map()));
+    return m;
+  };
+  const getOwnMetadata = (key: unknown, target: object, prop?: Key) => own(target, prop, false)?.get(key);
+  const getMetadata = (key: unknown, target: object, prop?: Key): unknown => {
+    for (let t: object | null = target; t; t = Object.getPrototypeOf(t) as object | null) {
+      const m = own(t, prop, false);
+      if (m?.has(key)) return m.get(key);
+    }
+    return undefined;
+  };
+  const defineMetadata = (key: unknown, value: unknown, target: object, prop?: Key) => void own(target, prop, true)!.set(key, value);
+  const hasMetadata = (key: unknown, target: object, prop?: Key) => getMetadata(key, target, prop) !== undefined;
+  const metadata = (key: unknown, value: unknown) => (target: object, prop?: Key) => defineMetadata(key, value, target, prop);
+  Object.assign(R, { getMetadata, getOwnMetadata, defineMetadata, hasMetadata, metadata });
+}
+
+let x509Module: Promise<typeof X509> | undefined;
+function loadX509(): Promise<typeof X509> {
+  ensureReflectMetadata();
+  return (x509Module ??= import("@peculiar/x509"));
+}
+
+function errCode(e: unknown): string {
+  const err = e as NodeJS.ErrnoException;
+  return err?.code ?? err?.message ?? String(e);
+}
+
+function validDays(what: string, days: number | undefined, dflt: number): number {
+  const d = days ?? dflt;
+  if (!Number.isFinite(d) || d <= 0) throw new Error(`${what}: days must be a positive number, got ${String(days)}`);
+  return d;
+}
+
+function serialNumber(): string {
+  const b = randomBytes(16);
+  b[0] = (b[0]! & 0x7f) | 0x40; // positive, and no leading zero byte to trip DER encoders
+  return b.toString("hex");
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await stat(p);
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
+    throw e;
+  }
+}
+
+/** Write via a temp file + rename, so readers never see half a file and a key is never briefly world-readable. */
+async function writeAtomic(file: string, data: string, mode: number): Promise<void> {
+  const tmp = `${file}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
+  try {
+    await writeFile(tmp, data, { mode, flag: "wx" });
+    await rename(tmp, file);
+  } catch (e) {
+    await unlink(tmp).catch(() => {});
+    throw new Error(`cannot write ${file}: ${errCode(e)}`);
+  }
+}
+
+function privateKeyPem(key: wc.CryptoKey): string {
+  return KeyObject.from(key).export({ type: "pkcs8", format: "pem" }) as string;
+}
+
+/**
+ * Create a CA in `dir` (mkdir -p, mode 0700): `ca.crt` and `ca.key` (mode 0600).
+ * Refuses to overwrite an existing ca.key: every certificate issued by it would become useless.
+ */
+export async function createCA(dir: string, opts: { commonName?: string; days?: number } = {}): Promise<{ certPath: string; keyPath: string }> {
+  const days = validDays("createCA", opts.days, CA_DAYS);
+  const x509 = await loadX509();
+  const certPath = path.join(dir, "ca.crt");
+  const keyPath = path.join(dir, "ca.key");
+  const refuse = () => new Error(`createCA: ${keyPath} already exists; refusing to overwrite a CA key (certificates issued by it would stop working). Remove it first if you really mean to start a new CA.`);
+  await mkdir(dir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
+    throw new Error(`createCA: cannot create directory ${dir}: ${errCode(e)}`);
+  });
+  if (await exists(keyPath)) throw refuse();
+
+  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
+  const now = Date.now();
+  const cert = await x509.X509CertificateGenerator.createSelfSigned(
+    {
+      serialNumber: serialNumber(),
+      name: [{ CN: [opts.commonName ?? "understudy CA"] }],
+      notBefore: new Date(now - BACKDATE_MS),
+      notAfter: new Date(now + days * DAY_MS),
+      signingAlgorithm: SIGN,
+      keys,
+      extensions: [
+        new x509.BasicConstraintsExtension(true, 0, true),
+        new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign | x509.KeyUsageFlags.digitalSignature, true),
+        await x509.SubjectKeyIdentifierExtension.create(keys.publicKey, false, webcrypto),
+      ],
+    },
+    webcrypto,
+  );
+  // "wx": if another process created ca.key meanwhile, fail instead of replacing it
+  try {
+    await writeFile(keyPath, privateKeyPem(keys.privateKey), { mode: 0o600, flag: "wx" });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "EEXIST") throw refuse();
+    throw new Error(`createCA: cannot write ${keyPath}: ${errCode(e)}`);
+  }
+  await writeAtomic(certPath, cert.toString("pem") + "\n", 0o644);
+  return { certPath, keyPath };
+}
+
+/** "[::1]" → "::1", "Host.Example." → "host.example"; throws on anything that is neither an IP nor a DNS name. */
+function normalizeHost(h: string): { type: "ip" | "dns"; value: string } {
+  let v = h.trim();
+  if (v.startsWith("[") && v.endsWith("]")) v = v.slice(1, -1);
+  if (isIP(v)) return { type: "ip", value: v };
+  v = v.toLowerCase().replace(/\.$/, "");
+  if (v.length > 253 || !DNS_NAME.test(v)) throw new Error(`issueCert: invalid host ${JSON.stringify(h)}: expected a DNS name or an IP address`);
+  return { type: "dns", value: v };
+}
+
+async function readFileNamed(what: string, file: string): Promise<string> {
+  try {
+    return await readFile(file, "utf8");
+  } catch (e) {
+    throw new Error(`${what}: cannot read ${file}: ${errCode(e)}`);
+  }
+}
+
+/**
+ * Issue a certificate for agent `name` (CN = name), valid as both TLS server and client,
+ * with a SAN per host (IPs as IP SANs, others as DNS SANs), signed by the CA in `caDir`.
+ * Writes `<name>.crt`, `<name>.key` (0600) and a copy of `ca.crt` into `outDir`.
+ */
+export async function issueCert(opts: { caDir: string; name: string; hosts: string[]; outDir: string; days?: number }): Promise<{ certPath: string; keyPath: string; caPath: string }> {
+  const { caDir, name, hosts, outDir } = opts;
+  if (!AGENT_NAME.test(name)) throw new Error(`issueCert: invalid name ${JSON.stringify(name)}: expected an agent name (lowercase letters, digits, '.', '_' or '-', at most 63)`);
+  if (name === "ca") throw new Error(`issueCert: the name "ca" is reserved (ca.crt/ca.key are the CA's files)`);
+  const days = validDays("issueCert", opts.days, CERT_DAYS);
+  const x509 = await loadX509();
+  const sans: { type: "ip" | "dns"; value: string }[] = [];
+  for (const h of hosts) {
+    const n = normalizeHost(h);
+    if (!sans.some((s) => s.type === n.type && s.value === n.value)) sans.push(n);
+  }
+
+  const caCertFile = path.join(caDir, "ca.crt");
+  const caKeyFile = path.join(caDir, "ca.key");
+  const caPem = await readFileNamed("issueCert: CA certificate", caCertFile);
+  const caKeyPem = await readFileNamed("issueCert: CA key", caKeyFile);
+  let caNode: NodeX509;
+  let caKeyObj: KeyObject;
+  try {
+    caNode = new NodeX509(caPem);
+  } catch {
+    throw new Error(`issueCert: ${caCertFile} is not a PEM certificate`);
+  }
+  try {
+    caKeyObj = createPrivateKey(caKeyPem);
+  } catch {
+    throw new Error(`issueCert: ${caKeyFile} is not a PEM private key`);
+  }
+  if (!caNode.ca) throw new Error(`issueCert: ${caCertFile} is not a CA certificate`);
+  if (!caNode.checkPrivateKey(caKeyObj)) throw new Error(`issueCert: ${caKeyFile} does not belong to ${caCertFile}`);
+  const curve = caKeyObj.asymmetricKeyType === "ec" ? CURVES[caKeyObj.asymmetricKeyDetails?.namedCurve ?? ""] : undefined;
+  if (!curve) throw new Error(`issueCert: ${caKeyFile}: unsupported CA key type (need an ECDSA P-256/P-384/P-521 key)`);
+  const caSigningKey = await webcrypto.subtle.importKey("pkcs8", caKeyObj.export({ type: "pkcs8", format: "der" }), { name: "ECDSA", namedCurve: curve.namedCurve }, false, ["sign"]);
+  const caCert = new x509.X509Certificate(caPem);
+
+  const now = Date.now();
+  if (caCert.notAfter.getTime() <= now) throw new Error(`issueCert: the CA certificate ${caCertFile} expired on ${caCert.notAfter.toISOString()}`);
+  // a certificate cannot outlive its CA
+  const notAfter = new Date(Math.min(now + days * DAY_MS, caCert.notAfter.getTime()));
+
+  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
+  const caSki = caCert.getExtension(x509.SubjectKeyIdentifierExtension);
+  const extensions: X509.Extension[] = [
+    new x509.BasicConstraintsExtension(false, undefined, true),
+    new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+    new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
+    await x509.SubjectKeyIdentifierExtension.create(keys.publicKey, false, webcrypto),
+    caSki ? new x509.AuthorityKeyIdentifierExtension(caSki.keyId) : await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey, false, webcrypto),
+  ];
+  if (sans.length > 0) extensions.push(new x509.SubjectAlternativeNameExtension(sans));
+  const cert = await x509.X509CertificateGenerator.create(
+    {
+      serialNumber: serialNumber(),
+      subject: [{ CN: [name] }],
+      issuer: caCert.subjectName,
+      notBefore: new Date(now - BACKDATE_MS),
+      notAfter,
+      signingAlgorithm: { name: "ECDSA", hash: curve.hash },
+      publicKey: keys.publicKey,
+      signingKey: caSigningKey,
+      extensions,
+    },
+    webcrypto,
+  );
+
+  await mkdir(outDir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
+    throw new Error(`issueCert: cannot create directory ${outDir}: ${errCode(e)}`);
+  });
+  const certPath = path.join(outDir, `${name}.crt`);
+  const keyPath = path.join(outDir, `${name}.key`);
+  const caPath = path.join(outDir, "ca.crt");
+  await writeAtomic(keyPath, privateKeyPem(keys.privateKey), 0o600);
+  await writeAtomic(certPath, cert.toString("pem") + "\n", 0o644);
+  await writeAtomic(caPath, caPem, 0o644);
+  return { certPath, keyPath, caPath };
+}
+
+// ---------------------------------------------------------------------------
+// grpc credentials
+
+type Material = { ca: Buffer; cert: Buffer; key: Buffer };
+
+function readNamed(field: string, file: string): Buffer {
+  try {
+    return readFileSync(file);
+  } catch (e) {
+    throw new Error(`${field}: cannot read ${file}: ${errCode(e)}`);
+  }
+}
+
+function parseCerts(field: string, file: string, pem: Buffer): NodeX509[] {
+  const blocks = pem.toString("utf8").match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+  if (blocks.length === 0) throw new Error(`${field}: ${file} contains no PEM certificate`);
+  return blocks.map((b, i) => {
+    try {
+      return new NodeX509(b);
+    } catch {
+      throw new Error(`${field}: ${file}: certificate #${i + 1} is not valid`);
+    }
+  });
+}
+
+/**
+ * Read and cross-check ca/cert/key up front, so a misconfiguration fails at startup with a
+ * message naming the field, instead of as an opaque handshake error on the *peer*.
+ */
+function loadMaterial(tls: Exclude<TlsConfig, { insecure: true }>): Material {
+  const ca = readNamed("tls.ca", tls.ca);
+  const cert = readNamed("tls.cert", tls.cert);
+  const key = readNamed("tls.key", tls.key);
+  const cas = parseCerts("tls.ca", tls.ca, ca);
+  const [leaf, ...chain] = parseCerts("tls.cert", tls.cert, cert);
+  let keyObj: KeyObject;
+  try {
+    keyObj = createPrivateKey(key);
+  } catch {
+    throw new Error(`tls.key: ${tls.key} is not a usable PEM private key (unencrypted PKCS#8 or SEC1 expected)`);
+  }
+  if (!leaf!.checkPrivateKey(keyObj)) throw new Error(`tls.key: ${tls.key} does not belong to the certificate in tls.cert (${tls.cert})`);
+  const now = Date.now();
+  if (leaf!.validToDate.getTime() < now) throw new Error(`tls.cert: ${tls.cert} expired on ${leaf!.validToDate.toISOString()}`);
+  if (leaf!.validFromDate.getTime() > now) throw new Error(`tls.cert: ${tls.cert} is not valid before ${leaf!.validFromDate.toISOString()} (check the clock)`);
+  // peers verify us against the same CA we verify them with: a cert from another CA can never work
+  if (![...cas, ...chain].some((issuer) => leaf!.checkIssued(issuer) && leaf!.verify(issuer.publicKey))) {
+    throw new Error(`tls.cert: ${tls.cert} was not issued by the CA in tls.ca (${tls.ca})`);
+  }
+  return { ca, cert, key };
+}
+
+/** insecure → plaintext; else TLS with client certificates required and verified against tls.ca. */
+export function serverCredentials(tls: TlsConfig): grpc.ServerCredentials {
+  if (tls.insecure === true) return grpc.ServerCredentials.createInsecure();
+  const m = loadMaterial(tls);
+  return grpc.ServerCredentials.createSsl(m.ca, [{ cert_chain: m.cert, private_key: m.key }], true);
+}
+
+/**
+ * insecure → plaintext; else TLS presenting our certificate, verifying the server against
+ * tls.ca, and checking the dialled host name or IP against the server certificate's SANs.
+ */
+export function clientCredentials(tls: TlsConfig): grpc.ChannelCredentials {
+  if (tls.insecure === true) return grpc.credentials.createInsecure();
+  const m = loadMaterial(tls);
+  return grpc.credentials.createSsl(m.ca, m.key, m.cert);
+}
+
+/**
+ * CN of the verified client certificate of a server-side call, or undefined (insecure
+ * server, no/unverified certificate, or a certificate with several CNs).
+ */
+export function peerCommonName(call: { getPeer(): string } & object): string | undefined {
+  const getAuthContext = (call as { getAuthContext?: () => { sslPeerCertificate?: PeerCertificate } | null | undefined }).getAuthContext;
+  if (typeof getAuthContext !== "function") return undefined;
+  const cn: unknown = getAuthContext.call(call)?.sslPeerCertificate?.subject?.CN;
+  return typeof cn === "string" && cn !== "" ? cn : undefined;
+}
+
+/** SHA-256 fingerprint of the (first) certificate in a PEM file, as `openssl x509 -fingerprint -sha256` prints it. */
+export function certFingerprint(pemPath: string, field = "certificate"): string {
+  const [cert] = parseCerts(field, pemPath, readNamed(field, pemPath));
+  return cert!.fingerprint256;
+}

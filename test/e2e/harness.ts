@@ -1,0 +1,264 @@
+// Test harness for real agent processes: temp dirs, agent configs, spawning
+// and kill -9, polling assertions that re-read the truth with a deadline, and
+// byte-for-byte tree comparison (content, modes, owners, mtimes, link targets,
+// hard-link groups).
+import { spawn, type ChildProcess } from "node:child_process";
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { lstat, mkdtemp, readdir, readlink, rm, writeFile, mkdir, readFile } from "node:fs/promises";
+import { createServer } from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import YAML from "yaml";
+import { fetchStatus } from "../../agent/control-client.ts";
+import type { StatusResponse } from "../../agent/wire.ts";
+
+export const REPO = fileURLToPath(new URL("../..", import.meta.url));
+export const CLI = path.join(REPO, "bin", "understudy.mjs");
+
+export async function tmpDir(prefix = "understudy-"): Promise<string> {
+  return mkdtemp(path.join(os.tmpdir(), prefix));
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, "127.0.0.1", () => {
+      const a = s.address();
+      s.close(() => (typeof a === "object" && a ? resolve(a.port) : reject(new Error("no port"))));
+    });
+  });
+}
+
+export async function waitFor<T>(what: string, probe: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 30_000, everyMs = 100): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await probe();
+      if (v !== undefined && v !== false) return v as T;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ""}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+export class AgentProc {
+  readonly name: string;
+  readonly configPath: string;
+  readonly port: number;
+  readonly logPath: string;
+  proc?: ChildProcess;
+  private exited?: Promise<number | null>;
+
+  constructor(name: string, configPath: string, port: number, logPath: string) {
+    this.name = name;
+    this.configPath = configPath;
+    this.port = port;
+    this.logPath = logPath;
+  }
+
+  get address(): string {
+    return `127.0.0.1:${this.port}`;
+  }
+
+  async start(): Promise<void> {
+    const { openSync } = await import("node:fs");
+    const fd = openSync(this.logPath, "a");
+    this.proc = spawn(process.execPath, [CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
+    const p = this.proc;
+    this.exited = new Promise((r) => p.once("exit", (code) => r(code)));
+    await waitFor(`agent ${this.name} to answer on ${this.address}`, async () => {
+      if (p.exitCode !== null) throw new Error(`agent ${this.name} exited with ${p.exitCode}; log:\n${await this.log()}`);
+      return (await fetchStatus(this.address, { insecure: true }, 1000).catch(() => undefined)) ?? false;
+    }, 20_000);
+  }
+
+  async log(): Promise<string> {
+    return readFile(this.logPath, "utf8").catch(() => "");
+  }
+
+  status(): Promise<StatusResponse> {
+    return fetchStatus(this.address, { insecure: true });
+  }
+
+  get pid(): number {
+    return this.proc!.pid!;
+  }
+
+  async kill9(): Promise<void> {
+    if (!this.proc || this.proc.exitCode !== null) return;
+    this.proc.kill("SIGKILL");
+    await this.exited;
+  }
+
+  async stop(): Promise<void> {
+    if (!this.proc || this.proc.exitCode !== null) return;
+    this.proc.kill("SIGTERM");
+    const t = setTimeout(() => this.proc?.kill("SIGKILL"), 10_000);
+    await this.exited;
+    clearTimeout(t);
+  }
+
+  /** Resident memory of the agent process, from /proc. */
+  async rssBytes(): Promise<number> {
+    const s = await readFile(`/proc/${this.pid}/status`, "utf8");
+    const m = /VmRSS:\s+(\d+) kB/.exec(s);
+    return m ? Number(m[1]) * 1024 : 0;
+  }
+}
+
+export interface PairOptions {
+  sets?: Record<string, unknown>[];
+  setOptions?: Record<string, unknown>;
+  targetOptions?: Record<string, unknown>;
+}
+
+/** A source agent replicating `<dir>/src` to a target agent with root `<dir>/dst`. */
+export class Pair {
+  readonly dir: string;
+  readonly src: string;
+  readonly dstRoot: string;
+  source!: AgentProc;
+  target!: AgentProc;
+
+  constructor(dir: string) {
+    this.dir = dir;
+    this.src = path.join(dir, "src");
+    this.dstRoot = path.join(dir, "dst");
+  }
+
+  /** The image of set `set` on the target. */
+  image(set = "data"): string {
+    return path.join(this.dstRoot, "src-agent", set);
+  }
+
+  static async create(o: PairOptions = {}): Promise<Pair> {
+    const p = new Pair(await tmpDir());
+    await mkdir(p.src, { recursive: true });
+    const [sp, tp] = [await freePort(), await freePort()];
+    const tcfg = { name: "dst-agent", listen: `127.0.0.1:${tp}`, dataDir: "state-dst", tls: { insecure: true }, target: { root: "dst", ...o.targetOptions } };
+    const scfg = { name: "src-agent", listen: `127.0.0.1:${sp}`, dataDir: "state-src", tls: { insecure: true }, source: { sets: o.sets ?? [{ name: "data", path: "src", targets: [`127.0.0.1:${tp}`], ...o.setOptions }] } };
+    await writeFile(path.join(p.dir, "target.yaml"), YAML.stringify(tcfg));
+    await writeFile(path.join(p.dir, "source.yaml"), YAML.stringify(scfg));
+    p.target = new AgentProc("dst-agent", path.join(p.dir, "target.yaml"), tp, path.join(p.dir, "target.log"));
+    p.source = new AgentProc("src-agent", path.join(p.dir, "source.yaml"), sp, path.join(p.dir, "source.log"));
+    return p;
+  }
+
+  async start(): Promise<void> {
+    await this.target.start();
+    await this.source.start();
+  }
+
+  /** Wait until the image equals the source tree; fails with the differences. */
+  async waitEqual(set = "data", timeoutMs = 60_000, ignore: string[] = []): Promise<void> {
+    let diff: string[] = [];
+    try {
+      await waitFor("target tree to equal source tree", async () => {
+        const a = await snapshotTree(this.src);
+        for (const p of ignore) a.delete(p);
+        diff = compareTrees(a, await snapshotTree(this.image(set)));
+        return diff.length === 0;
+      }, timeoutMs, 250);
+    } catch (e) {
+      throw new Error(`${(e as Error).message}\ndifferences (first 20):\n  ${diff.slice(0, 20).join("\n  ")}\nsource log tail:\n${(await this.source.log()).split("\n").slice(-15).join("\n")}\ntarget log tail:\n${(await this.target.log()).split("\n").slice(-15).join("\n")}`);
+    }
+  }
+
+  /** waitEqual, with source paths that are excluded from the set left out. */
+  waitEqualExcept(ignore: string[], timeoutMs = 60_000): Promise<void> {
+    return this.waitEqual("data", timeoutMs, ignore);
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([this.source?.stop(), this.target?.stop()]);
+  }
+
+  async cleanup(): Promise<void> {
+    await this.stop();
+    if (!process.env.KEEP_TEST_DIRS) await rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+export interface NodeInfo {
+  type: "f" | "d" | "l" | "o";
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  mtimeUs: bigint;
+  sha?: string;
+  link?: string;
+  ino: bigint;
+  nlink: number;
+}
+
+async function sha256(file: string): Promise<string> {
+  const h = createHash("sha256");
+  for await (const c of createReadStream(file)) h.update(c as Buffer);
+  return h.digest("hex");
+}
+
+/** Everything below root (root itself excluded), keyed by relative path. */
+export async function snapshotTree(root: string): Promise<Map<string, NodeInfo>> {
+  const out = new Map<string, NodeInfo>();
+  const walk = async (rel: string) => {
+    const abs = rel ? path.join(root, rel) : root;
+    let names: string[];
+    try {
+      names = await readdir(abs);
+    } catch (e) {
+      if (rel === "" && (e as NodeJS.ErrnoException).code === "ENOENT") return;
+      throw e;
+    }
+    for (const n of names.sort()) {
+      const r = rel ? `${rel}/${n}` : n;
+      const p = path.join(root, r);
+      const st = await lstat(p, { bigint: true });
+      const type = st.isFile() ? "f" : st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : "o";
+      const info: NodeInfo = { type, mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), size: type === "f" ? Number(st.size) : 0, mtimeUs: st.mtimeNs / 1000n, ino: st.ino, nlink: Number(st.nlink) };
+      if (type === "f") info.sha = await sha256(p);
+      if (type === "l") info.link = await readlink(p);
+      out.set(r, info);
+      if (type === "d") await walk(r);
+    }
+  };
+  await walk("");
+  return out;
+}
+
+/** Differences between two trees, one line each (empty = identical). */
+export function compareTrees(a: Map<string, NodeInfo>, b: Map<string, NodeInfo>): string[] {
+  const diff: string[] = [];
+  for (const [p, x] of a) {
+    const y = b.get(p);
+    if (!y) {
+      diff.push(`missing on target: ${p} (${x.type})`);
+      continue;
+    }
+    if (x.type !== y.type) diff.push(`${p}: type ${x.type} vs ${y.type}`);
+    else {
+      if (x.type === "f" && (x.size !== y.size || x.sha !== y.sha)) diff.push(`${p}: content differs (size ${x.size} vs ${y.size})`);
+      if (x.type === "l" && x.link !== y.link) diff.push(`${p}: link target ${x.link} vs ${y.link}`);
+      if (x.type !== "l" && x.mode !== y.mode) diff.push(`${p}: mode ${x.mode.toString(8)} vs ${y.mode.toString(8)}`);
+      if (x.uid !== y.uid || x.gid !== y.gid) diff.push(`${p}: owner ${x.uid}:${x.gid} vs ${y.uid}:${y.gid}`);
+      if (x.mtimeUs !== y.mtimeUs) diff.push(`${p}: mtime ${x.mtimeUs} vs ${y.mtimeUs} (µs)`);
+      if (x.type === "f" && x.nlink !== y.nlink) diff.push(`${p}: link count ${x.nlink} vs ${y.nlink}`);
+    }
+  }
+  for (const p of b.keys()) if (!a.has(p)) diff.push(`extra on target: ${p}`);
+  // Hard-link groups must match: paths sharing an inode on one side share one on the other.
+  const groups = (m: Map<string, NodeInfo>) => {
+    const g = new Map<bigint, string[]>();
+    for (const [p, x] of m) if (x.type === "f" && x.nlink > 1) g.set(x.ino, [...(g.get(x.ino) ?? []), p]);
+    return new Set([...g.values()].map((v) => v.sort().join("|")));
+  };
+  const ga = groups(a);
+  const gb = groups(b);
+  for (const g of ga) if (!gb.has(g)) diff.push(`hard-link group not on target: ${g}`);
+  return diff;
+}
