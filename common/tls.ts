@@ -31,41 +31,13 @@ const CURVES: Record<string, { namedCurve: string; hash: string }> = {
 const webcrypto = globalThis.crypto;
 
 /**
- * @peculiar/x509 uses tsyringe, which refuses to load without a `Reflect.getMetadata`
- * polyfill (reflect-metadata is not a dependency). It only needs get/getOwn/defineMetadata,
- * so install that much, only if absent, and load x509 lazily: agents that merely use
- * credentials never load it.
+ * @peculiar/x509 uses tsyringe, which needs the reflect-metadata polyfill
+ * loaded first. x509 is loaded lazily: agents that merely use credentials
+ * never load either.
  */
-function ensureReflectMetadata(): void {
-  type Key = string | symbol | undefined;
-  const R = Reflect as unknown as Record<string, unknown>;
-  if (typeof R.getMetadata === "function") return;
-  const store = new WeakMap<object, Map<Key, Map<unknown, unknown>>>();
-  const own = (target: object, prop: Key, create: boolean) => {
-    let byProp = store.get(target);
-    if (!byProp && create) store.set(target, (byProp = new Map()));
-    let m = byProp?.get(prop);
-    if (!m && create && byProp) byProp.set(prop, (m = new Map()));
-    return m;
-  };
-  const getOwnMetadata = (key: unknown, target: object, prop?: Key) => own(target, prop, false)?.get(key);
-  const getMetadata = (key: unknown, target: object, prop?: Key): unknown => {
-    for (let t: object | null = target; t; t = Object.getPrototypeOf(t) as object | null) {
-      const m = own(t, prop, false);
-      if (m?.has(key)) return m.get(key);
-    }
-    return undefined;
-  };
-  const defineMetadata = (key: unknown, value: unknown, target: object, prop?: Key) => void own(target, prop, true)!.set(key, value);
-  const hasMetadata = (key: unknown, target: object, prop?: Key) => getMetadata(key, target, prop) !== undefined;
-  const metadata = (key: unknown, value: unknown) => (target: object, prop?: Key) => defineMetadata(key, value, target, prop);
-  Object.assign(R, { getMetadata, getOwnMetadata, defineMetadata, hasMetadata, metadata });
-}
-
 let x509Module: Promise<typeof X509> | undefined;
 function loadX509(): Promise<typeof X509> {
-  ensureReflectMetadata();
-  return (x509Module ??= import("@peculiar/x509"));
+  return (x509Module ??= import("reflect-metadata").then(() => import("@peculiar/x509")));
 }
 
 function errCode(e: unknown): string {

@@ -426,7 +426,7 @@ export class Journal {
       }
       if (rec.seq !== next) throw new Error(`journal: segment ${seg.path} is corrupt at offset ${at}: record seq ${rec.seq}, expected ${next}`);
       const length = HEADER + rec.payload.length + rec.meta.length;
-      if (rec.seq >= 0) {
+      if (rec.seq >= releasedBelow) {
         if (this.index.count === 0) this.index.reset(rec.seq);
         this.index.push(at, length);
         this.retainedBytes += length - HEADER;

@@ -73,9 +73,10 @@ export class Applier {
         return (await this.handle(op.path)).truncate(k.value.size);
       case "create": {
         const abs = await this.image.resolve(op.path, true);
-        await this.clearUnlessType(abs, "file");
         await this.forget(op.path);
-        const fh = await open(abs, WRITE_FLAGS | C.O_TRUNC, k.value.attr?.mode ?? 0o600);
+        // A new inode, never a truncate of the old one: it may be hard-linked elsewhere.
+        await this.clearUnlessType(abs, "none");
+        const fh = await open(abs, WRITE_FLAGS | C.O_EXCL, k.value.attr?.mode ?? 0o600);
         this.handles.set(op.path, fh);
         this.dirtyDirs.add(path.dirname(abs));
         if (k.value.attr) await this.setAttrFd(fh, k.value.attr);
