@@ -48,8 +48,11 @@ const HEADER = 24;
 /** Largest payload+meta of one record (the index keeps record lengths as u32). */
 const MAX_BODY = 0xffffffff - HEADER;
 const DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024;
-/** Bookkeeping charged per cached entry against memoryBytes, so that empty entries cannot pile up without bound. */
-const CACHE_ENTRY_COST = 64;
+/**
+ * Charged per cached entry against memoryBytes (roughly what V8 spends on the
+ * objects of one entry), so that tiny or empty entries cannot pile up unbounded.
+ */
+const CACHE_ENTRY_COST = 256;
 const READ_CHUNK = 1024 * 1024;
 const MAX_BATCH_RECORDS = 256; // 3 iovecs each: stays below IOV_MAX (1024)
 const MAX_BATCH_BYTES = 16 * 1024 * 1024;
@@ -256,7 +259,7 @@ export class Journal {
 
   /** Entries <= uptoSeq are no longer needed by any consumer. */
   async release(uptoSeq: number): Promise<void> {
-    this.checkOpen();
+    this.checkNotClosing();
     if (Number.isNaN(uptoSeq)) throw new TypeError("journal: release(NaN)");
     const upto = Math.min(Math.floor(uptoSeq), this.last);
     if (upto < this.first) return;
@@ -275,7 +278,7 @@ export class Journal {
 
   /** Make every entry whose append() has resolved durable against power loss. */
   async sync(): Promise<void> {
-    this.checkOpen();
+    this.checkNotClosing();
     const upto = this.last;
     const waits: Promise<unknown>[] = [...this.closing];
     const fh = this.active?.fh;
@@ -746,6 +749,10 @@ export class Journal {
 
   private checkOpen(): void {
     if (this.closed) throw new Error("journal: closed");
+  }
+
+  private checkNotClosing(): void {
+    if (this.closeRequested) throw new Error("journal: closed");
   }
 }
 

@@ -63,7 +63,7 @@ export interface CaptureOptions {
   sink: PacketSink;
   log: Logger;
   /** asks for another look at a path that changed while it was being read */
-  redirty: (rel: string) => void;
+  redirty: (rel: string, deep?: boolean) => void;
 }
 
 type St = BigIntStats | undefined;
@@ -201,6 +201,10 @@ export class Capture {
       // The parent is new too: syncing it (deeply) covers this path.
       const pst = await lst(this.abs(parent));
       if (pst?.isDirectory() && this.o.wanted(parent, true)) return this.syncPath(parent, true);
+      // The parent is gone or was renamed under us: re-list the nearest directory we know.
+      let up = parentOf(parent);
+      while (up !== "" && !this.o.index.has(up)) up = parentOf(up);
+      this.o.redirty(up, true);
       return;
     }
     const st = await lst(this.abs(rel));
@@ -283,6 +287,7 @@ export class Capture {
   /** Same object as indexed: ship what differs. */
   private async update(rel: string, e: IndexEntry, st: BigIntStats, deep: boolean, inPlace = false): Promise<void> {
     if (e.t === "d") {
+      this.o.watcher?.add(rel); // after a restart, known directories need their watch again
       if (deep) await this.reconcileDir(rel);
       if (!this.attrCheck.has(rel)) this.attrCheck.set(rel, false);
       return;
@@ -292,6 +297,7 @@ export class Capture {
       if (target === undefined) return this.o.redirty(rel);
       if (target !== e.link) {
         await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
+        this.touch(parentOf(rel));
       } else if (attrDiffers(e, st)) {
         await this.emit({ path: rel, kind: { $case: "attr", value: { attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
       }

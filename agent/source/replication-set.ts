@@ -85,7 +85,7 @@ export class SourceSet {
       wanted: this.wanted(),
       sink: (ops, deltas) => this.append(ops, deltas),
       log: this.log,
-      redirty: (rel) => this.markDirty(rel, false),
+      redirty: (rel, deep) => this.markDirty(rel, deep ?? false),
     });
     for (const address of this.cfg.targets) {
       const s = new Sender({

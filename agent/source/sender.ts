@@ -169,9 +169,11 @@ export class Sender {
     });
     call.on("error", (e: grpc.ServiceError) => fail(new Error(e.details || e.message)));
     call.on("end", () => fail(new Error("target closed the stream")));
-    const waitWake = (ms?: number) => {
-      const p = once(this.wake, "wake");
-      return ms ? Promise.race([p, sleep(ms)]) : p;
+    const waitWake = async (ms?: number) => {
+      const ac = new AbortController();
+      const p = once(this.wake, "wake", { signal: ac.signal }).catch(() => undefined);
+      await (ms ? Promise.race([p, sleep(ms)]) : p);
+      ac.abort();
     };
     try {
       call.write({ msg: { $case: "hello", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, source: this.o.source, set: this.o.set, journalFirstSeq: journal.firstSeq } } });
@@ -209,7 +211,12 @@ export class Sender {
           inflight.push([cursor, e.payload.length]);
           inflightBytes += e.payload.length;
           this.lastSentSeq = cursor++;
-          if (!ok) await Promise.race([once(call, "drain"), waitWake()]);
+          if (!ok) {
+            // Wait for the stream to drain (or for a failure/stop), without leaving listeners behind.
+            const ac = new AbortController();
+            await Promise.race([once(call, "drain", { signal: ac.signal }).catch(() => undefined), waitWake()]);
+            ac.abort();
+          }
           continue;
         }
         this.state = cursor > journal.lastSeq && this.lastAckedSeq >= journal.lastSeq ? "idle" : "replicating";

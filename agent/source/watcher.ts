@@ -31,8 +31,9 @@ export class DirWatcher {
       w = watch(rel ? path.join(this.root, rel) : this.root, { persistent: true });
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
-      if (code === "ENOENT" || code === "ENOTDIR") return; // gone already; capture sees it
-      this.onError(rel, e as Error);
+      // Gone or renamed meanwhile: have capture look again (a rename re-adds the watch).
+      if (code !== "ENOENT" && code !== "ENOTDIR") this.onError(rel, e as Error);
+      this.onDirty(rel, true);
       return;
     }
     this.watchers.set(rel, w);
@@ -49,8 +50,13 @@ export class DirWatcher {
       if (dir) this.onDirty(dir, false);
     });
     w.on("error", () => {
-      // The directory went away (or was replaced): drop the watch; capture handles the path.
-      this.remove(this.rel.get(w) ?? rel);
+      // The directory went away (or was replaced): drop the watch and have capture
+      // look at the path again, so a directory that still exists gets a new watch.
+      const at = this.rel.get(w) ?? rel;
+      if (this.watchers.get(at) === w) this.watchers.delete(at);
+      this.rel.delete(w);
+      w.close();
+      this.onDirty(at, true);
     });
   }
 

@@ -16,6 +16,7 @@ export class Image {
   connected = false;
   lastError = "";
   private readonly state: FileHandle;
+  private turn: Promise<unknown> = Promise.resolve();
   private readonly buf = Buffer.alloc(16);
 
   private constructor(source: string, set: string, dir: string, state: FileHandle) {
@@ -45,6 +46,17 @@ export class Image {
     this.buf.writeBigUInt64LE(BigInt(this.appliedSeq), 0);
     this.buf.writeBigUInt64LE(BigInt(this.durableSeq), 8);
     await this.state.write(this.buf, 0, 16, 0);
+  }
+
+  /**
+   * Run fn with the image to itself. Packets of one image are applied one at a
+   * time even across streams: a stream being replaced may still be applying
+   * when its successor starts.
+   */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.turn.then(fn, fn);
+    this.turn = run.catch(() => undefined);
+    return run;
   }
 
   /** Record that packet seq is fully applied (not yet durable). */

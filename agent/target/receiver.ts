@@ -6,7 +6,7 @@ import * as grpc from "@grpc/grpc-js";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
 import { peerCommonName } from "../../common/tls.ts";
-import { AGENT_VERSION, PROTOCOL_VERSION, Nack_Reason, PacketError, decodePacket, versionMismatch, type ReplicationServer, SourceMessage, TargetMessage } from "../wire.ts";
+import { AGENT_VERSION, PROTOCOL_VERSION, Nack_Reason, PacketError, decodePacket, versionMismatch, type ReplicationServer, type Packet, SourceMessage, TargetMessage } from "../wire.ts";
 import { PathError } from "../fs/confine.ts";
 import { Image } from "./image.ts";
 
@@ -107,7 +107,7 @@ export class Receiver {
     let nackedFor = 0;
     let syncing: Promise<void> | undefined;
     const syncNow = async () => {
-      const d = await img.makeDurable();
+      const d = await img.exclusive(() => img.makeDurable());
       if (d > ackedSeq) {
         ackedSeq = d;
         session.send({ msg: { $case: "ack", value: { seq: d } } });
@@ -133,37 +133,10 @@ export class Receiver {
           break;
         }
         const p = m.value;
-        const expected = img.appliedSeq + 1;
-        if (p.seq < expected) {
-          // Duplicate (a resend after reconnect): already applied; confirm what is durable.
-          if (ackedSeq > 0) session.send({ msg: { $case: "ack", value: { seq: ackedSeq } } });
-          continue;
-        }
-        if (p.seq > expected) {
-          if (nackedFor !== expected) {
-            nackedFor = expected;
-            log.warn({ got: p.seq, expected }, "sequence gap; asking for a resend");
-            session.send({ msg: { $case: "nack", value: { reason: Nack_Reason.REASON_GAP, expectedSeq: expected, message: `gap: got packet ${p.seq}, expected ${expected}` } } });
-          }
-          continue;
-        }
-        nackedFor = 0;
-        try {
-          const ops = decodePacket(p);
-          await img.applier.apply(ops);
-          await img.markApplied(p.seq);
-          img.lastError = "";
-        } catch (e) {
-          const refused = e instanceof PacketError || e instanceof PathError;
-          const msg = `packet ${p.seq} ${refused ? "refused" : "could not be applied"}: ${(e as Error).message}`;
-          img.lastError = msg;
-          log.error({ seq: p.seq, err: (e as Error).message }, refused ? "packet refused" : "apply failed");
-          session.send({ msg: { $case: "nack", value: { reason: refused ? Nack_Reason.REASON_REJECTED : Nack_Reason.REASON_APPLY_FAILED, expectedSeq: p.seq, message: msg } } });
-          // Stop reading: the source reconnects with backoff and resends from the Welcome's seq.
-          session.ended = true;
-          call.end();
-          break;
-        }
+        const outcome = await img.exclusive(() => this.applyPacket(img, session, p, log, nackedFor));
+        if (outcome === "stop") break;
+        if (outcome === "gap") nackedFor = img.appliedSeq + 1;
+        else if (outcome === "applied") nackedFor = 0;
       }
     } catch (e) {
       if (!session.ended) log.warn({ err: (e as Error).message }, "stream error");
@@ -184,6 +157,41 @@ export class Receiver {
         }
       }
       log.info({ appliedSeq: img.appliedSeq, durableSeq: img.durableSeq }, "source disconnected");
+    }
+  }
+
+  /** Apply one packet if it is the next one; called with the image held exclusively. */
+  private async applyPacket(img: Image, session: Session, p: Packet, log: Logger, nackedFor: number): Promise<"applied" | "duplicate" | "gap" | "stop"> {
+    if (session.ended) return "stop"; // superseded while waiting for the image
+    const expected = img.appliedSeq + 1;
+    if (p.seq < expected) {
+      // Duplicate (a resend after reconnect): already applied; confirm what is durable.
+      if (img.durableSeq > 0) session.send({ msg: { $case: "ack", value: { seq: img.durableSeq } } });
+      return "duplicate";
+    }
+    if (p.seq > expected) {
+      if (nackedFor !== expected) {
+        log.warn({ got: p.seq, expected }, "sequence gap; asking for a resend");
+        session.send({ msg: { $case: "nack", value: { reason: Nack_Reason.REASON_GAP, expectedSeq: expected, message: `gap: got packet ${p.seq}, expected ${expected}` } } });
+      }
+      return "gap";
+    }
+    try {
+      const ops = decodePacket(p);
+      await img.applier.apply(ops);
+      await img.markApplied(p.seq);
+      img.lastError = "";
+      return "applied";
+    } catch (e) {
+      const refused = e instanceof PacketError || e instanceof PathError;
+      const msg = `packet ${p.seq} ${refused ? "refused" : "could not be applied"}: ${(e as Error).message}`;
+      img.lastError = msg;
+      log.error({ seq: p.seq, err: (e as Error).message }, refused ? "packet refused" : "apply failed");
+      session.send({ msg: { $case: "nack", value: { reason: refused ? Nack_Reason.REASON_REJECTED : Nack_Reason.REASON_APPLY_FAILED, expectedSeq: p.seq, message: msg } } });
+      // Stop reading: the source reconnects with backoff and resends from the Welcome's seq.
+      session.ended = true;
+      session.call.end();
+      return "stop";
     }
   }
 
