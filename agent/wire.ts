@@ -35,7 +35,7 @@ const ZSTD_LEVEL: Record<CompressionLevel, number> = { none: 0, fast: 1, balance
 
 /** Encode (and compress) a batch into a packet. Incompressible bodies are sent raw. */
 export function encodePacket(seq: number, ops: Op[], level: CompressionLevel): Packet {
-  const raw = Buffer.from(OpBatch.encode({ ops }).finish());
+  const raw = asBuffer(OpBatch.encode({ ops }).finish());
   if (level !== "none" && raw.length > 256) {
     const z = zstdCompressSync(raw, { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL[level] } });
     if (z.length < raw.length * 0.95) return { seq, compression: Compression.COMPRESSION_ZSTD, body: z, rawSize: raw.length };
@@ -68,8 +68,43 @@ export function decodePacket(p: Packet): Op[] {
   return batch.ops;
 }
 
+/** A Buffer view of bytes, without copying them. */
+function asBuffer(u: Uint8Array): Buffer {
+  return Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+}
+
+function varint(n: number, out: number[]): void {
+  while (n >= 0x80) {
+    out.push((n % 0x80) | 0x80);
+    n = Math.floor(n / 0x80);
+  }
+  out.push(n);
+}
+
+/**
+ * Packet encoded as protobuf, by hand so the (megabytes of) body are copied
+ * once; equal to Packet.encode(p) (checked by the wire tests).
+ */
 export function encodePacketBytes(p: Packet): Buffer {
-  return Buffer.from(Packet.encode(p).finish());
+  const head: number[] = [];
+  if (p.seq !== 0) {
+    head.push(0x08);
+    varint(p.seq, head);
+  }
+  if (p.compression !== 0) {
+    head.push(0x10);
+    varint(p.compression, head);
+  }
+  if (p.body.length) {
+    head.push(0x1a);
+    varint(p.body.length, head);
+  }
+  const tail: number[] = [];
+  if (p.rawSize !== 0) {
+    tail.push(0x20);
+    varint(p.rawSize, tail);
+  }
+  return Buffer.concat([Buffer.from(head), p.body, Buffer.from(tail)]);
 }
 
 export function decodePacketBytes(b: Uint8Array): Packet {

@@ -330,10 +330,11 @@ export class Capture {
       return this.o.redirty(rel);
     }
     const size = Number(st.size);
-    let pend: { offset: number; parts: Buffer[]; len: number } | undefined;
+    // Changed blocks are copied once, straight into the data of the Write op they join.
+    let pend: { offset: number; buf: Buffer; len: number } | undefined;
     const flushWrite = async () => {
       if (!pend) return;
-      const data = pend.parts.length === 1 ? pend.parts[0]! : Buffer.concat(pend.parts, pend.len);
+      const data = pend.buf.subarray(0, pend.len);
       await this.emit({ path: rel, kind: { $case: "write", value: { offset: pend.offset, data } } });
       pend = undefined;
     };
@@ -345,8 +346,8 @@ export class Capture {
         if (was && wasFull && was.equals(b.digest)) return flushWrite();
         if (fresh && isZero(b.data)) return flushWrite(); // leave a hole; the final truncate sets the size
         if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > MAX_WRITE)) await flushWrite();
-        if (!pend) pend = { offset: b.offset, parts: [], len: 0 };
-        pend.parts.push(Buffer.from(b.data));
+        if (!pend) pend = { offset: b.offset, buf: Buffer.allocUnsafe(Math.min(MAX_WRITE, Math.max(bs, size - b.offset))), len: 0 };
+        b.data.copy(pend.buf, pend.len);
         pend.len += b.data.length;
       });
       await flushWrite();
