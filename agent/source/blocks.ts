@@ -7,6 +7,8 @@ import { createHash } from "node:crypto";
 import type { FileHandle } from "node:fs/promises";
 
 export const DIGEST_BYTES = 16;
+/** Bytes read per syscall while hashing. */
+export const READ_BYTES = 4 * 1024 * 1024;
 
 export function blockDigest(data: Uint8Array): Buffer {
   return createHash("sha256").update(data).digest().subarray(0, DIGEST_BYTES);
@@ -37,12 +39,13 @@ export interface BlockVisit {
  * concatenated digests; `visit` sees every block (it may copy the data).
  * `signal` cancels between blocks.
  */
-export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal): Promise<Buffer> {
+export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer): Promise<Buffer> {
   const n = Math.ceil(size / blockSize);
   const digests = Buffer.allocUnsafe(n * DIGEST_BYTES);
-  // Read several blocks per syscall: large reads are much cheaper than 64 KiB ones.
-  const per = Math.max(1, Math.floor((4 * 1024 * 1024) / blockSize));
-  const buf = Buffer.allocUnsafe(per * blockSize);
+  // Read several blocks per syscall: large reads are much cheaper than 64 KiB
+  // ones. Callers that hash many files pass a scratch buffer to reuse.
+  const per = Math.max(1, Math.floor(READ_BYTES / blockSize));
+  const buf = scratch && scratch.length >= per * blockSize ? scratch : Buffer.allocUnsafe(per * blockSize);
   let index = 0;
   while (index < n) {
     if (signal?.aborted) throw new Error("cancelled");

@@ -9,7 +9,7 @@ import type { BigIntStats } from "node:fs";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
 import type { Attr, Op } from "../wire.ts";
-import { hashBlocks, digestAt, isZero } from "./blocks.ts";
+import { hashBlocks, digestAt, isZero, READ_BYTES } from "./blocks.ts";
 import type { FileIndex, IndexDelta, IndexEntry } from "./file-index.ts";
 import type { DirWatcher } from "./watcher.ts";
 
@@ -127,6 +127,8 @@ export class Capture {
   readonly stats: CaptureStats = { ops: 0, dataBytes: 0, filesHashed: 0, bytesHashed: 0 };
   /** Directories whose attributes to send after this pass; true = the target's copy changed (children added/removed), send even if the source's did not. */
   private attrCheck = new Map<string, boolean>();
+  /** Read buffer reused for every file hashed (capture runs one file at a time). */
+  private scratch?: Buffer;
 
   constructor(o: CaptureOptions) {
     this.o = o;
@@ -340,6 +342,7 @@ export class Capture {
     };
     try {
       if (size < oldSize) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });
+      this.scratch ??= Buffer.allocUnsafe(Math.max(READ_BYTES, bs));
       const hashes = await hashBlocks(fh, size, bs, async (b) => {
         const was = digestAt(old, b.index);
         const wasFull = b.index < Math.floor(oldSize / bs) || (b.index === Math.floor(oldSize / bs) && b.data.length === oldSize - b.offset);
@@ -349,7 +352,7 @@ export class Capture {
         if (!pend) pend = { offset: b.offset, buf: Buffer.allocUnsafe(Math.min(MAX_WRITE, Math.max(bs, size - b.offset))), len: 0 };
         b.data.copy(pend.buf, pend.len);
         pend.len += b.data.length;
-      });
+      }, undefined, this.scratch);
       await flushWrite();
       this.stats.filesHashed++;
       this.stats.bytesHashed += size;

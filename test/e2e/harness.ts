@@ -17,6 +17,14 @@ import type { StatusResponse } from "../../agent/wire.ts";
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = path.join(REPO, "bin", "understudy.mjs");
 
+/**
+ * The environment an agent is meant to run with (README, "Running agents"):
+ * glibc's malloc otherwise raises its mmap threshold after the first large
+ * free, and the megabyte packet buffers then fragment the heap instead of
+ * going back to the system.
+ */
+export const AGENT_ENV = { MALLOC_MMAP_THRESHOLD_: "131072" };
+
 export async function tmpDir(prefix = "understudy-"): Promise<string> {
   return mkdtemp(path.join(os.tmpdir(), prefix));
 }
@@ -68,7 +76,7 @@ export class AgentProc {
   async start(): Promise<void> {
     const { openSync } = await import("node:fs");
     const fd = openSync(this.logPath, "a");
-    this.proc = spawn(process.execPath, [CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
+    this.proc = spawn(process.execPath, [CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
     const p = this.proc;
     this.exited = new Promise((r) => p.once("exit", (code) => r(code)));
     await waitFor(`agent ${this.name} to answer on ${this.address}`, async () => {
