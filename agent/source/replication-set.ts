@@ -188,7 +188,8 @@ export class SourceSet {
     return {
       name: this.cfg.name,
       path: this.cfg.path,
-      state: this.state,
+      // A set is degraded while any of its targets cannot take its changes.
+      state: this.state === "replicating" && this.senders.some((s) => s.state === "degraded" || s.state === "refused" || s.state === "needs-mirror") ? "degraded" : this.state,
       lastSeq: this.journal?.lastSeq ?? 0,
       journalFirstSeq: this.journal?.firstSeq ?? 0,
       queuedBytes: jb,
