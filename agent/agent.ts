@@ -69,8 +69,38 @@ export class Agent {
     };
   }
 
+  private set(name: string): SourceSet {
+    const s = this.sets.find((x) => x.cfg.name === name);
+    if (!s) throw Object.assign(new Error(`agent ${this.cfg.name} has no replication set ${JSON.stringify(name)} (sets: ${this.sets.map((x) => x.cfg.name).join(", ") || "none"})`), { code: grpc.status.NOT_FOUND });
+    return s;
+  }
+
   private readonly control: ControlServer = {
     status: (_call, cb) => cb(null, this.status()),
+    mirror: (call, cb) => {
+      try {
+        const r = call.request;
+        const mode = r.mode || "checksum";
+        if (mode !== "full" && mode !== "checksum") throw Object.assign(new Error(`mode must be full or checksum, not ${JSON.stringify(r.mode)}`), { code: grpc.status.INVALID_ARGUMENT });
+        const s = this.set(r.set);
+        if (r.blockSize && r.blockSize !== s.cfg.blockSize) throw Object.assign(new Error(`set ${s.cfg.name} uses ${s.cfg.blockSize}-byte blocks; change blockSize in the agent config to mirror with ${r.blockSize}`), { code: grpc.status.INVALID_ARGUMENT });
+        cb(null, { started: s.mirror(r.target || undefined, mode) });
+      } catch (e) {
+        cb(Object.assign(e as Error, { code: (e as { code?: number }).code ?? grpc.status.FAILED_PRECONDITION, details: (e as Error).message }));
+      }
+    },
+    verify: (call, cb) => {
+      let s: SourceSet;
+      try {
+        s = this.set(call.request.set);
+      } catch (e) {
+        return cb(Object.assign(e as Error, { details: (e as Error).message }));
+      }
+      s.verify(call.request.target || undefined, call.request.repair).then(
+        (r) => cb(null, r),
+        (e: Error) => cb(Object.assign(e, { code: grpc.status.FAILED_PRECONDITION, details: e.message })),
+      );
+    },
   };
 
   async stop(): Promise<void> {

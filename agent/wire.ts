@@ -15,8 +15,12 @@ import {
   type Attr,
   type Op,
   type ReplicationServer,
+  type ManifestEntry as ManifestEntryMsg,
+  type ManifestResponse,
+  type DigestsResponse,
+  type Welcome,
 } from "../proto/gen/understudy/v1/replication.ts";
-import { ControlClient, ControlService, type ControlServer, type StatusResponse, type SourceSetStatus, type TargetStatus, type ImageStatus } from "../proto/gen/understudy/v1/control.ts";
+import { ControlClient, ControlService, type ControlServer, type StatusResponse, type SourceSetStatus, type TargetStatus, type ImageStatus, type MirrorProgress, type VerifyReport, type Difference } from "../proto/gen/understudy/v1/control.ts";
 import type { CompressionLevel } from "../common/config.ts";
 import pkg from "../package.json" with { type: "json" };
 
@@ -28,7 +32,7 @@ export const AGENT_VERSION: string = pkg.version;
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
 export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet };
-export type { Attr, Op, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus };
+export type { Attr, Op, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, Welcome, MirrorProgress, VerifyReport, Difference };
 export type OpKind = NonNullable<Op["kind"]>["$case"];
 
 const ZSTD_LEVEL: Record<CompressionLevel, number> = { none: 0, fast: 1, balanced: 3, max: 19 };
@@ -129,6 +133,7 @@ export function versionMismatch(local: number, remote: number, who: string): str
  */
 export const PacketStreamClient = grpcMakeClient(
   {
+    ...ReplicationService,
     replicate: {
       ...ReplicationService.replicate,
       requestSerialize: (v: SourceMessage | Buffer): Buffer => (Buffer.isBuffer(v) ? framePacket(v) : Buffer.from(SourceMessage.encode(v).finish())),
@@ -137,7 +142,11 @@ export const PacketStreamClient = grpcMakeClient(
   "understudy.v1.Replication",
 ) as unknown as new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>) => Client & {
   replicate(options?: Partial<CallOptions>): ClientDuplexStream<SourceMessage | Buffer, TargetMessage>;
+  manifest: ReplicationClient["manifest"];
+  digests: ReplicationClient["digests"];
 };
+
+export type ReplicationStreamClient = InstanceType<typeof PacketStreamClient>;
 
 export function framePacket(packetBytes: Buffer): Buffer {
   let n = packetBytes.length;

@@ -82,6 +82,10 @@ const SetSchema = z
     queueMemory: size.prefault(64 * 1024 * 1024),
     /** full metadata rescan as a safety net for missed events; 0 = never */
     rescanInterval: duration.prefault(600),
+    /** compare every target with the source this often; 0 = only on command */
+    verifyInterval: duration.prefault(0),
+    /** repair what a scheduled verify finds */
+    verifyRepair: z.boolean().default(false),
   })
   .strict()
   .refine((s) => s.mode !== "scheduled" || (s.interval ?? 0) > 0, { message: "scheduled mode needs `interval` (e.g. 5m)", path: ["interval"] });

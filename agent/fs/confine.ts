@@ -10,6 +10,18 @@ export class PathError extends Error {
 }
 
 const MAX_PATH = 4096;
+
+/** What the earlier ops of a batch make of a path. */
+export type PlannedKind = "dir" | "file" | "symlink" | "gone";
+
+function goneAbove(planned: Map<string, PlannedKind>, dir: string): boolean {
+  for (let i = dir.lastIndexOf("/"); i > 0; i = dir.lastIndexOf("/", i - 1)) {
+    const p = planned.get(dir.slice(0, i));
+    if (p === "gone") return true;
+    if (p) return false;
+  }
+  return false;
+}
 const MAX_COMPONENT = 255;
 
 /** Validate a relative replication path; returns its components or throws PathError. */
@@ -68,18 +80,31 @@ export class ConfinedRoot {
     return path.join(this.root, ...parts);
   }
 
-  /** Like resolve, but only checks what exists now and never creates (the pre-flight check of a packet). */
-  async check(rel: string): Promise<void> {
+  /**
+   * The pre-flight check of a batch: like resolve, but never creates, and sees
+   * the tree as the batch's earlier ops will have left it (`planned`: what
+   * those ops make of a path; "gone" for removed ones and all below them).
+   */
+  async check(rel: string, planned?: Map<string, PlannedKind>): Promise<void> {
     const parts = splitRelPath(rel);
     let dir = "";
+    let missing = false;
     for (let i = 0; i < parts.length - 1; i++) {
       dir = dir ? `${dir}/${parts[i]}` : parts[i]!;
-      if (this.verified.has(dir)) continue;
+      const plan = planned?.get(dir) ?? (planned && goneAbove(planned, dir) ? "gone" : undefined);
+      if (plan === "dir" || plan === "gone") {
+        missing = plan === "gone";
+        continue;
+      }
+      if (plan === "symlink") throw new PathError(`path ${JSON.stringify(rel)} goes through symlink ${JSON.stringify(dir)}; refusing to follow it out of the image`);
+      if (plan === "file") throw new PathError(`path ${JSON.stringify(rel)}: ${JSON.stringify(dir)} is not a directory`);
+      if (missing || this.verified.has(dir)) continue;
       let st;
       try {
         st = await lstat(path.join(this.root, dir));
       } catch {
-        return; // does not exist yet: an earlier op of the batch may create it; apply checks again
+        missing = true; // created on the way (resolve with createParents)
+        continue;
       }
       if (st.isSymbolicLink()) throw new PathError(`path ${JSON.stringify(rel)} goes through symlink ${JSON.stringify(dir)}; refusing to follow it out of the image`);
       if (!st.isDirectory()) throw new PathError(`path ${JSON.stringify(rel)}: ${JSON.stringify(dir)} is not a directory`);

@@ -381,9 +381,6 @@ export class Capture {
       seen.add(child);
       await this.syncPath(child, true);
     }
-    const pre = rel ? rel + "/" : "";
-    const gone: string[] = [];
-    for (const p of this.o.index.paths()) if (p.startsWith(pre) && p.indexOf("/", pre.length) < 0 && !seen.has(p)) gone.push(p);
-    for (const p of gone) await this.syncPath(p, false);
+    for (const p of this.o.index.children(rel)) if (!seen.has(p)) await this.syncPath(p, false);
   }
 }

@@ -28,6 +28,7 @@ export type IndexDelta = { set: string; e: IndexEntry } | { del: string } | { mv
 export class FileIndex {
   private readonly entries = new Map<string, IndexEntry>();
   private readonly byIno = new Map<number, Set<string>>();
+  private readonly kids = new Map<string, Set<string>>(); // dir ("" = root) -> child paths
 
   get size(): number {
     return this.entries.size;
@@ -45,6 +46,11 @@ export class FileIndex {
     return this.entries.keys();
   }
 
+  /** Paths of the direct children of dir ("" = root), sorted. */
+  children(dir: string): string[] {
+    return [...(this.kids.get(dir) ?? [])].sort();
+  }
+
   pathsWithIno(ino: number): string[] {
     return [...(this.byIno.get(ino) ?? [])];
   }
@@ -57,9 +63,14 @@ export class FileIndex {
 
   /** Paths strictly below dir. */
   below(dir: string): string[] {
-    const pre = dir + "/";
     const out: string[] = [];
-    for (const p of this.entries.keys()) if (p.startsWith(pre)) out.push(p);
+    const walk = (d: string) => {
+      for (const c of this.kids.get(d) ?? []) {
+        out.push(c);
+        walk(c);
+      }
+    };
+    walk(dir);
     return out;
   }
 
@@ -73,6 +84,10 @@ export class FileIndex {
     const old = this.entries.get(p);
     if (old) this.unlinkIno(old.ino, p);
     this.entries.set(p, e);
+    const parent = parentOf(p);
+    let k = this.kids.get(parent);
+    if (!k) this.kids.set(parent, (k = new Set()));
+    k.add(p);
     let s = this.byIno.get(e.ino);
     if (!s) this.byIno.set(e.ino, (s = new Set()));
     s.add(p);
@@ -85,6 +100,10 @@ export class FileIndex {
       if (!e) continue;
       this.unlinkIno(e.ino, q);
       this.entries.delete(q);
+      const k = this.kids.get(parentOf(q));
+      k?.delete(q);
+      if (k?.size === 0) this.kids.delete(parentOf(q));
+      this.kids.delete(q);
     }
   }
 
@@ -163,6 +182,11 @@ export class FileIndex {
     }
     return head.seq ?? 0;
   }
+}
+
+export function parentOf(rel: string): string {
+  const i = rel.lastIndexOf("/");
+  return i < 0 ? "" : rel.slice(0, i);
 }
 
 function encodeEntry(e: IndexEntry): Record<string, unknown> {

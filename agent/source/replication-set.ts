@@ -1,7 +1,8 @@
 // Source role for one replication set: watcher → capture → journal → one
 // sender per target. Owns the index snapshot and decides what the journal may
 // release (acknowledged by every target and covered by the snapshot).
-import { mkdir, readFile, writeFile, rename } from "node:fs/promises";
+import { randomUUID } from "node:crypto";
+import { mkdir, readFile, writeFile, rename, unlink } from "node:fs/promises";
 import path from "node:path";
 import picomatch from "picomatch";
 import type * as grpc from "@grpc/grpc-js";
@@ -11,7 +12,9 @@ import { Journal } from "../queue/journal.ts";
 import { encodePacket, encodePacketBytes, type SourceSetStatus } from "../wire.ts";
 import { Capture } from "./capture.ts";
 import { FileIndex, type IndexDelta } from "./file-index.ts";
-import { Sender } from "./sender.ts";
+import { Sender, type MirrorHost, type MirrorState } from "./sender.ts";
+import type { MirrorMode, MirrorSource } from "../mirror/mirror.ts";
+import { verifySet, type VerifyResult } from "../mirror/verify.ts";
 import { DirWatcher } from "./watcher.ts";
 
 const CHECKPOINT_MS = 15_000;
@@ -44,6 +47,9 @@ export class SourceSet {
   private busy: Promise<void> = Promise.resolve();
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
+  private journalId = "";
+  private lastVerify = new Map<string, VerifyResult>();
+  private verifying = new Map<string, Promise<VerifyResult>>();
 
   constructor(cfg: SetConfig, o: SourceSetOptions) {
     this.cfg = cfg;
@@ -75,6 +81,15 @@ export class SourceSet {
       replayed++;
     }
     this.acks = await readFile(path.join(this.dir, "acks.json"), "utf8").then((t) => JSON.parse(t) as Record<string, number>, () => ({}));
+    // The journal's identity: a lost and re-created journal gets a new one, and
+    // its sequence numbers are then never mistaken for the old ones.
+    const idFile = path.join(this.dir, "journal", "id");
+    this.journalId = await readFile(idFile, "utf8").then((t) => t.trim(), () => "");
+    if (!this.journalId) {
+      this.journalId = randomUUID();
+      await writeFile(idFile, this.journalId + "\n");
+      this.acks = {};
+    }
     this.log.info({ files: this.index.size, snapshotSeq: this.snapshotSeq, replayed, journal: [this.journal.firstSeq, this.journal.lastSeq] }, "index loaded");
     this.watcher = new DirWatcher(this.cfg.path, (rel, deep) => this.markDirty(rel, deep), (rel, err) => this.log.warn({ rel, err: err.message }, "cannot watch directory"));
     this.capture = new Capture({
@@ -99,9 +114,11 @@ export class SourceSet {
         intervalMs: this.cfg.mode === "scheduled" ? this.cfg.interval : undefined,
         initialAcked: this.acks[address] ?? 0,
         onAck: (seq) => this.onAck(address, seq),
+        journalId: this.journalId,
+        mirror: this.mirrorHost(address),
       });
       this.senders.push(s);
-      s.start();
+      await s.start();
     }
     this.state = "scanning";
     const t0 = Date.now();
@@ -110,7 +127,105 @@ export class SourceSet {
     this.log.info({ files: this.index.size, ms: Date.now() - t0, ops: this.capture.stats.ops, dataBytes: this.capture.stats.dataBytes }, "initial scan done; watching");
     this.timers.push(setInterval(() => void this.checkpoint().catch((e) => this.log.error({ err: e }, "checkpoint failed")), CHECKPOINT_MS));
     this.timers.push(setInterval(() => void this.journal.sync().catch((e) => this.log.error({ err: e }, "journal sync failed")), 1000));
+    if (this.cfg.verifyInterval > 0) {
+      this.timers.push(setInterval(() => {
+        for (const t of this.cfg.targets) void this.verify(t, this.cfg.verifyRepair).then((r) => this.log.info({ target: t, ok: r.ok, differences: r.differences.length, repaired: r.repaired, error: r.error || undefined }, "scheduled verify done"));
+      }, this.cfg.verifyInterval));
+    }
     if (this.cfg.rescanInterval > 0) this.timers.push(setInterval(() => void this.serial(() => this.capture.fullScan()), this.cfg.rescanInterval));
+  }
+
+  /** The source side of mirrors, for the sender of `address`. */
+  private mirrorHost(address: string): MirrorHost {
+    const file = path.join(this.dir, `mirror-${address.replace(/[^A-Za-z0-9.-]/g, "_")}.json`);
+    const source: MirrorSource = {
+      root: this.cfg.path,
+      blockSize: this.cfg.blockSize,
+      index: this.index,
+      serial: <T>(fn: () => Promise<T>) => this.serialValue(fn),
+      flushCapture: async () => {
+        const batch = this.dirty;
+        this.dirty = new Map();
+        if (batch.size) await this.capture.sync(batch);
+      },
+      lastSeq: () => this.journal.lastSeq,
+      touchedSince: (seq) => this.touchedSince(seq),
+    };
+    return {
+      source,
+      blockSize: this.cfg.blockSize,
+      load: () => readFile(file, "utf8").then((t) => JSON.parse(t) as MirrorState, () => undefined),
+      save: async (st) => {
+        if (!st) return unlink(file).catch(() => undefined);
+        await writeFile(`${file}.tmp`, JSON.stringify(st));
+        await rename(`${file}.tmp`, file);
+      },
+    };
+  }
+
+  /** Paths the journal entries after seq touched (from their index deltas). */
+  private async touchedSince(seq: number): Promise<{ paths: Set<string>; moved: Set<string> }> {
+    const paths = new Set<string>();
+    const moved = new Set<string>();
+    const last = this.journal.lastSeq;
+    if (seq >= last) return { paths, moved };
+    for await (const e of this.journal.entries(Math.max(seq + 1, this.journal.firstSeq)) as AsyncIterable<{ seq: number; meta: Buffer }>) {
+      if (e.seq > last) break;
+      for (const d of FileIndex.decodeDeltas(e.meta)) {
+        if ("set" in d) paths.add(d.set);
+        else if ("del" in d) paths.add(d.del);
+        else {
+          paths.add(d.mv[0]);
+          paths.add(d.mv[1]);
+          moved.add(d.mv[1]);
+        }
+      }
+    }
+    return { paths, moved };
+  }
+
+  /** Start a mirror to one target (or all); resolves when it completes. */
+  mirror(target: string | undefined, mode: MirrorMode): string[] {
+    const chosen = this.senders.filter((s, i) => !target || this.cfg.targets[i] === target);
+    if (target && chosen.length === 0) throw new Error(`set ${this.cfg.name} has no target ${target} (targets: ${this.cfg.targets.join(", ")})`);
+    for (const s of chosen) void s.requestMirror(mode, "requested").catch((e) => this.log.warn({ err: (e as Error).message }, "mirror did not complete"));
+    return chosen.map((s) => this.cfg.targets[this.senders.indexOf(s)]!);
+  }
+
+  /** Compare a target's image with the source; with repair, fix what differs. */
+  async verify(target: string | undefined, repair: boolean): Promise<VerifyResult> {
+    const i = target ? this.cfg.targets.indexOf(target) : 0;
+    if (i < 0) throw new Error(`set ${this.cfg.name} has no target ${target} (targets: ${this.cfg.targets.join(", ")})`);
+    const address = this.cfg.targets[i]!;
+    const sender = this.senders[i]!;
+    const running = this.verifying.get(address);
+    if (running) return running;
+    const run = verifySet({
+      set: this.cfg.name,
+      target: address,
+      source: this.o.agentName,
+      root: this.cfg.path,
+      blockSize: this.cfg.blockSize,
+      wanted: this.wanted(),
+      credentials: this.o.credentials,
+      caughtUp: async () => {
+        const upTo = await this.serialValue(async () => (await this.flushNow(), this.journal.lastSeq));
+        const deadline = Date.now() + 30_000;
+        while (sender.lastAckedSeq < upTo && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      },
+      repair: repair ? (dirs) => sender.requestMirror("checksum", "verify repair", dirs) : undefined,
+    }).then((r) => {
+      this.lastVerify.set(address, r);
+      return r;
+    }).finally(() => this.verifying.delete(address));
+    this.verifying.set(address, run);
+    return run;
+  }
+
+  private async flushNow(): Promise<void> {
+    const batch = this.dirty;
+    this.dirty = new Map();
+    if (batch.size) await this.capture.sync(batch);
   }
 
   private markDirty(rel: string, deep: boolean): void {
@@ -131,13 +246,18 @@ export class SourceSet {
 
   /** Capture runs one at a time (the index and the journal have one writer). */
   private serial(fn: () => Promise<void>): Promise<void> {
-    const run = this.busy.then(fn).catch((e) => {
+    return this.serialValue(fn).catch((e) => {
       this.lastError = (e as Error).message;
       this.log.error({ err: e }, "capture failed; rescanning");
       // Level-based capture recovers by looking at everything again.
       setTimeout(() => this.markDirty("", true), 1000);
     });
-    this.busy = run;
+  }
+
+  /** Run fn after everything queued on the capture's turn; its errors go to the caller. */
+  private serialValue<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.busy.then(fn);
+    this.busy = run.then(() => undefined, () => undefined);
     return run;
   }
 
@@ -171,7 +291,7 @@ export class SourceSet {
       const tmp = path.join(this.dir, "acks.json.tmp");
       await writeFile(tmp, JSON.stringify(this.acks));
       await rename(tmp, path.join(this.dir, "acks.json"));
-      const upto = Math.min(this.snapshotSeq, ...this.senders.map((s) => s.lastAckedSeq));
+      const upto = Math.min(this.snapshotSeq, ...this.senders.map((s) => s.holdFrom() - 1));
       if (upto >= this.journal.firstSeq) {
         await this.journal.release(upto);
         for (const [k] of this.appendSizes) {
@@ -189,7 +309,7 @@ export class SourceSet {
       name: this.cfg.name,
       path: this.cfg.path,
       // A set is degraded while any of its targets cannot take its changes.
-      state: this.state === "replicating" && this.senders.some((s) => s.state === "degraded" || s.state === "refused" || s.state === "needs-mirror") ? "degraded" : this.state,
+      state: this.state === "replicating" && this.senders.some((s) => s.state === "degraded" || s.state === "refused") ? "degraded" : this.state,
       lastSeq: this.journal?.lastSeq ?? 0,
       journalFirstSeq: this.journal?.firstSeq ?? 0,
       queuedBytes: jb,
@@ -211,6 +331,8 @@ export class SourceSet {
           lagSeconds: s.lastAckedSeq >= (this.journal?.lastSeq ?? 0) || firstUnacked === undefined ? 0 : (now - firstUnacked) / 1000,
           lastError: s.lastError,
           retries: s.retries,
+          mirror: s.mirror,
+          lastVerify: this.lastVerify.get(this.cfg.targets[this.senders.indexOf(s)]!),
         };
       }).map((t, i) => ({ ...t, address: this.cfg.targets[i]! })),
     };

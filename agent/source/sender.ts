@@ -8,7 +8,9 @@ import { EventEmitter, once } from "node:events";
 import type { Logger } from "../../common/log.ts";
 import { Backoff, sleep } from "../../common/retry.ts";
 import type { Journal } from "../queue/journal.ts";
-import { AGENT_VERSION, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Nack_Reason, PacketStreamClient, versionMismatch, type TargetMessage } from "../wire.ts";
+import { randomUUID } from "node:crypto";
+import { AGENT_VERSION, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Nack_Reason, PacketStreamClient, versionMismatch, type MirrorProgress, type Op, type ReplicationStreamClient, type TargetMessage, type Welcome } from "../wire.ts";
+import { Mirror, type MirrorMode, type MirrorSource, type MirrorTarget } from "../mirror/mirror.ts";
 
 const WINDOW_PACKETS = 512;
 const WINDOW_BYTES = 64 * 1024 * 1024;
@@ -16,7 +18,36 @@ const WELCOME_TIMEOUT_MS = 10_000;
 /** Failures in a row before the target counts as degraded (not just reconnecting). */
 const DEGRADED_AFTER = 3;
 
-export type SenderState = "connecting" | "replicating" | "idle" | "degraded" | "refused" | "needs-mirror" | "stopped";
+export type SenderState = "connecting" | "replicating" | "idle" | "mirroring" | "degraded" | "refused" | "stopped";
+
+/** A mirror in progress, persisted by the source so a restart can resume it. */
+export interface MirrorState {
+  mirrorId: string;
+  pStart: number;
+  mode: MirrorMode;
+}
+
+export interface MirrorHost {
+  source: MirrorSource;
+  blockSize: number;
+  load(): Promise<MirrorState | undefined>;
+  save(s: MirrorState | undefined): Promise<void>;
+}
+
+interface MirrorRequest {
+  mode: MirrorMode;
+  reason: string;
+  /** repair: only these directories (the target first catches up to the start) */
+  dirs?: string[];
+  done?: (err?: Error) => void;
+}
+
+/** Refused packets of the same seq in a row before the target is resynchronised by a checksum mirror. */
+const RESYNC_AFTER_REFUSALS = 3;
+
+export function emptyProgress(): MirrorProgress {
+  return { active: false, mode: "", filesDone: 0, filesTotal: 0, bytesDone: 0, bytesTotal: 0, bytesSent: 0, rateBytesPerSecond: 0, etaSeconds: 0, startedAt: 0, finishedAt: 0, result: "", resumed: false };
+}
 
 export interface SenderOptions {
   address: string;
@@ -33,6 +64,8 @@ export interface SenderOptions {
   onAck: (seq: number) => void;
   /** seq the target acknowledged before a restart */
   initialAcked: number;
+  journalId: string;
+  mirror: MirrorHost;
 }
 
 /** Token bucket for the bandwidth limit (one second of burst). */
@@ -59,12 +92,27 @@ class Throttle {
   }
 }
 
+interface StreamCtx {
+  call: ReturnType<ReplicationStreamClient["replicate"]>;
+  client: ReplicationStreamClient;
+  welcome: Welcome;
+  mirrorAcks: { inflight: number; done: boolean };
+  failed: () => Error | undefined;
+  waitWake: (ms?: number) => Promise<void>;
+}
+
+const MIRROR_WINDOW = 4;
+
 export class Sender {
   state: SenderState = "connecting";
   lastSentSeq = 0;
   lastAckedSeq: number;
   lastError = "";
   retries = 0;
+  mirror: MirrorProgress = emptyProgress();
+  private pending?: MirrorRequest;
+  private mirrorState?: MirrorState;
+  private refusals = { seq: 0, count: 0 };
   private readonly o: SenderOptions;
   private readonly log: Logger;
   private readonly abort = new AbortController();
@@ -82,7 +130,24 @@ export class Sender {
     this.wake.setMaxListeners(0);
   }
 
-  start(): void {
+  /** Lowest journal seq this target may still need (nothing from it on may be released). */
+  holdFrom(): number {
+    if (this.mirrorState) return Math.min(this.mirrorState.pStart + 1, this.lastAckedSeq + 1);
+    return this.lastAckedSeq + 1;
+  }
+
+  /** Ask for a mirror (all of the set, or only `dirs` for a repair); resolves when it is done. */
+  requestMirror(mode: MirrorMode, reason: string, dirs?: string[]): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const prev = this.pending;
+      this.pending = { mode, reason, dirs, done: (e) => (e ? reject(e) : resolve()) };
+      prev?.done?.(new Error("superseded by another mirror request"));
+      this.wake.emit("wake");
+    });
+  }
+
+  async start(): Promise<void> {
+    this.mirrorState = await this.o.mirror.load();
     const onAppend = () => this.wake.emit("wake");
     this.o.journal.events.on("append", onAppend);
     this.abort.signal.addEventListener("abort", () => this.o.journal.events.off("append", onAppend));
@@ -101,6 +166,7 @@ export class Sender {
 
   async stop(): Promise<void> {
     this.abort.abort();
+    this.pending?.done?.(new Error("agent stopping"));
     if (this.ticker) clearInterval(this.ticker);
     this.wake.emit("wake");
     await this.running;
@@ -116,10 +182,93 @@ export class Sender {
         if (this.abort.signal.aborted) break;
         this.lastError = (e as Error).message;
         this.retries++;
-        if (this.state !== "refused" && this.state !== "needs-mirror") this.state = backoff.failures + 1 >= DEGRADED_AFTER ? "degraded" : "connecting";
+        if (this.mirror.active) {
+          this.mirror.active = false;
+          this.mirror.result = `interrupted: ${this.lastError}`;
+        }
+        if (this.state !== "refused") this.state = backoff.failures + 1 >= DEGRADED_AFTER ? "degraded" : "connecting";
         this.log.warn({ err: this.lastError, state: this.state, retries: this.retries }, "replication stream ended");
       }
       await sleep(backoff.next(), this.abort.signal);
+    }
+  }
+
+  /**
+   * Mirror the set (or, for a repair, some directories) to the target over this
+   * stream; returns the journal position the image now stands at.
+   */
+  private async runMirror(ctx: StreamCtx, req: MirrorRequest, repairFrom = 0): Promise<number> {
+    const { call, client, welcome: w } = ctx;
+    const src = this.o.mirror.source;
+    const resumable = !req.dirs && this.mirrorState && w.mirrorId === this.mirrorState.mirrorId && this.mirrorState.pStart + 1 >= this.o.journal.firstSeq;
+    let state: MirrorState;
+    if (resumable) state = this.mirrorState!;
+    else {
+      const pStart = req.dirs ? repairFrom : await src.serial(async () => (await src.flushCapture(), src.lastSeq()));
+      state = { mirrorId: randomUUID(), pStart, mode: req.mode };
+      if (!req.dirs) {
+        this.mirrorState = state;
+        await this.o.mirror.save(state);
+      }
+    }
+    this.state = "mirroring";
+    this.mirror = { ...emptyProgress(), active: true, mode: state.mode, startedAt: Date.now() / 1000 };
+    this.log.info({ mode: state.mode, reason: req.reason, resumeAfter: resumable ? w.mirrorDoneThrough : undefined, dirs: req.dirs?.length }, "mirror starting");
+    const deadline = () => ({ deadline: Date.now() + 120_000 });
+    const unary = <Q, R>(fn: (q: Q, md: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (e: grpc.ServiceError | null, r?: R) => void) => unknown, q: Q) =>
+      new Promise<R>((resolve, reject) => fn.call(client, q, new grpc.Metadata(), deadline(), (e, r) => (e ? reject(new Error(e.details || e.message)) : resolve(r!))));
+    let batch = 0;
+    const check = () => {
+      const f = ctx.failed();
+      if (f) throw f;
+      if (this.abort.signal.aborted) throw new Error("stopping");
+    };
+    const target: MirrorTarget = {
+      manifest: (dir, digestMaxBlocks) => unary(client.manifest, { source: this.o.source, set: this.o.set, dir, blockSize: this.o.mirror.blockSize, digestMaxBlocks }),
+      digests: (p) => unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize }),
+      send: async (ops: Op[], doneThrough: string) => {
+        check();
+        ctx.mirrorAcks.inflight++;
+        const ok = call.write({ msg: { $case: "mirrorOps", value: { mirrorId: state.mirrorId, ops, doneThrough, batch: ++batch } } });
+        if (!ok) {
+          const ac = new AbortController();
+          await Promise.race([once(call, "drain", { signal: ac.signal }).catch(() => undefined), ctx.waitWake()]);
+          ac.abort();
+        }
+        while (ctx.mirrorAcks.inflight >= MIRROR_WINDOW) {
+          check();
+          await ctx.waitWake(1000);
+        }
+      },
+      done: async (seq) => {
+        check();
+        ctx.mirrorAcks.done = false;
+        call.write({ msg: { $case: "mirrorDone", value: { mirrorId: state.mirrorId, appliedSeq: seq, journalId: this.o.journalId } } });
+        while (!ctx.mirrorAcks.done) {
+          check();
+          await ctx.waitWake(1000);
+        }
+      },
+    };
+    const m = new Mirror(src, target, { mode: state.mode, pStart: state.pStart, resumeAfter: resumable ? w.mirrorDoneThrough : undefined, onlyDirs: req.dirs, progress: this.mirror, signal: this.abort.signal });
+    try {
+      const end = await m.run();
+      this.mirror.active = false;
+      this.mirror.result = "ok";
+      this.lastAckedSeq = Math.max(this.lastAckedSeq, end);
+      this.o.onAck(end);
+      this.mirrorState = undefined;
+      await this.o.mirror.save(undefined);
+      this.refusals = { seq: 0, count: 0 };
+      if (this.pending === req) this.pending = undefined;
+      req.done?.();
+      this.state = "replicating";
+      this.log.info({ end, filesDone: this.mirror.filesDone, bytesSent: this.mirror.bytesSent, seconds: this.mirror.finishedAt - this.mirror.startedAt }, "mirror complete");
+      return end;
+    } catch (e) {
+      this.mirror.active = false;
+      this.mirror.result = `interrupted: ${(e as Error).message}`;
+      throw e;
     }
   }
 
@@ -137,6 +286,7 @@ export class Sender {
     let failure: Error | undefined;
     let welcome: TargetMessage["msg"] & { $case: "welcome" } | undefined;
     let cursor = 0;
+    const mirrorAcks = { inflight: 0, done: false };
     const inflight: [number, number][] = [];
     let inflightBytes = 0;
     const fail = (e: Error) => {
@@ -148,6 +298,9 @@ export class Sender {
       if (!msg) return;
       if (msg.$case === "welcome") {
         welcome = msg;
+      } else if (msg.$case === "mirrorAck") {
+        if (msg.value.done) mirrorAcks.done = true;
+        else mirrorAcks.inflight--;
       } else if (msg.$case === "ack") {
         const seq = msg.value.seq;
         while (inflight.length && inflight[0]![0] <= seq) inflightBytes -= inflight.shift()![1];
@@ -163,7 +316,16 @@ export class Sender {
           cursor = n.expectedSeq;
           inflight.length = 0;
           inflightBytes = 0;
-        } else fail(new Error(`target ${n.reason === Nack_Reason.REASON_REJECTED ? "refused" : "could not apply"} packet ${n.expectedSeq}: ${n.message}`));
+        } else {
+          if (n.reason === Nack_Reason.REASON_REJECTED && n.expectedSeq > 0) {
+            this.refusals = this.refusals.seq === n.expectedSeq ? { seq: n.expectedSeq, count: this.refusals.count + 1 } : { seq: n.expectedSeq, count: 1 };
+            if (this.refusals.count >= RESYNC_AFTER_REFUSALS && !this.pending) {
+              this.log.error({ seq: n.expectedSeq }, "packet refused repeatedly; resynchronising with a checksum mirror");
+              this.pending = { mode: "checksum", reason: `packet ${n.expectedSeq} refused ${this.refusals.count} times: ${n.message}` };
+            }
+          }
+          fail(new Error(n.expectedSeq > 0 ? `target ${n.reason === Nack_Reason.REASON_REJECTED ? "refused" : "could not apply"} packet ${n.expectedSeq}: ${n.message}` : n.message));
+        }
       }
       this.wake.emit("wake");
     });
@@ -176,7 +338,7 @@ export class Sender {
       ac.abort();
     };
     try {
-      call.write({ msg: { $case: "hello", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, source: this.o.source, set: this.o.set, journalFirstSeq: journal.firstSeq } } });
+      call.write({ msg: { $case: "hello", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, source: this.o.source, set: this.o.set, journalFirstSeq: journal.firstSeq, journalId: this.o.journalId } } });
       const deadline = Date.now() + WELCOME_TIMEOUT_MS;
       while (!welcome && !failure && !this.abort.signal.aborted && Date.now() < deadline) await waitWake(deadline - Date.now());
       if (failure) {
@@ -191,20 +353,35 @@ export class Sender {
         throw new Error(versionMismatch(PROTOCOL_VERSION, w.protocolVersion, `target ${w.target} (agent ${w.agentVersion})`));
       }
       cursor = w.appliedSeq + 1;
-      if (cursor < journal.firstSeq) {
-        this.state = "needs-mirror";
-        throw new Error(`target has applied up to ${w.appliedSeq} but the journal starts at ${journal.firstSeq}: the target needs a mirror`);
+      const ctx: StreamCtx = { call, client, welcome: w, mirrorAcks, failed: () => failure, waitWake };
+      const why = w.journalId !== this.o.journalId ? (w.journalId ? "the image was built from another journal" : "new image") : cursor < journal.firstSeq ? `the journal no longer holds entries from ${cursor}` : w.appliedSeq > journal.lastSeq ? "the image is ahead of the journal" : undefined;
+      if (this.pending && !this.pending.dirs) {
+        cursor = (await this.runMirror(ctx, this.pending)) + 1;
+      } else if (why || this.mirrorState) {
+        cursor = (await this.runMirror(ctx, { mode: this.mirrorState?.mode ?? "checksum", reason: why ?? "resuming an interrupted mirror" })) + 1;
       }
       this.log.info({ resumeAt: cursor, journalLast: journal.lastSeq, targetName: w.target }, "replicating");
       this.state = "replicating";
       this.lastError = "";
+      let repairFrom = 0;
       while (!failure && !this.abort.signal.aborted) {
-        const upTo = Math.min(journal.lastSeq, this.sendUpTo);
+        if (this.pending) {
+          // A mirror asked for while streaming: a whole one stops sending now; a
+          // repair first lets the target catch up to where it starts.
+          const req = this.pending;
+          if (!repairFrom) repairFrom = req.dirs ? await this.o.mirror.source.serial(async () => (await this.o.mirror.source.flushCapture(), journal.lastSeq)) : Math.max(this.lastSentSeq, cursor - 1);
+          if (cursor > repairFrom && this.lastAckedSeq >= repairFrom) {
+            cursor = (await this.runMirror(ctx, req, repairFrom)) + 1;
+            repairFrom = 0;
+            continue;
+          }
+        }
+        const upTo = repairFrom ? Math.min(journal.lastSeq, repairFrom) : Math.min(journal.lastSeq, this.sendUpTo);
         if (cursor <= upTo && inflight.length < WINDOW_PACKETS && inflightBytes < WINDOW_BYTES) {
           const e = await journal.read(cursor);
           if (!e) {
-            this.state = "needs-mirror";
-            throw new Error(`journal entry ${cursor} is gone (journal starts at ${journal.firstSeq}): the target needs a mirror`);
+            this.pending ??= { mode: "checksum", reason: `journal entry ${cursor} is gone` };
+            throw new Error(`journal entry ${cursor} is gone (journal starts at ${journal.firstSeq}); resynchronising with a mirror`);
           }
           await this.throttle.take(e.payload.length, this.abort.signal);
           const ok = call.write(e.payload);
@@ -219,7 +396,7 @@ export class Sender {
           }
           continue;
         }
-        this.state = cursor > journal.lastSeq && this.lastAckedSeq >= journal.lastSeq ? "idle" : "replicating";
+        this.state = cursor > journal.lastSeq && this.lastAckedSeq >= journal.lastSeq && !this.pending ? "idle" : "replicating";
         await waitWake(1000);
       }
       if (failure) throw failure;

@@ -8,7 +8,7 @@ import { constants as C } from "node:fs";
 import { lstat, mkdir, open, rename, rm, symlink, link, unlink, lchown, lutimes, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Attr, Op } from "../wire.ts";
-import { ConfinedRoot, PathError, splitRelPath } from "../fs/confine.ts";
+import { ConfinedRoot, PathError, splitRelPath, type PlannedKind } from "../fs/confine.ts";
 
 export { PathError };
 
@@ -33,24 +33,67 @@ export class Applier {
   }
 
   /**
-   * Check a whole batch before touching anything: every path well-formed and
-   * no existing directory on the way a symlink. Throws PathError.
+   * Check a whole batch before touching anything: every op well-formed, every
+   * path well-formed, and no directory on the way a symlink, either now or as
+   * the batch's earlier ops leave it. Throws PathError.
    */
   async preflight(ops: Op[]): Promise<void> {
+    const planned = new Map<string, PlannedKind>();
+    const plan = (p: string, k: PlannedKind) => {
+      if (k === "gone") for (const q of [...planned.keys()]) if (q.startsWith(p + "/")) planned.delete(q);
+      planned.set(p, k);
+    };
     for (const op of ops) {
       splitRelPath(op.path);
-      await this.image.check(op.path);
+      await this.image.check(op.path, planned);
       const k = op.kind;
-      if (k?.$case === "rename") {
-        splitRelPath(k.value.to);
-        await this.image.check(k.value.to);
-      } else if (k?.$case === "link") {
-        splitRelPath(k.value.existing);
-        await this.image.check(k.value.existing);
-      } else if (k?.$case === "symlink") {
-        if (k.value.target.length === 0 || k.value.target.includes("\0")) throw new PathError(`symlink ${JSON.stringify(op.path)} has an invalid target`);
+      const where = JSON.stringify(op.path);
+      switch (k?.$case) {
+        case undefined:
+          throw new PathError(`op on ${where} has no kind`);
+        case "rename": {
+          splitRelPath(k.value.to);
+          await this.image.check(k.value.to, planned);
+          if (k.value.to === op.path || k.value.to.startsWith(op.path + "/")) throw new PathError(`cannot rename ${where} into itself`);
+          const from = planned.get(op.path);
+          plan(op.path, "gone");
+          // The renamed object keeps its type; when unknown, treat it as a symlink (the strictest).
+          if (from !== "gone") plan(k.value.to, from ?? (await this.kindOnDisk(op.path)));
+          break;
+        }
+        case "link":
+          splitRelPath(k.value.existing);
+          await this.image.check(k.value.existing, planned);
+          plan(op.path, "file");
+          break;
+        case "symlink":
+          if (k.value.target.length === 0 || k.value.target.includes("\0")) throw new PathError(`symlink ${where} has an invalid target`);
+          plan(op.path, "symlink");
+          break;
+        case "attr":
+          if (!k.value.attr) throw new PathError(`attr op on ${where} carries no attributes`);
+          break;
+        case "mkdir":
+          plan(op.path, "dir");
+          break;
+        case "create":
+          plan(op.path, "file");
+          break;
+        case "remove":
+          plan(op.path, "gone");
+          break;
+        case "write":
+        case "truncate":
+          if (!planned.has(op.path)) plan(op.path, "file");
+          break;
       }
     }
+  }
+
+  private async kindOnDisk(rel: string): Promise<PlannedKind> {
+    const st = await lstat(path.join(this.image.root, rel)).catch(() => undefined);
+    if (!st) return "gone";
+    return st.isDirectory() ? "dir" : st.isSymbolicLink() ? "symlink" : "file";
   }
 
   async apply(ops: Op[]): Promise<void> {
@@ -73,7 +116,7 @@ export class Applier {
         return (await this.handle(op.path)).truncate(k.value.size);
       case "create": {
         const abs = await this.image.resolve(op.path, true);
-        await this.forget(op.path);
+        await this.forget(op.path, true);
         // A new inode, never a truncate of the old one: it may be hard-linked elsewhere.
         await this.clearUnlessType(abs, "none");
         const fh = await open(abs, WRITE_FLAGS | C.O_EXCL, k.value.attr?.mode ?? 0o600);
@@ -96,7 +139,7 @@ export class Applier {
       }
       case "symlink": {
         const abs = await this.image.resolve(op.path, true);
-        await this.forget(op.path);
+        await this.forget(op.path, true);
         await this.clearUnlessType(abs, "none");
         this.image.invalidate();
         await symlink(k.value.target, abs);
@@ -109,7 +152,8 @@ export class Applier {
         const existing = await this.image.resolve(k.value.existing);
         const [a, b] = await Promise.all([lstat(existing), lstat(abs).catch(() => undefined)]);
         if (b && b.ino === a.ino && b.dev === a.dev) return;
-        await this.forget(op.path);
+        await this.forget(op.path, true);
+        this.image.invalidate(); // what was a directory here may now be a link to a symlink
         if (b) await rm(abs, { recursive: true, force: true });
         await link(existing, abs);
         this.dirtyDirs.add(path.dirname(abs));

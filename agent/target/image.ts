@@ -2,7 +2,7 @@
 // sequence numbers applied (after every packet, no fsync: survives kill -9)
 // and durable (after fsync of the data: what is acknowledged).
 import { constants } from "node:fs";
-import { mkdir, open, type FileHandle } from "node:fs/promises";
+import { mkdir, open, readFile, rename, writeFile, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import { Applier } from "./applier.ts";
 
@@ -15,6 +15,9 @@ export class Image {
   durableSeq = 0;
   connected = false;
   lastError = "";
+  /** Journal the seqs belong to; an interrupted mirror's id and progress. */
+  meta: { journalId: string; mirrorId: string; mirrorDoneThrough: string } = { journalId: "", mirrorId: "", mirrorDoneThrough: "" };
+  private metaPath = "";
   private readonly state: FileHandle;
   private turn: Promise<unknown> = Promise.resolve();
   private readonly buf = Buffer.alloc(16);
@@ -39,6 +42,12 @@ export class Image {
       img.durableSeq = Number(img.buf.readBigUInt64LE(8));
       img.appliedSeq = Math.max(img.appliedSeq, img.durableSeq);
     }
+    img.metaPath = path.join(stateDir, source, `${set}.json`);
+    try {
+      img.meta = { ...img.meta, ...(JSON.parse(await readFile(img.metaPath, "utf8")) as Partial<Image["meta"]>) };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+    }
     return img;
   }
 
@@ -57,6 +66,23 @@ export class Image {
     const run = this.turn.then(fn, fn);
     this.turn = run.catch(() => undefined);
     return run;
+  }
+
+  async saveMeta(m: Partial<Image["meta"]>): Promise<void> {
+    this.meta = { ...this.meta, ...m };
+    const tmp = `${this.metaPath}.tmp`;
+    await writeFile(tmp, JSON.stringify(this.meta), { mode: 0o600 });
+    await rename(tmp, this.metaPath);
+  }
+
+  /** A mirror finished: the image equals the source at `seq` of journal `journalId`. */
+  async jumpTo(seq: number, journalId: string): Promise<void> {
+    await this.applier.sync();
+    this.appliedSeq = seq;
+    this.durableSeq = seq;
+    await this.writeState();
+    await this.state.datasync();
+    await this.saveMeta({ journalId, mirrorId: "", mirrorDoneThrough: "" });
   }
 
   /** Record that packet seq is fully applied (not yet durable). */

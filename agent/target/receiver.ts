@@ -9,6 +9,7 @@ import { peerCommonName } from "../../common/tls.ts";
 import { AGENT_VERSION, PROTOCOL_VERSION, Nack_Reason, PacketError, decodePacket, versionMismatch, type ReplicationServer, type Packet, SourceMessage, TargetMessage } from "../wire.ts";
 import { PathError } from "../fs/confine.ts";
 import { Image } from "./image.ts";
+import { digestsOf, listDir } from "./manifest.ts";
 
 const NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 
@@ -58,7 +59,29 @@ export class Receiver {
         call.emit("error", { code: grpc.status.INTERNAL, details: (e as Error).message });
       });
     },
+    manifest: (call, cb) => {
+      const r = call.request;
+      this.readImage(call, r.source, r.set, r.blockSize, (root) => listDir(root, r.dir, r.blockSize || 65536, r.digestMaxBlocks)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
+    },
+    digests: (call, cb) => {
+      const r = call.request;
+      this.readImage(call, r.source, r.set, r.blockSize, (root) => digestsOf(root, r.path, r.blockSize || 65536)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
+    },
   };
+
+  /** Read-only access to an image for the source it belongs to (same identity rules as Replicate). */
+  private async readImage<T>(call: { getPeer(): string }, source: string, set: string, blockSize: number, fn: (root: string) => Promise<T>): Promise<T> {
+    const err = (code: grpc.status, details: string) => Object.assign(new Error(details), { code, details, metadata: new grpc.Metadata() });
+    if (!NAME.test(source) || !NAME.test(set)) throw err(grpc.status.INVALID_ARGUMENT, `invalid source or set name ${JSON.stringify(source)}/${JSON.stringify(set)}`);
+    if (blockSize !== 0 && (blockSize < 4096 || blockSize > 16 * 1024 * 1024 || (blockSize & (blockSize - 1)) !== 0)) throw err(grpc.status.INVALID_ARGUMENT, `block size ${blockSize} is not a power of two between 4 KiB and 16 MiB`);
+    if (this.opts.requireClientCert && peerCommonName(call) !== source) throw err(grpc.status.PERMISSION_DENIED, `a source may only read its own image`);
+    try {
+      return await fn(this.imagePath(source, set));
+    } catch (e) {
+      if (e instanceof PathError) throw err(grpc.status.INVALID_ARGUMENT, e.message);
+      throw err(grpc.status.INTERNAL, (e as Error).message);
+    }
+  }
 
   private async image(source: string, set: string): Promise<Image> {
     const key = `${source}/${set}`;
@@ -79,7 +102,7 @@ export class Receiver {
     const session = new Session(call);
     const it = call[Symbol.asyncIterator]() as AsyncIterator<SourceMessage>;
     const first = await it.next().catch(() => undefined);
-    if (!first || first.done) return;
+    if (!first || first.done) return session.fail(grpc.status.INVALID_ARGUMENT, "the stream ended before Hello");
     const m0 = (first.value as SourceMessage).msg;
     const hello = m0?.$case === "hello" ? m0.value : undefined;
     if (!hello) return session.fail(grpc.status.INVALID_ARGUMENT, "the first message of a replication stream must be Hello");
@@ -101,7 +124,7 @@ export class Receiver {
     img.connected = true;
     const log = this.log.child({ source: hello.source, set: hello.set });
     log.info({ appliedSeq: img.appliedSeq, peer: call.getPeer() }, "source connected");
-    session.send({ msg: { $case: "welcome", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, target: this.opts.name, appliedSeq: img.appliedSeq } } });
+    session.send({ msg: { $case: "welcome", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, target: this.opts.name, appliedSeq: img.appliedSeq, journalId: img.meta.journalId, mirrorId: img.meta.mirrorId, mirrorDoneThrough: img.meta.mirrorDoneThrough } } });
 
     let ackedSeq = img.durableSeq;
     let nackedFor = 0;
@@ -128,8 +151,17 @@ export class Receiver {
         const r = await it.next();
         if (r.done || session.ended) break;
         const m = r.value.msg;
+        if (m?.$case === "mirrorOps" || m?.$case === "mirrorDone") {
+          const ok = await img.exclusive(() => this.applyMirror(img, session, m, log));
+          if (!ok) break;
+          continue;
+        }
         if (m?.$case !== "packet") {
           session.fail(grpc.status.INVALID_ARGUMENT, `unexpected ${m?.$case ?? "empty"} message after Hello`);
+          break;
+        }
+        if (img.meta.journalId !== hello.journalId && (img.meta.journalId !== "" || img.appliedSeq > 0)) {
+          session.fail(grpc.status.FAILED_PRECONDITION, `the image was built from journal ${img.meta.journalId || "(unknown)"} but this stream is from journal ${hello.journalId || "(none)"}: mirror first`);
           break;
         }
         const p = m.value;
@@ -157,6 +189,34 @@ export class Receiver {
         }
       }
       log.info({ appliedSeq: img.appliedSeq, durableSeq: img.durableSeq }, "source disconnected");
+    }
+  }
+
+  /** Mirror traffic: unsequenced ops applied at once, then the jump to the source's journal position. */
+  private async applyMirror(img: Image, session: Session, m: NonNullable<SourceMessage["msg"]> & { $case: "mirrorOps" | "mirrorDone" }, log: Logger): Promise<boolean> {
+    if (session.ended) return false;
+    try {
+      if (m.$case === "mirrorOps") {
+        const v = m.value;
+        await img.applier.apply(v.ops);
+        if (img.meta.mirrorId !== v.mirrorId || v.doneThrough) await img.saveMeta({ mirrorId: v.mirrorId, mirrorDoneThrough: v.doneThrough || (img.meta.mirrorId === v.mirrorId ? img.meta.mirrorDoneThrough : "") });
+        session.send({ msg: { $case: "mirrorAck", value: { batch: v.batch, done: false } } });
+      } else {
+        await img.jumpTo(m.value.appliedSeq, m.value.journalId);
+        log.info({ appliedSeq: img.appliedSeq, journalId: m.value.journalId }, "mirror complete");
+        session.send({ msg: { $case: "mirrorAck", value: { batch: 0, done: true } } });
+      }
+      img.lastError = "";
+      return true;
+    } catch (e) {
+      const refused = e instanceof PacketError || e instanceof PathError;
+      const msg = `mirror ${refused ? "refused" : "could not be applied"}: ${(e as Error).message}`;
+      img.lastError = msg;
+      log.error({ err: (e as Error).message }, msg);
+      session.send({ msg: { $case: "nack", value: { reason: refused ? Nack_Reason.REASON_REJECTED : Nack_Reason.REASON_APPLY_FAILED, expectedSeq: 0, message: msg } } });
+      session.ended = true;
+      session.call.end();
+      return false;
     }
   }
 

@@ -55,6 +55,8 @@ async function startServer(creds: grpc.ServerCredentials): Promise<Running> {
       seen.push(name);
       cb(null, { name: name ?? "", agentVersion: "", protocolVersion: 0, sets: [], images: [], uptimeSeconds: 0 });
     },
+    mirror: (_call, cb) => cb(null, { started: [] }),
+    verify: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
   };
   server.addService(ControlService, impl);
   const port = await new Promise<number>((resolve, reject) => server.bindAsync("127.0.0.1:0", creds, (e, p) => (e ? reject(e) : resolve(p))));

@@ -28,6 +28,67 @@ export const protobufFileName = "understudy/v1/control.proto";
  * added by later features. Used by `understudy status` and the operator.
  */
 
+export interface MirrorRequest {
+  set: string;
+  target: string;
+  /** full | checksum */
+  mode: string;
+  /** 0: the set's block size */
+  blockSize: number;
+}
+
+export interface MirrorResponse {
+  /** target addresses */
+  started: string[];
+}
+
+export interface VerifyRequest {
+  set: string;
+  /** "" = the set's first target */
+  target: string;
+  repair: boolean;
+}
+
+export interface Difference {
+  path: string;
+  /** missing | extra | type | content | mode | owner | mtime | link */
+  kind: string;
+  detail: string;
+}
+
+export interface VerifyReport {
+  set: string;
+  target: string;
+  /** unix seconds */
+  startedAt: number;
+  finishedAt: number;
+  ok: boolean;
+  filesCompared: number;
+  bytesCompared: number;
+  differences: Difference[];
+  repaired: number;
+  error: string;
+  /** Paths left out because they kept changing while compared. */
+  inFlight: number;
+}
+
+export interface MirrorProgress {
+  active: boolean;
+  mode: string;
+  filesDone: number;
+  filesTotal: number;
+  bytesDone: number;
+  bytesTotal: number;
+  bytesSent: number;
+  rateBytesPerSecond: number;
+  etaSeconds: number;
+  startedAt: number;
+  finishedAt: number;
+  /** "", ok, failed: ..., interrupted */
+  result: string;
+  resumed: boolean;
+}
+
 export interface StatusRequest {
 }
 
@@ -46,6 +107,8 @@ export interface TargetStatus {
   lagSeconds: number;
   lastError: string;
   retries: number;
+  mirror: MirrorProgress | undefined;
+  lastVerify: VerifyReport | undefined;
 }
 
 export interface SourceSetStatus {
@@ -83,6 +146,627 @@ export interface StatusResponse {
   images: ImageStatus[];
   uptimeSeconds: number;
 }
+
+function createBaseMirrorRequest(): MirrorRequest {
+  return { set: "", target: "", mode: "", blockSize: 0 };
+}
+
+export const MirrorRequest: MessageFns<MirrorRequest> = {
+  encode(message: MirrorRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.set !== "") {
+      writer.uint32(10).string(message.set);
+    }
+    if (message.target !== "") {
+      writer.uint32(18).string(message.target);
+    }
+    if (message.mode !== "") {
+      writer.uint32(26).string(message.mode);
+    }
+    if (message.blockSize !== 0) {
+      writer.uint32(32).uint32(message.blockSize);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MirrorRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMirrorRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.target = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mode = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.blockSize = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMirrorResponse(): MirrorResponse {
+  return { started: [] };
+}
+
+export const MirrorResponse: MessageFns<MirrorResponse> = {
+  encode(message: MirrorResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.started) {
+      writer.uint32(10).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MirrorResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMirrorResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.started.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseVerifyRequest(): VerifyRequest {
+  return { set: "", target: "", repair: false };
+}
+
+export const VerifyRequest: MessageFns<VerifyRequest> = {
+  encode(message: VerifyRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.set !== "") {
+      writer.uint32(10).string(message.set);
+    }
+    if (message.target !== "") {
+      writer.uint32(18).string(message.target);
+    }
+    if (message.repair !== false) {
+      writer.uint32(24).bool(message.repair);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VerifyRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVerifyRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.target = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.repair = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseDifference(): Difference {
+  return { path: "", kind: "", detail: "" };
+}
+
+export const Difference: MessageFns<Difference> = {
+  encode(message: Difference, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.path !== "") {
+      writer.uint32(10).string(message.path);
+    }
+    if (message.kind !== "") {
+      writer.uint32(18).string(message.kind);
+    }
+    if (message.detail !== "") {
+      writer.uint32(26).string(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Difference {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDifference();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.kind = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.detail = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseVerifyReport(): VerifyReport {
+  return {
+    set: "",
+    target: "",
+    startedAt: 0,
+    finishedAt: 0,
+    ok: false,
+    filesCompared: 0,
+    bytesCompared: 0,
+    differences: [],
+    repaired: 0,
+    error: "",
+    inFlight: 0,
+  };
+}
+
+export const VerifyReport: MessageFns<VerifyReport> = {
+  encode(message: VerifyReport, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.set !== "") {
+      writer.uint32(10).string(message.set);
+    }
+    if (message.target !== "") {
+      writer.uint32(18).string(message.target);
+    }
+    if (message.startedAt !== 0) {
+      writer.uint32(25).double(message.startedAt);
+    }
+    if (message.finishedAt !== 0) {
+      writer.uint32(33).double(message.finishedAt);
+    }
+    if (message.ok !== false) {
+      writer.uint32(40).bool(message.ok);
+    }
+    if (message.filesCompared !== 0) {
+      writer.uint32(48).uint64(message.filesCompared);
+    }
+    if (message.bytesCompared !== 0) {
+      writer.uint32(56).uint64(message.bytesCompared);
+    }
+    for (const v of message.differences) {
+      Difference.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.repaired !== 0) {
+      writer.uint32(72).uint64(message.repaired);
+    }
+    if (message.error !== "") {
+      writer.uint32(82).string(message.error);
+    }
+    if (message.inFlight !== 0) {
+      writer.uint32(88).uint64(message.inFlight);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VerifyReport {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVerifyReport();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.target = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.startedAt = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.finishedAt = reader.double();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.ok = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.filesCompared = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.bytesCompared = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.differences.push(Difference.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.repaired = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.inFlight = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMirrorProgress(): MirrorProgress {
+  return {
+    active: false,
+    mode: "",
+    filesDone: 0,
+    filesTotal: 0,
+    bytesDone: 0,
+    bytesTotal: 0,
+    bytesSent: 0,
+    rateBytesPerSecond: 0,
+    etaSeconds: 0,
+    startedAt: 0,
+    finishedAt: 0,
+    result: "",
+    resumed: false,
+  };
+}
+
+export const MirrorProgress: MessageFns<MirrorProgress> = {
+  encode(message: MirrorProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.active !== false) {
+      writer.uint32(8).bool(message.active);
+    }
+    if (message.mode !== "") {
+      writer.uint32(18).string(message.mode);
+    }
+    if (message.filesDone !== 0) {
+      writer.uint32(24).uint64(message.filesDone);
+    }
+    if (message.filesTotal !== 0) {
+      writer.uint32(32).uint64(message.filesTotal);
+    }
+    if (message.bytesDone !== 0) {
+      writer.uint32(40).uint64(message.bytesDone);
+    }
+    if (message.bytesTotal !== 0) {
+      writer.uint32(48).uint64(message.bytesTotal);
+    }
+    if (message.bytesSent !== 0) {
+      writer.uint32(56).uint64(message.bytesSent);
+    }
+    if (message.rateBytesPerSecond !== 0) {
+      writer.uint32(65).double(message.rateBytesPerSecond);
+    }
+    if (message.etaSeconds !== 0) {
+      writer.uint32(73).double(message.etaSeconds);
+    }
+    if (message.startedAt !== 0) {
+      writer.uint32(81).double(message.startedAt);
+    }
+    if (message.finishedAt !== 0) {
+      writer.uint32(89).double(message.finishedAt);
+    }
+    if (message.result !== "") {
+      writer.uint32(98).string(message.result);
+    }
+    if (message.resumed !== false) {
+      writer.uint32(104).bool(message.resumed);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MirrorProgress {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMirrorProgress();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.active = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.mode = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.filesDone = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.filesTotal = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.bytesDone = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.bytesTotal = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.bytesSent = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 65) {
+              break;
+            }
+
+            message.rateBytesPerSecond = reader.double();
+            continue;
+          }
+          case 9: {
+            if (tag !== 73) {
+              break;
+            }
+
+            message.etaSeconds = reader.double();
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.startedAt = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 89) {
+              break;
+            }
+
+            message.finishedAt = reader.double();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.result = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.resumed = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
 
 function createBaseStatusRequest(): StatusRequest {
   return {};
@@ -186,6 +870,8 @@ function createBaseTargetStatus(): TargetStatus {
     lagSeconds: 0,
     lastError: "",
     retries: 0,
+    mirror: undefined,
+    lastVerify: undefined,
   };
 }
 
@@ -214,6 +900,12 @@ export const TargetStatus: MessageFns<TargetStatus> = {
     }
     if (message.retries !== 0) {
       writer.uint32(64).uint32(message.retries);
+    }
+    if (message.mirror !== undefined) {
+      MirrorProgress.encode(message.mirror, writer.uint32(74).fork()).join();
+    }
+    if (message.lastVerify !== undefined) {
+      VerifyReport.encode(message.lastVerify, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -293,6 +985,22 @@ export const TargetStatus: MessageFns<TargetStatus> = {
             }
 
             message.retries = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.mirror = MirrorProgress.decode(reader, reader.uint32());
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.lastVerify = VerifyReport.decode(reader, reader.uint32());
             continue;
           }
         }
@@ -689,10 +1397,34 @@ export const ControlService = {
     responseSerialize: (value: StatusResponse): Buffer => Buffer.from(StatusResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): StatusResponse => StatusResponse.decode(value),
   },
+  /** Start a mirror of a set to one target (all targets when target is empty). */
+  mirror: {
+    path: "/understudy.v1.Control/Mirror" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MirrorRequest): Buffer => Buffer.from(MirrorRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MirrorRequest => MirrorRequest.decode(value),
+    responseSerialize: (value: MirrorResponse): Buffer => Buffer.from(MirrorResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MirrorResponse => MirrorResponse.decode(value),
+  },
+  /** Compare a set with a target's image; optionally repair what differs. */
+  verify: {
+    path: "/understudy.v1.Control/Verify" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: VerifyRequest): Buffer => Buffer.from(VerifyRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): VerifyRequest => VerifyRequest.decode(value),
+    responseSerialize: (value: VerifyReport): Buffer => Buffer.from(VerifyReport.encode(value).finish()),
+    responseDeserialize: (value: Buffer): VerifyReport => VerifyReport.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
   status: handleUnaryCall<StatusRequest, StatusResponse>;
+  /** Start a mirror of a set to one target (all targets when target is empty). */
+  mirror: handleUnaryCall<MirrorRequest, MirrorResponse>;
+  /** Compare a set with a target's image; optionally repair what differs. */
+  verify: handleUnaryCall<VerifyRequest, VerifyReport>;
 }
 
 export interface ControlClient extends Client {
@@ -710,6 +1442,38 @@ export interface ControlClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: StatusResponse) => void,
+  ): ClientUnaryCall;
+  /** Start a mirror of a set to one target (all targets when target is empty). */
+  mirror(
+    request: MirrorRequest,
+    callback: (error: ServiceError | null, response: MirrorResponse) => void,
+  ): ClientUnaryCall;
+  mirror(
+    request: MirrorRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MirrorResponse) => void,
+  ): ClientUnaryCall;
+  mirror(
+    request: MirrorRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MirrorResponse) => void,
+  ): ClientUnaryCall;
+  /** Compare a set with a target's image; optionally repair what differs. */
+  verify(
+    request: VerifyRequest,
+    callback: (error: ServiceError | null, response: VerifyReport) => void,
+  ): ClientUnaryCall;
+  verify(
+    request: VerifyRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: VerifyReport) => void,
+  ): ClientUnaryCall;
+  verify(
+    request: VerifyRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: VerifyReport) => void,
   ): ClientUnaryCall;
 }
 

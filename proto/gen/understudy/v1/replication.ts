@@ -12,9 +12,12 @@ import {
   Client,
   type ClientDuplexStream,
   type ClientOptions,
+  type ClientUnaryCall,
   type handleBidiStreamingCall,
+  type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
+  type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 
@@ -42,11 +45,21 @@ export namespace Compression {
 }
 
 export interface SourceMessage {
-  msg: { $case: "hello"; value: Hello } | { $case: "packet"; value: Packet } | undefined;
+  msg:
+    | { $case: "hello"; value: Hello }
+    | { $case: "packet"; value: Packet }
+    | //
+    /** Mirror: unsequenced ops applied at once, before the journal resumes. */
+    { $case: "mirrorOps"; value: MirrorOps }
+    | { $case: "mirrorDone"; value: MirrorDone }
+    | undefined;
 }
 
 export interface TargetMessage {
-  msg: { $case: "welcome"; value: Welcome } | { $case: "ack"; value: Ack } | { $case: "nack"; value: Nack } | undefined;
+  msg: { $case: "welcome"; value: Welcome } | { $case: "ack"; value: Ack } | { $case: "nack"; value: Nack } | {
+    $case: "mirrorAck";
+    value: MirrorAck;
+  } | undefined;
 }
 
 export interface Hello {
@@ -61,6 +74,11 @@ export interface Hello {
   set: string;
   /** Oldest sequence number the source can still send from its journal. */
   journalFirstSeq: number;
+  /**
+   * Identity of the source's journal: sequence numbers of another journal
+   * (one that was lost and re-created) mean nothing, and force a mirror.
+   */
+  journalId: string;
 }
 
 export interface Welcome {
@@ -72,6 +90,80 @@ export interface Welcome {
    * resumes at applied_seq + 1.
    */
   appliedSeq: number;
+  /** The journal applied_seq belongs to ("" for a new image). */
+  journalId: string;
+  /**
+   * An interrupted mirror: its id and the last directory it completed, so
+   * the next mirror resumes there instead of starting over.
+   */
+  mirrorId: string;
+  mirrorDoneThrough: string;
+}
+
+export interface MirrorOps {
+  mirrorId: string;
+  ops: Op[];
+  /**
+   * Set when every directory up to and including this one (in walk order)
+   * is mirrored.
+   */
+  doneThrough: string;
+  batch: number;
+}
+
+export interface MirrorDone {
+  mirrorId: string;
+  /** The image now equals the source as of this journal position. */
+  appliedSeq: number;
+  journalId: string;
+}
+
+export interface MirrorAck {
+  batch: number;
+  done: boolean;
+}
+
+export interface ManifestRequest {
+  source: string;
+  set: string;
+  /** relative; "" is the image root */
+  dir: string;
+  blockSize: number;
+  /** Include digests for files of at most this many blocks (0: none). */
+  digestMaxBlocks: number;
+}
+
+export interface ManifestEntry {
+  name: string;
+  /** f, d, l, o (other) */
+  type: string;
+  attr: Attr | undefined;
+  size: number;
+  link: string;
+  /** 16 bytes per block, when asked for */
+  digests: Buffer;
+  hasDigests: boolean;
+  ino: number;
+  nlink: number;
+}
+
+export interface ManifestResponse {
+  /** false: dir is missing (or not a directory) */
+  exists: boolean;
+  entries: ManifestEntry[];
+}
+
+export interface DigestsRequest {
+  source: string;
+  set: string;
+  path: string;
+  blockSize: number;
+}
+
+export interface DigestsResponse {
+  exists: boolean;
+  size: number;
+  digests: Buffer;
 }
 
 /** One journal entry. body is an encoded OpBatch, compressed as stated. */
@@ -201,6 +293,12 @@ export const SourceMessage: MessageFns<SourceMessage> = {
       case "packet":
         Packet.encode(message.msg.value, writer.uint32(18).fork()).join();
         break;
+      case "mirrorOps":
+        MirrorOps.encode(message.msg.value, writer.uint32(26).fork()).join();
+        break;
+      case "mirrorDone":
+        MirrorDone.encode(message.msg.value, writer.uint32(34).fork()).join();
+        break;
     }
     return writer;
   },
@@ -234,6 +332,22 @@ export const SourceMessage: MessageFns<SourceMessage> = {
             message.msg = { $case: "packet", value: Packet.decode(reader, reader.uint32()) };
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.msg = { $case: "mirrorOps", value: MirrorOps.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.msg = { $case: "mirrorDone", value: MirrorDone.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -262,6 +376,9 @@ export const TargetMessage: MessageFns<TargetMessage> = {
         break;
       case "nack":
         Nack.encode(message.msg.value, writer.uint32(26).fork()).join();
+        break;
+      case "mirrorAck":
+        MirrorAck.encode(message.msg.value, writer.uint32(34).fork()).join();
         break;
     }
     return writer;
@@ -304,6 +421,14 @@ export const TargetMessage: MessageFns<TargetMessage> = {
             message.msg = { $case: "nack", value: Nack.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.msg = { $case: "mirrorAck", value: MirrorAck.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -318,7 +443,7 @@ export const TargetMessage: MessageFns<TargetMessage> = {
 };
 
 function createBaseHello(): Hello {
-  return { protocolVersion: 0, agentVersion: "", source: "", set: "", journalFirstSeq: 0 };
+  return { protocolVersion: 0, agentVersion: "", source: "", set: "", journalFirstSeq: 0, journalId: "" };
 }
 
 export const Hello: MessageFns<Hello> = {
@@ -337,6 +462,9 @@ export const Hello: MessageFns<Hello> = {
     }
     if (message.journalFirstSeq !== 0) {
       writer.uint32(40).uint64(message.journalFirstSeq);
+    }
+    if (message.journalId !== "") {
+      writer.uint32(50).string(message.journalId);
     }
     return writer;
   },
@@ -394,6 +522,14 @@ export const Hello: MessageFns<Hello> = {
             message.journalFirstSeq = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.journalId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -408,7 +544,15 @@ export const Hello: MessageFns<Hello> = {
 };
 
 function createBaseWelcome(): Welcome {
-  return { protocolVersion: 0, agentVersion: "", target: "", appliedSeq: 0 };
+  return {
+    protocolVersion: 0,
+    agentVersion: "",
+    target: "",
+    appliedSeq: 0,
+    journalId: "",
+    mirrorId: "",
+    mirrorDoneThrough: "",
+  };
 }
 
 export const Welcome: MessageFns<Welcome> = {
@@ -424,6 +568,15 @@ export const Welcome: MessageFns<Welcome> = {
     }
     if (message.appliedSeq !== 0) {
       writer.uint32(32).uint64(message.appliedSeq);
+    }
+    if (message.journalId !== "") {
+      writer.uint32(42).string(message.journalId);
+    }
+    if (message.mirrorId !== "") {
+      writer.uint32(50).string(message.mirrorId);
+    }
+    if (message.mirrorDoneThrough !== "") {
+      writer.uint32(58).string(message.mirrorDoneThrough);
     }
     return writer;
   },
@@ -471,6 +624,672 @@ export const Welcome: MessageFns<Welcome> = {
             }
 
             message.appliedSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.journalId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.mirrorId = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.mirrorDoneThrough = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMirrorOps(): MirrorOps {
+  return { mirrorId: "", ops: [], doneThrough: "", batch: 0 };
+}
+
+export const MirrorOps: MessageFns<MirrorOps> = {
+  encode(message: MirrorOps, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.mirrorId !== "") {
+      writer.uint32(10).string(message.mirrorId);
+    }
+    for (const v of message.ops) {
+      Op.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.doneThrough !== "") {
+      writer.uint32(26).string(message.doneThrough);
+    }
+    if (message.batch !== 0) {
+      writer.uint32(32).uint64(message.batch);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MirrorOps {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMirrorOps();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.mirrorId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ops.push(Op.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.doneThrough = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.batch = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMirrorDone(): MirrorDone {
+  return { mirrorId: "", appliedSeq: 0, journalId: "" };
+}
+
+export const MirrorDone: MessageFns<MirrorDone> = {
+  encode(message: MirrorDone, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.mirrorId !== "") {
+      writer.uint32(10).string(message.mirrorId);
+    }
+    if (message.appliedSeq !== 0) {
+      writer.uint32(16).uint64(message.appliedSeq);
+    }
+    if (message.journalId !== "") {
+      writer.uint32(26).string(message.journalId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MirrorDone {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMirrorDone();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.mirrorId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.appliedSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.journalId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMirrorAck(): MirrorAck {
+  return { batch: 0, done: false };
+}
+
+export const MirrorAck: MessageFns<MirrorAck> = {
+  encode(message: MirrorAck, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.batch !== 0) {
+      writer.uint32(8).uint64(message.batch);
+    }
+    if (message.done !== false) {
+      writer.uint32(16).bool(message.done);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MirrorAck {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMirrorAck();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.batch = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.done = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseManifestRequest(): ManifestRequest {
+  return { source: "", set: "", dir: "", blockSize: 0, digestMaxBlocks: 0 };
+}
+
+export const ManifestRequest: MessageFns<ManifestRequest> = {
+  encode(message: ManifestRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.source !== "") {
+      writer.uint32(10).string(message.source);
+    }
+    if (message.set !== "") {
+      writer.uint32(18).string(message.set);
+    }
+    if (message.dir !== "") {
+      writer.uint32(26).string(message.dir);
+    }
+    if (message.blockSize !== 0) {
+      writer.uint32(32).uint32(message.blockSize);
+    }
+    if (message.digestMaxBlocks !== 0) {
+      writer.uint32(40).uint32(message.digestMaxBlocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ManifestRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseManifestRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.dir = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.blockSize = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.digestMaxBlocks = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseManifestEntry(): ManifestEntry {
+  return {
+    name: "",
+    type: "",
+    attr: undefined,
+    size: 0,
+    link: "",
+    digests: Buffer.alloc(0),
+    hasDigests: false,
+    ino: 0,
+    nlink: 0,
+  };
+}
+
+export const ManifestEntry: MessageFns<ManifestEntry> = {
+  encode(message: ManifestEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.type !== "") {
+      writer.uint32(18).string(message.type);
+    }
+    if (message.attr !== undefined) {
+      Attr.encode(message.attr, writer.uint32(26).fork()).join();
+    }
+    if (message.size !== 0) {
+      writer.uint32(32).uint64(message.size);
+    }
+    if (message.link !== "") {
+      writer.uint32(42).string(message.link);
+    }
+    if (message.digests.length !== 0) {
+      writer.uint32(50).bytes(message.digests);
+    }
+    if (message.hasDigests !== false) {
+      writer.uint32(56).bool(message.hasDigests);
+    }
+    if (message.ino !== 0) {
+      writer.uint32(64).uint64(message.ino);
+    }
+    if (message.nlink !== 0) {
+      writer.uint32(72).uint32(message.nlink);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ManifestEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseManifestEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.type = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.attr = Attr.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.size = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.link = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.digests = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.hasDigests = reader.bool();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.ino = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.nlink = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseManifestResponse(): ManifestResponse {
+  return { exists: false, entries: [] };
+}
+
+export const ManifestResponse: MessageFns<ManifestResponse> = {
+  encode(message: ManifestResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.exists !== false) {
+      writer.uint32(8).bool(message.exists);
+    }
+    for (const v of message.entries) {
+      ManifestEntry.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ManifestResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseManifestResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.exists = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.entries.push(ManifestEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseDigestsRequest(): DigestsRequest {
+  return { source: "", set: "", path: "", blockSize: 0 };
+}
+
+export const DigestsRequest: MessageFns<DigestsRequest> = {
+  encode(message: DigestsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.source !== "") {
+      writer.uint32(10).string(message.source);
+    }
+    if (message.set !== "") {
+      writer.uint32(18).string(message.set);
+    }
+    if (message.path !== "") {
+      writer.uint32(26).string(message.path);
+    }
+    if (message.blockSize !== 0) {
+      writer.uint32(32).uint32(message.blockSize);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DigestsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDigestsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.blockSize = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseDigestsResponse(): DigestsResponse {
+  return { exists: false, size: 0, digests: Buffer.alloc(0) };
+}
+
+export const DigestsResponse: MessageFns<DigestsResponse> = {
+  encode(message: DigestsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.exists !== false) {
+      writer.uint32(8).bool(message.exists);
+    }
+    if (message.size !== 0) {
+      writer.uint32(16).uint64(message.size);
+    }
+    if (message.digests.length !== 0) {
+      writer.uint32(26).bytes(message.digests);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DigestsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDigestsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.exists = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.size = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.digests = Buffer.from(reader.bytes());
             continue;
           }
         }
@@ -1413,6 +2232,26 @@ export const ReplicationService = {
     responseSerialize: (value: TargetMessage): Buffer => Buffer.from(TargetMessage.encode(value).finish()),
     responseDeserialize: (value: Buffer): TargetMessage => TargetMessage.decode(value),
   },
+  /** What the target's image holds in one directory (for mirror and verify). */
+  manifest: {
+    path: "/understudy.v1.Replication/Manifest" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ManifestRequest): Buffer => Buffer.from(ManifestRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ManifestRequest => ManifestRequest.decode(value),
+    responseSerialize: (value: ManifestResponse): Buffer => Buffer.from(ManifestResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ManifestResponse => ManifestResponse.decode(value),
+  },
+  /** Block digests of one file of the image. */
+  digests: {
+    path: "/understudy.v1.Replication/Digests" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DigestsRequest): Buffer => Buffer.from(DigestsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DigestsRequest => DigestsRequest.decode(value),
+    responseSerialize: (value: DigestsResponse): Buffer => Buffer.from(DigestsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DigestsResponse => DigestsResponse.decode(value),
+  },
 } as const;
 
 export interface ReplicationServer extends UntypedServiceImplementation {
@@ -1421,6 +2260,10 @@ export interface ReplicationServer extends UntypedServiceImplementation {
    * target answers Welcome then Acks (and Nacks for gaps or refused packets).
    */
   replicate: handleBidiStreamingCall<SourceMessage, TargetMessage>;
+  /** What the target's image holds in one directory (for mirror and verify). */
+  manifest: handleUnaryCall<ManifestRequest, ManifestResponse>;
+  /** Block digests of one file of the image. */
+  digests: handleUnaryCall<DigestsRequest, DigestsResponse>;
 }
 
 export interface ReplicationClient extends Client {
@@ -1431,6 +2274,38 @@ export interface ReplicationClient extends Client {
   replicate(): ClientDuplexStream<SourceMessage, TargetMessage>;
   replicate(options: Partial<CallOptions>): ClientDuplexStream<SourceMessage, TargetMessage>;
   replicate(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<SourceMessage, TargetMessage>;
+  /** What the target's image holds in one directory (for mirror and verify). */
+  manifest(
+    request: ManifestRequest,
+    callback: (error: ServiceError | null, response: ManifestResponse) => void,
+  ): ClientUnaryCall;
+  manifest(
+    request: ManifestRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ManifestResponse) => void,
+  ): ClientUnaryCall;
+  manifest(
+    request: ManifestRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ManifestResponse) => void,
+  ): ClientUnaryCall;
+  /** Block digests of one file of the image. */
+  digests(
+    request: DigestsRequest,
+    callback: (error: ServiceError | null, response: DigestsResponse) => void,
+  ): ClientUnaryCall;
+  digests(
+    request: DigestsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DigestsResponse) => void,
+  ): ClientUnaryCall;
+  digests(
+    request: DigestsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DigestsResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const ReplicationClient = makeGenericClientConstructor(

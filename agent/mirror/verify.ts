@@ -1,0 +1,203 @@
+// Verify: compare a target's image with the source, directory by directory
+// (metadata from listings, content by block digests so large files are not
+// shipped), report each difference, and optionally repair exactly those.
+// Bytes still in flight are not differences: every difference is checked
+// again after the target has caught up with the journal, and paths that keep
+// changing meanwhile are counted as in flight, not reported.
+import * as grpc from "@grpc/grpc-js";
+import { constants as C, type BigIntStats } from "node:fs";
+import { lstat, open, readdir, readlink } from "node:fs/promises";
+import path from "node:path";
+import { hashBlocks } from "../source/blocks.ts";
+import { parentOf } from "../source/file-index.ts";
+import { MAX_MESSAGE_BYTES, PacketStreamClient, type Attr, type Difference, type ManifestEntryMsg, type ReplicationStreamClient, type VerifyReport } from "../wire.ts";
+
+export type VerifyResult = VerifyReport;
+
+export interface VerifyOptions {
+  set: string;
+  target: string;
+  source: string;
+  root: string;
+  blockSize: number;
+  wanted: (rel: string, isDir: boolean) => boolean;
+  credentials: grpc.ChannelCredentials;
+  /** Resolves once the target has applied everything journaled so far. */
+  caughtUp: () => Promise<void>;
+  /** Mirror these directories again (checksum). */
+  repair?: (dirs: string[]) => Promise<void>;
+}
+
+const RECHECKS = 3;
+
+interface Side {
+  type: string;
+  attr: Attr;
+  size: number;
+  link: string;
+  stamp: string; // changes when the source object changes
+}
+
+function attrOf(st: BigIntStats): Attr {
+  return { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(st.mtimeNs / 1_000_000_000n), mtimeNsec: Number(st.mtimeNs % 1_000_000_000n) };
+}
+
+function typeOf(st: BigIntStats): string {
+  return st.isFile() ? "f" : st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : "o";
+}
+
+const us = (a: Attr) => BigInt(a.mtimeSec) * 1_000_000n + BigInt(Math.floor(a.mtimeNsec / 1000));
+
+class Verifier {
+  private readonly o: VerifyOptions;
+  private readonly client: ReplicationStreamClient;
+  filesCompared = 0;
+  bytesCompared = 0;
+
+  constructor(o: VerifyOptions) {
+    this.o = o;
+    this.client = new PacketStreamClient(o.target, o.credentials, { "grpc.max_receive_message_length": MAX_MESSAGE_BYTES });
+  }
+
+  close(): void {
+    this.client.close();
+  }
+
+  private unary<R>(method: "manifest" | "digests", req: object): Promise<R> {
+    return new Promise((resolve, reject) =>
+      (this.client[method] as unknown as (q: object, md: grpc.Metadata, o: object, cb: (e: grpc.ServiceError | null, r?: R) => void) => void)(req, new grpc.Metadata(), { deadline: Date.now() + 120_000 }, (e, r) => (e ? reject(new Error(`target ${this.o.target}: ${e.details || e.message}`)) : resolve(r!))),
+    );
+  }
+
+  private async sourceSide(rel: string): Promise<Side | undefined> {
+    const st = await lstat(path.join(this.o.root, rel), { bigint: true }).catch(() => undefined);
+    if (!st) return undefined;
+    const type = typeOf(st);
+    if (type === "o" || !this.o.wanted(rel, type === "d")) return undefined;
+    return { type, attr: attrOf(st), size: type === "f" ? Number(st.size) : 0, link: type === "l" ? await readlink(path.join(this.o.root, rel)).catch(() => "") : "", stamp: `${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}` };
+  }
+
+  private async sourceDigests(rel: string): Promise<Buffer | undefined> {
+    const fh = await open(path.join(this.o.root, rel), C.O_RDONLY | C.O_NOFOLLOW).catch(() => undefined);
+    if (!fh) return undefined;
+    try {
+      const size = (await fh.stat()).size;
+      this.bytesCompared += size;
+      return await hashBlocks(fh, size, this.o.blockSize);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  private async targetDigests(rel: string, t: ManifestEntryMsg): Promise<Buffer | undefined> {
+    if (t.hasDigests) return Buffer.from(t.digests);
+    const r = await this.unary<{ exists: boolean; digests: Uint8Array }>("digests", { source: this.o.source, set: this.o.set, path: rel, blockSize: this.o.blockSize });
+    return r.exists ? Buffer.from(r.digests) : undefined;
+  }
+
+  /** Differences at one path, given both sides. */
+  async compare(rel: string, s: Side | undefined, t: ManifestEntryMsg | undefined): Promise<Difference[]> {
+    if (!s && !t) return [];
+    if (!t) return [{ path: rel, kind: "missing", detail: `${s!.type === "d" ? "directory" : s!.type === "l" ? "symlink" : "file"} is missing on the target` }];
+    if (!s) return [{ path: rel, kind: "extra", detail: `the target has a ${t.type === "d" ? "directory" : t.type === "l" ? "symlink" : "file"} the source does not` }];
+    if (s.type !== t.type) return [{ path: rel, kind: "type", detail: `source ${s.type}, target ${t.type}` }];
+    const out: Difference[] = [];
+    const ta = t.attr!;
+    if (s.type === "f") {
+      this.filesCompared++;
+      if (s.size !== Number(t.size)) out.push({ path: rel, kind: "content", detail: `size ${s.size} on the source, ${t.size} on the target` });
+      else {
+        const [a, b] = await Promise.all([this.sourceDigests(rel), this.targetDigests(rel, t)]);
+        if (a && b && !a.equals(b)) {
+          let blocks = 0;
+          for (let i = 0; i < a.length; i += 16) if (!a.subarray(i, i + 16).equals(b.subarray(i, i + 16))) blocks++;
+          out.push({ path: rel, kind: "content", detail: `${blocks} block(s) of ${this.o.blockSize} bytes differ` });
+        }
+      }
+    }
+    if (s.type === "l" && s.link !== t.link) out.push({ path: rel, kind: "link", detail: `source → ${s.link}, target → ${t.link}` });
+    if (s.type !== "l" && s.attr.mode !== ta.mode) out.push({ path: rel, kind: "mode", detail: `${s.attr.mode.toString(8)} on the source, ${ta.mode.toString(8)} on the target` });
+    if (s.attr.uid !== ta.uid || s.attr.gid !== ta.gid) out.push({ path: rel, kind: "owner", detail: `${s.attr.uid}:${s.attr.gid} on the source, ${ta.uid}:${ta.gid} on the target` });
+    if (us(s.attr) !== us(ta)) out.push({ path: rel, kind: "mtime", detail: `source ${new Date(s.attr.mtimeSec * 1000).toISOString()} (+${s.attr.mtimeNsec}ns), target ${new Date(ta.mtimeSec * 1000).toISOString()} (+${ta.mtimeNsec}ns)` });
+    return out;
+  }
+
+  private manifest(dir: string): Promise<{ exists: boolean; entries: ManifestEntryMsg[] }> {
+    return this.unary("manifest", { source: this.o.source, set: this.o.set, dir, blockSize: this.o.blockSize, digestMaxBlocks: 64 });
+  }
+
+  /** Walk both trees; returns every difference and the source stamps seen. */
+  async walk(dir: string, out: Difference[], stamps: Map<string, string>): Promise<void> {
+    const [names, have] = await Promise.all([readdir(dir ? path.join(this.o.root, dir) : this.o.root).catch(() => [] as string[]), this.manifest(dir)]);
+    const theirs = new Map((have.exists ? have.entries : []).map((e) => [e.name, e]));
+    const all = [...new Set([...names, ...theirs.keys()])].sort();
+    for (const name of all) {
+      const rel = dir ? `${dir}/${name}` : name;
+      const s = await this.sourceSide(rel);
+      const t = theirs.get(name);
+      if (s) stamps.set(rel, s.stamp);
+      out.push(...(await this.compare(rel, s, t)));
+      if (s?.type === "d" && t?.type === "d") await this.walk(rel, out, stamps);
+    }
+  }
+
+  /** Compare one path again (after the target caught up). */
+  async recheck(rel: string): Promise<{ diffs: Difference[]; stamp?: string }> {
+    const s = await this.sourceSide(rel);
+    const dir = parentOf(rel);
+    const have = await this.manifest(dir);
+    const t = have.exists ? have.entries.find((e) => e.name === rel.slice(rel.lastIndexOf("/") + 1)) : undefined;
+    return { diffs: await this.compare(rel, s, t), stamp: s?.stamp };
+  }
+}
+
+export async function verifySet(o: VerifyOptions): Promise<VerifyReport> {
+  const report: VerifyReport = { set: o.set, target: o.target, startedAt: Date.now() / 1000, finishedAt: 0, ok: false, filesCompared: 0, bytesCompared: 0, differences: [], repaired: 0, error: "", inFlight: 0 };
+  const v = new Verifier(o);
+  try {
+    let found: Difference[] = [];
+    const stamps = new Map<string, string>();
+    await v.walk("", found, stamps);
+    // Re-check each difference after the target caught up; drop what was in flight.
+    for (let i = 0; i < RECHECKS && found.length; i++) {
+      await o.caughtUp();
+      const still: Difference[] = [];
+      for (const p of [...new Set(found.map((d) => d.path))]) {
+        const r = await v.recheck(p);
+        if (r.diffs.length === 0) continue;
+        if (r.stamp !== stamps.get(p)) {
+          stamps.set(p, r.stamp ?? "");
+          if (i === RECHECKS - 1) {
+            report.inFlight++;
+            continue;
+          }
+        }
+        still.push(...r.diffs);
+      }
+      found = still;
+    }
+    report.differences = found;
+    if (found.length && o.repair) {
+      const dirs = new Set<string>();
+      for (const d of found) {
+        dirs.add(parentOf(d.path));
+        const st = await lstat(path.join(o.root, d.path)).catch(() => undefined);
+        if (st?.isDirectory()) dirs.add(d.path);
+      }
+      await o.repair([...dirs]);
+      const paths = [...new Set(found.map((d) => d.path))];
+      let fixed = 0;
+      for (const p of paths) if ((await v.recheck(p)).diffs.length === 0) fixed++;
+      report.repaired = fixed;
+    }
+    report.ok = found.length === 0 || (report.repaired === new Set(found.map((d) => d.path)).size);
+  } catch (e) {
+    report.error = (e as Error).message;
+  } finally {
+    report.filesCompared = v.filesCompared;
+    report.bytesCompared = v.bytesCompared;
+    report.finishedAt = Date.now() / 1000;
+    v.close();
+  }
+  return report;
+}

@@ -1,0 +1,77 @@
+// What an image holds, for mirror and verify: one directory's entries with
+// attributes (and block digests for small files), or one file's digests.
+// Paths are confined like the applier's: nothing outside the image is listed.
+import { constants } from "node:fs";
+import { lstat, open, readdir, readlink } from "node:fs/promises";
+import path from "node:path";
+import { ConfinedRoot, splitRelPath } from "../fs/confine.ts";
+import { hashBlocks } from "../source/blocks.ts";
+import type { ManifestEntryMsg, DigestsResponse, ManifestResponse } from "../wire.ts";
+
+export async function listDir(root: string, dir: string, blockSize: number, digestMaxBlocks: number): Promise<ManifestResponse> {
+  const img = new ConfinedRoot(root);
+  let abs = img.root;
+  if (dir !== "") {
+    abs = await img.resolve(dir);
+    const st = await lstat(abs).catch(() => undefined);
+    if (!st?.isDirectory()) return { exists: false, entries: [] };
+  }
+  let names: string[];
+  try {
+    names = await readdir(abs);
+  } catch {
+    return { exists: false, entries: [] };
+  }
+  const entries: ManifestEntryMsg[] = [];
+  for (const name of names.sort()) {
+    const p = path.join(abs, name);
+    const st = await lstat(p, { bigint: true }).catch(() => undefined);
+    if (!st) continue;
+    const type = st.isFile() ? "f" : st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : "o";
+    const e: ManifestEntryMsg = {
+      name,
+      type,
+      attr: { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(st.mtimeNs / 1_000_000_000n), mtimeNsec: Number(st.mtimeNs % 1_000_000_000n) },
+      size: type === "f" ? Number(st.size) : 0,
+      link: type === "l" ? await readlink(p).catch(() => "") : "",
+      digests: Buffer.alloc(0),
+      hasDigests: false,
+      ino: Number(st.ino),
+      nlink: Number(st.nlink),
+    };
+    if (type === "f" && digestMaxBlocks > 0 && Math.ceil(e.size / blockSize) <= digestMaxBlocks) {
+      const d = await fileDigests(p, blockSize);
+      if (d) {
+        e.digests = d.digests;
+        e.size = d.size;
+        e.hasDigests = true;
+      }
+    }
+    entries.push(e);
+  }
+  return { exists: true, entries };
+}
+
+async function fileDigests(abs: string, blockSize: number): Promise<{ size: number; digests: Buffer } | undefined> {
+  let fh;
+  try {
+    fh = await open(abs, constants.O_RDONLY | constants.O_NOFOLLOW);
+  } catch {
+    return undefined;
+  }
+  try {
+    const size = (await fh.stat()).size;
+    return { size, digests: await hashBlocks(fh, size, blockSize) };
+  } finally {
+    await fh.close();
+  }
+}
+
+export async function digestsOf(root: string, rel: string, blockSize: number): Promise<DigestsResponse> {
+  splitRelPath(rel);
+  const abs = await new ConfinedRoot(root).resolve(rel);
+  const st = await lstat(abs).catch(() => undefined);
+  if (!st?.isFile()) return { exists: false, size: 0, digests: Buffer.alloc(0) };
+  const d = await fileDigests(abs, blockSize);
+  return d ? { exists: true, size: d.size, digests: d.digests } : { exists: false, size: 0, digests: Buffer.alloc(0) };
+}
