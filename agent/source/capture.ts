@@ -5,7 +5,7 @@
 // by inode and link count, and file content by block digests: only changed
 // blocks become Write ops, all-zero blocks of new files stay holes.
 import { lstat, open, readdir, readlink } from "node:fs/promises";
-import type { BigIntStats } from "node:fs";
+import { constants as C, type BigIntStats } from "node:fs";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
 import type { Attr, Op } from "../wire.ts";
@@ -127,6 +127,8 @@ export class Capture {
   readonly stats: CaptureStats = { ops: 0, dataBytes: 0, filesHashed: 0, bytesHashed: 0 };
   /** Directories whose attributes to send after this pass; true = the target's copy changed (children added/removed), send even if the source's did not. */
   private attrCheck = new Map<string, boolean>();
+  /** Directories whose times the target must get again, found after they were renamed away. */
+  private forceIno = new Set<number>();
   /** Read buffer reused for every file hashed (capture runs one file at a time). */
   private scratch?: Buffer;
 
@@ -186,7 +188,11 @@ export class Capture {
       const e = this.o.index.get(d);
       if (!e || e.t !== "d") continue;
       const st = await lst(this.abs(d));
-      if (!st || !st.isDirectory() || Number(st.ino) !== e.ino) continue;
+      if (!st || !st.isDirectory() || Number(st.ino) !== e.ino) {
+        // Renamed away meanwhile: its times are sent when the rename is seen.
+        if (force) this.forceIno.add(e.ino);
+        continue;
+      }
       if (force || attrDiffers(e, st)) await this.emit({ path: d, kind: { $case: "attr", value: { attr: attrOf(st) } } }, { set: d, e: entryOf(st) });
     }
     await this.out.flush();
@@ -219,8 +225,9 @@ export class Capture {
     if (e && e.t === t && e.ino === Number(st.ino)) return this.update(rel, e, st, deep);
     // Something new at rel: a renamed path, another name of a file, or a new object.
     if (await this.tryRenameOrLink(rel, st, t)) return;
-    if (e && e.t === "f" && t === "f" && e.nlink === 1 && Number(st.nlink) === 1) {
-      // Replaced by another single-link file (an editor's save-by-rename): diff in place.
+    if (e && e.t === "f" && t === "f" && Number(st.nlink) === 1 && this.o.index.pathsWithIno(e.ino).length === 1) {
+      // Replaced by another single-link file (an editor's save-by-rename), and the
+      // target's copy has no other names: diff in place.
       return this.update(rel, e, st, deep, true);
     }
     if (e) await this.remove(rel, e);
@@ -248,6 +255,7 @@ export class Capture {
       }
       if (t === "f" && Number(st.nlink) > 1) {
         await this.emit({ path: rel, kind: { $case: "link", value: { existing: p } } }, { set: rel, e: { ...pe, nlink: Number(st.nlink) } });
+        for (const q of this.o.index.pathsWithIno(ino)) if (q !== rel) await this.emit(undefined, { set: q, e: { ...this.o.index.get(q)!, nlink: Number(st.nlink) } });
         this.touch(parentOf(rel));
         const e = this.o.index.get(rel)!;
         if (contentMayDiffer(e, st) || attrDiffers(e, st)) await this.update(rel, e, st, false);
@@ -282,7 +290,6 @@ export class Capture {
       await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
       return;
     }
-    await this.emit({ path: rel, kind: { $case: "create", value: { attr: attrOf(st) } } });
     await this.sendContent(rel, st, undefined, 0, true);
   }
 
@@ -291,7 +298,8 @@ export class Capture {
     if (e.t === "d") {
       this.o.watcher?.add(rel); // after a restart, known directories need their watch again
       if (deep) await this.reconcileDir(rel);
-      if (!this.attrCheck.has(rel)) this.attrCheck.set(rel, false);
+      if (this.forceIno.delete(e.ino)) this.touch(rel);
+      else if (!this.attrCheck.has(rel)) this.attrCheck.set(rel, false);
       return;
     }
     if (e.t === "l") {
@@ -327,10 +335,12 @@ export class Capture {
     const bs = this.o.blockSize;
     let fh;
     try {
-      fh = await open(this.abs(rel), "r");
+      fh = await open(this.abs(rel), C.O_RDONLY | C.O_NOFOLLOW);
     } catch {
-      return this.o.redirty(rel);
+      return this.o.redirty(rel); // gone (or replaced) since the lstat: look again, nothing emitted yet
     }
+    // A new file is created on the target only once it could be opened here.
+    if (fresh) await this.emit({ path: rel, kind: { $case: "create", value: { attr: attrOf(st) } } });
     const size = Number(st.size);
     // Changed blocks are copied once, straight into the data of the Write op they join.
     let pend: { offset: number; buf: Buffer; len: number } | undefined;

@@ -11,6 +11,9 @@ import { PathError } from "../fs/confine.ts";
 import { Image } from "./image.ts";
 import { digestsOf, listDir } from "./manifest.ts";
 
+/** Log every op applied (debugging aid: UNDERSTUDY_TRACE_OPS=1). */
+const TRACE_OPS = process.env.UNDERSTUDY_TRACE_OPS === "1";
+
 const NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 
 type Call = grpc.ServerDuplexStream<SourceMessage, TargetMessage>;
@@ -238,6 +241,7 @@ export class Receiver {
     }
     try {
       const ops = decodePacket(p);
+      if (TRACE_OPS) for (const op of ops) log.info({ seq: p.seq, op: op.kind?.$case, path: op.path, to: op.kind?.$case === "rename" ? op.kind.value.to : undefined, mtime: op.kind?.$case === "attr" ? op.kind.value.attr?.mtimeSec + "." + op.kind.value.attr?.mtimeNsec : undefined }, "apply");
       await img.applier.apply(ops);
       await img.markApplied(p.seq);
       img.lastError = "";
