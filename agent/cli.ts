@@ -6,9 +6,10 @@ import { createLogger } from "../common/log.ts";
 import { createCA, issueCert } from "../common/tls.ts";
 import { Agent } from "./agent.ts";
 import type { StatusResponse } from "./wire.ts";
-import { fetchStatus } from "./control-client.ts";
+import { fetchStatus, runVerify, startMirror } from "./control-client.ts";
+import { parseSize } from "../common/config.ts";
 import { runDemo } from "./demo.ts";
-import { formatStatus } from "./status-format.ts";
+import { bytes, formatStatus, progressLine } from "./status-format.ts";
 
 const program = new Command();
 program.name("understudy").description("Real-time byte-level file replication between agents").version((await import("./wire.ts")).AGENT_VERSION);
@@ -83,6 +84,81 @@ program
       await new Promise((r) => setTimeout(r, 1000));
     }
   });
+
+function tlsOptions(c: Command): Command {
+  return c
+    .option("--config <file>", "take TLS settings from this agent config")
+    .option("--ca <file>", "CA certificate (mTLS)")
+    .option("--cert <file>", "client certificate (mTLS)")
+    .option("--key <file>", "client key (mTLS)");
+}
+
+tlsOptions(
+  program
+    .command("mirror")
+    .description("mirror a replication set to its target(s) now, showing progress")
+    .requiredOption("-a, --agent <host:port>", "the source agent")
+    .requiredOption("-s, --set <name>", "replication set")
+    .addOption(new Option("-m, --mode <mode>", "full: copy everything; checksum: send only blocks that differ").choices(["full", "checksum"]).default("checksum"))
+    .option("-b, --block-size <size>", "block size (must equal the set's blockSize)")
+    .option("-t, --target <host:port>", "only this target (default: all)")
+    .option("--no-wait", "start it and return"),
+).action(async (opts: { agent: string; set: string; mode: string; blockSize?: string; target?: string; wait: boolean; config?: string; ca?: string; cert?: string; key?: string }) => {
+  const tls = await tlsFrom(opts);
+  let started: string[];
+  try {
+    const bs = opts.blockSize ? parseSize(opts.blockSize) : 0;
+    started = (await startMirror(opts.agent, tls, { set: opts.set, target: opts.target ?? "", mode: opts.mode, blockSize: bs })).started;
+  } catch (e) {
+    fail((e as Error).message);
+  }
+  process.stdout.write(`${opts.mode} mirror of ${opts.set} started to ${started.join(", ")}\n`);
+  if (!opts.wait) return;
+  const tty = process.stdout.isTTY;
+  let seen = false;
+  for (;;) {
+    await new Promise((r) => setTimeout(r, 500));
+    const st = await fetchStatus(opts.agent, tls).catch((e: Error) => fail(e.message));
+    const set = st.sets.find((x) => x.name === opts.set);
+    const ts = (set?.targets ?? []).filter((t) => started.includes(t.address));
+    const lines = ts.map((t) => `${t.address}  ${progressLine(t.mirror)}`);
+    if (tty) process.stdout.write(`\r\x1b[K${lines.join("  |  ")}`);
+    const active = ts.some((t) => t.mirror?.active);
+    seen ||= active || ts.every((t) => (t.mirror?.startedAt ?? 0) > 0);
+    if (seen && !active) {
+      if (tty) process.stdout.write("\n");
+      for (const t of ts) process.stdout.write(`${t.address}: ${t.mirror?.result || "done"} — ${t.mirror?.filesDone ?? 0} files, ${bytes(t.mirror?.bytesDone ?? 0)} compared, ${bytes(t.mirror?.bytesSent ?? 0)} sent\n`);
+      if (ts.some((t) => t.mirror?.result !== "ok")) process.exit(1);
+      return;
+    }
+  }
+});
+
+tlsOptions(
+  program
+    .command("verify")
+    .description("compare a target's image with the source and report every difference")
+    .requiredOption("-a, --agent <host:port>", "the source agent")
+    .requiredOption("-s, --set <name>", "replication set")
+    .option("-t, --target <host:port>", "target (default: the set's first)")
+    .option("-r, --repair", "fix what differs")
+    .option("--json", "machine-readable output"),
+).action(async (opts: { agent: string; set: string; target?: string; repair?: boolean; json?: boolean; config?: string; ca?: string; cert?: string; key?: string }) => {
+  const tls = await tlsFrom(opts);
+  let r;
+  try {
+    r = await runVerify(opts.agent, tls, { set: opts.set, target: opts.target ?? "", repair: !!opts.repair });
+  } catch (e) {
+    fail((e as Error).message);
+  }
+  if (opts.json) process.stdout.write(JSON.stringify(r, null, 2) + "\n");
+  else {
+    process.stdout.write(`verify ${r.set} → ${r.target}: ${r.error ? `failed: ${r.error}` : r.differences.length === 0 ? "identical" : `${r.differences.length} difference(s)`}; ${r.filesCompared} files, ${bytes(r.bytesCompared)} compared in ${(r.finishedAt - r.startedAt).toFixed(1)}s${r.inFlight ? `; ${r.inFlight} path(s) still changing` : ""}\n`);
+    for (const d of r.differences) process.stdout.write(`  ${d.kind.padEnd(8)} ${d.path}  ${d.detail}\n`);
+    if (opts.repair && r.differences.length) process.stdout.write(`repaired ${r.repaired} path(s)\n`);
+  }
+  process.exit(r.error ? 2 : r.ok ? 0 : 1);
+});
 
 const certs = program.command("certs").description("make a CA and agent certificates for mTLS");
 certs

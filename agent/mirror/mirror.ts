@@ -80,8 +80,8 @@ export class Mirror {
   private readonly o: MirrorOptions;
   private ops: Op[] = [];
   private opBytes = 0;
-  /** Source inode → first path mirrored, for hard links. */
-  private linkFirst = new Map<number, string>();
+  /** First names of hard-link groups whose content this run has sent. */
+  private linkDone = new Set<string>();
   private scratch = Buffer.allocUnsafe(READ_BYTES);
   private readonly t0 = Date.now();
   /** True inside the final round, which already holds the capture's turn. */
@@ -223,14 +223,22 @@ export class Mirror {
   private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined): Promise<void> {
     const p = this.o.progress;
     if (e.nlink > 1) {
-      const first = this.linkFirst.get(e.ino);
+      // Hard links: the group's first name (in path order, whatever order names
+      // are visited in) carries the content; every other name is linked to it.
+      const group = this.src.index.pathsWithIno(e.ino).filter((x) => this.src.index.get(x)?.t === "f").sort();
+      const first = group[0];
       if (first !== undefined && first !== q) {
-        // Another name of a file already mirrored in this run.
+        if (!this.linkDone.has(first)) {
+          const fe = this.src.index.get(first);
+          const listing = await this.tgt.manifest(parentOf(first), 0);
+          const name = first.slice(first.lastIndexOf("/") + 1);
+          if (fe) await this.mirrorFile(first, { ...fe }, listing.exists ? listing.entries.find((x) => x.name === name) : undefined);
+        }
         await this.push({ path: q, kind: { $case: "link", value: { existing: first } } });
         p.filesDone++;
         return;
       }
-      this.linkFirst.set(e.ino, q);
+      this.linkDone.add(q);
     }
     let fh;
     try {

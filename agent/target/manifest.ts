@@ -8,11 +8,22 @@ import { ConfinedRoot, splitRelPath } from "../fs/confine.ts";
 import { hashBlocks } from "../source/blocks.ts";
 import type { ManifestEntryMsg, DigestsResponse, ManifestResponse } from "../wire.ts";
 
+/** A missing directory on the way (not a refused path) means "not there". */
+function isMissing(e: unknown): boolean {
+  const c = (e as NodeJS.ErrnoException).code;
+  return c === "ENOENT" || c === "ENOTDIR";
+}
+
 export async function listDir(root: string, dir: string, blockSize: number, digestMaxBlocks: number): Promise<ManifestResponse> {
   const img = new ConfinedRoot(root);
   let abs = img.root;
   if (dir !== "") {
-    abs = await img.resolve(dir);
+    try {
+      abs = await img.resolve(dir);
+    } catch (e) {
+      if (isMissing(e)) return { exists: false, entries: [] };
+      throw e;
+    }
     const st = await lstat(abs).catch(() => undefined);
     if (!st?.isDirectory()) return { exists: false, entries: [] };
   }
@@ -69,7 +80,13 @@ async function fileDigests(abs: string, blockSize: number): Promise<{ size: numb
 
 export async function digestsOf(root: string, rel: string, blockSize: number): Promise<DigestsResponse> {
   splitRelPath(rel);
-  const abs = await new ConfinedRoot(root).resolve(rel);
+  let abs: string;
+  try {
+    abs = await new ConfinedRoot(root).resolve(rel);
+  } catch (e) {
+    if (isMissing(e)) return { exists: false, size: 0, digests: Buffer.alloc(0) };
+    throw e;
+  }
   const st = await lstat(abs).catch(() => undefined);
   if (!st?.isFile()) return { exists: false, size: 0, digests: Buffer.alloc(0) };
   const d = await fileDigests(abs, blockSize);
