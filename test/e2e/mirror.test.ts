@@ -109,8 +109,10 @@ test("a new target is mirrored while writes go on, and ends identical", async (t
   const w = new Workload(pair.src, 31337);
   await w.run(250);
   await pair.waitEqual("data", 120_000);
-  const s = await pair.source.status();
-  assert.equal(mirrorOf(s).result, "ok");
+  const s = await waitFor("the mirror to report done", async () => {
+    const st = await pair.source.status();
+    return mirrorOf(st).result === "ok" ? st : undefined;
+  });
   assert.ok(mirrorOf(s).filesTotal >= 1000, `the initial mirror covered the pre-existing tree: ${JSON.stringify(mirrorOf(s))}`);
   const v = await cli(["verify", "--agent", pair.source.address, "--set", "data"]);
   assert.equal(v.code, 0, v.stdout);
@@ -149,4 +151,86 @@ test("a source whose journal was lost resynchronises with a checksum mirror by i
   const m = mirrorOf(await pair.source.status());
   assert.equal(m.result, "ok");
   assert.ok(m.bytesSent < total / 10, `only what differed was sent (${m.bytesSent} of ${total} bytes)`);
+});
+
+test("sparse files stay sparse on the target", async (t) => {
+  const pair = await Pair.create();
+  t.after(() => pair.cleanup());
+  const f = path.join(pair.src, "sparse.img");
+  await writeFile(f, "");
+  await truncate(f, 256 * 1024 * 1024);
+  const fh = await open(f, "r+");
+  await fh.write(Buffer.from("header"), 0, 6, 0);
+  await fh.write(Buffer.from("trailer"), 0, 7, 200 * 1024 * 1024);
+  await fh.close();
+  await pair.start(); // the new image is mirrored
+  await pair.waitEqual();
+  await writeFile(path.join(pair.src, "later.img"), "");
+  await truncate(path.join(pair.src, "later.img"), 64 * 1024 * 1024); // replicated by capture
+  await pair.waitEqual();
+  for (const name of ["sparse.img", "later.img"]) {
+    const st = await stat(path.join(pair.image(), name));
+    assert.ok(st.blocks * 512 < 1024 * 1024, `${name}: ${st.size} bytes long, ${st.blocks * 512} allocated`);
+  }
+});
+
+test("a target that refuses packets again and again is resynchronised by a checksum mirror", async (t) => {
+  const pair = await Pair.create();
+  t.after(() => pair.cleanup());
+  await mkdir(path.join(pair.src, "d"));
+  await writeFile(path.join(pair.src, "d", "a.txt"), "a\n");
+  await pair.start();
+  await pair.waitEqual();
+  // Someone replaced a directory on the target by a symlink: every packet for a
+  // path below it is refused (never followed), so replication cannot go on.
+  await pair.target.stop();
+  await rm(path.join(pair.image(), "d"), { recursive: true });
+  await mkdir(path.join(pair.image(), "elsewhere"));
+  await symlink("elsewhere", path.join(pair.image(), "d"));
+  await pair.target.start();
+  await writeFile(path.join(pair.src, "d", "b.txt"), "b\n");
+  await pair.waitEqual();
+  const s = await pair.source.status();
+  assert.equal(mirrorOf(s).result, "ok");
+  assert.ok(s.sets[0]!.targets[0]!.retries >= 3, "it was refused a few times first");
+});
+
+test("scheduled verify finds a difference and repairs it when asked to", async (t) => {
+  const pair = await Pair.create({ setOptions: { verifyInterval: "1s", verifyRepair: true } });
+  t.after(() => pair.cleanup());
+  await writeFile(path.join(pair.src, "f.txt"), "original\n");
+  await pair.start();
+  await pair.waitEqual();
+  await writeFile(path.join(pair.image(), "f.txt"), "tampered\n");
+  const v = await waitFor("a scheduled verify to find and repair the tampering", async () => {
+    const lv = (await pair.source.status()).sets[0]!.targets[0]!.lastVerify;
+    return lv && lv.differences.length > 0 && lv.repaired > 0 ? lv : undefined;
+  }, 30_000, 200);
+  assert.equal(v.differences[0]!.path, "f.txt");
+  await pair.waitEqual();
+});
+
+test("verify during a live workload reports no false differences", async (t) => {
+  const pair = await Pair.create();
+  t.after(() => pair.cleanup());
+  await fillTree(pair.src, 10, 30, () => 20_000);
+  await pair.start();
+  await pair.waitEqual();
+  const w = new Workload(pair.src, 4711);
+  let writing = true;
+  const writer = (async () => {
+    while (writing) await w.step();
+  })();
+  try {
+    for (let i = 0; i < 3; i++) {
+      const v = await cli(["verify", "--agent", pair.source.address, "--set", "data", "--json"]);
+      const r = JSON.parse(v.stdout);
+      assert.deepEqual(r.differences, [], "no differences while the workload runs");
+      assert.equal(v.code, 0);
+    }
+  } finally {
+    writing = false;
+    await writer;
+  }
+  await pair.waitEqual();
 });
