@@ -120,9 +120,9 @@ export class Mirror {
     for (let round = 0; round < 3; round++) {
       const now = this.src.lastSeq();
       const redo = await this.changedDirs(since);
-      since = now;
-      if (redo.length < FINAL_ROUND_DIRS) break;
+      if (redo.length < FINAL_ROUND_DIRS) break; // few enough: the final round takes them
       for (const d of redo) await this.mirrorDir(d, false);
+      since = now;
     }
     // Final round with capture paused: the image then equals the index at `end`.
     return this.src.serial(async () => {

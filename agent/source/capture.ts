@@ -16,6 +16,8 @@ import type { DirWatcher } from "./watcher.ts";
 /** Largest data carried by one Write op, and by one packet. */
 export const MAX_WRITE = 1024 * 1024;
 export const MAX_PACKET_DATA = 4 * 1024 * 1024;
+/** Files at least this large are looked at less often while they change (see deferFor). */
+const LARGE_FILE = 16 * 1024 * 1024;
 const MAX_PACKET_OPS = 4096;
 
 export type PacketSink = (ops: Op[], deltas: IndexDelta[]) => Promise<void>;
@@ -129,6 +131,9 @@ export class Capture {
   private attrCheck = new Map<string, boolean>();
   /** Directories whose times the target must get again, found after they were renamed away. */
   private forceIno = new Set<number>();
+  private silent = false;
+  /** Recent cost of reading large files, for deferFor. */
+  private readonly cost = new Map<string, { at: number; ms: number }>();
   /** Read buffer reused for every file hashed (capture runs one file at a time). */
   private scratch?: Buffer;
 
@@ -143,6 +148,7 @@ export class Capture {
 
   private async emit(op: Op | undefined, delta?: IndexDelta): Promise<void> {
     if (delta) this.o.index.apply(delta);
+    if (this.silent) return;
     if (op) {
       this.stats.ops++;
       if (op.kind?.$case === "write") this.stats.dataBytes += op.kind.value.data.length;
@@ -156,6 +162,32 @@ export class Capture {
     this.o.watcher?.add("");
     await this.reconcileDir("");
     await this.finish();
+  }
+
+  /**
+   * Build the index from the tree without journaling anything: for a brand-new
+   * journal, whose targets all get a mirror (which sends the content) anyway.
+   * The caller snapshots the index afterwards.
+   */
+  async indexOnlyScan(): Promise<void> {
+    this.silent = true;
+    try {
+      await this.fullScan();
+    } finally {
+      this.silent = false;
+    }
+  }
+
+  /**
+   * How long to wait before looking at rel again: a large file being written
+   * is re-read whole to find what changed, so it is looked at no more often
+   * than every few times what that read costs (bounding the overhead to a
+   * fraction of the disk's bandwidth, at the cost of latency for big files).
+   */
+  deferFor(rel: string, now = Date.now()): number {
+    const c = this.cost.get(rel);
+    if (!c) return 0;
+    return Math.max(0, c.at + c.ms * 4 - now);
   }
 
   /**
@@ -245,6 +277,13 @@ export class Capture {
         // Renamed (the old name is gone, or is another object now).
         if (rel.startsWith(p + "/")) continue; // cannot move into itself
         await this.emit({ path: p, kind: { $case: "rename", value: { to: rel } } }, { mv: [p, rel] });
+        // Directory times still owed under the old name are owed under the new one.
+        for (const [k, force] of [...this.attrCheck]) {
+          if (k !== p && !k.startsWith(p + "/")) continue;
+          this.attrCheck.delete(k);
+          const moved = rel + k.slice(p.length);
+          this.attrCheck.set(moved, force || (this.attrCheck.get(moved) ?? false));
+        }
         this.touch(parentOf(p));
         this.touch(parentOf(rel));
         if (t === "d") this.o.watcher?.rename(p, rel);
@@ -353,7 +392,8 @@ export class Capture {
     try {
       if (size < oldSize) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });
       this.scratch ??= Buffer.allocUnsafe(Math.max(READ_BYTES, bs));
-      const hashes = await hashBlocks(fh, size, bs, async (b) => {
+      const t0 = Date.now();
+      const hashes = await hashBlocks(fh, size, bs, this.silent ? undefined : async (b) => {
         const was = digestAt(old, b.index);
         const wasFull = b.index < Math.floor(oldSize / bs) || (b.index === Math.floor(oldSize / bs) && b.data.length === oldSize - b.offset);
         if (was && wasFull && was.equals(b.digest)) return flushWrite();
@@ -364,6 +404,10 @@ export class Capture {
         pend.len += b.data.length;
       }, undefined, this.scratch);
       await flushWrite();
+      if (size >= LARGE_FILE) {
+        if (this.cost.size > 1000) this.cost.clear();
+        this.cost.set(rel, { at: Date.now(), ms: Date.now() - t0 });
+      }
       this.stats.filesHashed++;
       this.stats.bytesHashed += size;
       if (size > oldSize || (fresh && size > 0)) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });

@@ -47,6 +47,7 @@ export class SourceSet {
   private busy: Promise<void> = Promise.resolve();
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
+  private deferred = new Map<string, NodeJS.Timeout>();
   private journalId = "";
   private lastVerify = new Map<string, VerifyResult>();
   private verifying = new Map<string, Promise<VerifyResult>>();
@@ -122,7 +123,14 @@ export class SourceSet {
     }
     this.state = "scanning";
     const t0 = Date.now();
-    await this.serial(() => this.capture.fullScan());
+    if (this.journal.lastSeq === 0) {
+      // A brand-new journal: every target is mirrored, which sends the content;
+      // journaling it all as well would only send it twice.
+      await this.serial(async () => {
+        await this.capture.indexOnlyScan();
+        await this.index.save(path.join(this.dir, "index.snap"), 0);
+      });
+    } else await this.serial(() => this.capture.fullScan());
     this.state = "replicating";
     this.log.info({ files: this.index.size, ms: Date.now() - t0, ops: this.capture.stats.ops, dataBytes: this.capture.stats.dataBytes }, "initial scan done; watching");
     this.timers.push(setInterval(() => void this.checkpoint().catch((e) => this.log.error({ err: e }, "checkpoint failed")), CHECKPOINT_MS));
@@ -229,6 +237,19 @@ export class SourceSet {
   }
 
   private markDirty(rel: string, deep: boolean): void {
+    if (this.closed) return;
+    const wait = this.capture?.deferFor(rel) ?? 0;
+    if (wait > 0) {
+      if (!this.deferred.has(rel)) this.deferred.set(rel, setTimeout(() => {
+        this.deferred.delete(rel);
+        this.markDirtyNow(rel, false);
+      }, wait));
+      return;
+    }
+    this.markDirtyNow(rel, deep);
+  }
+
+  private markDirtyNow(rel: string, deep: boolean): void {
     if (this.closed) return;
     this.dirty.set(rel, deep || (this.dirty.get(rel) ?? false));
     if (this.scheduled) return;
@@ -346,6 +367,7 @@ export class SourceSet {
   async close(): Promise<void> {
     this.closed = true;
     for (const t of this.timers) clearInterval(t);
+    for (const t of this.deferred.values()) clearTimeout(t);
     this.watcher?.close();
     await this.busy;
     await Promise.all(this.senders.map((s) => s.stop()));
