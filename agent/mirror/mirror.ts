@@ -282,7 +282,7 @@ export class Mirror {
         const fullTheirs = b.index < lastTheirs || (b.index === lastTheirs && b.data.length === theirSize - b.offset);
         const t = digestAt(theirs, b.index);
         const same = t !== undefined && fullTheirs && t.equals(b.digest);
-        if (same || (fresh && isZero(b.data))) {
+        if (same || (b.offset >= theirSize && isZero(b.data))) {
           await flushWrite();
         } else {
           if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > MAX_WRITE)) await flushWrite();

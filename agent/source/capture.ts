@@ -397,7 +397,8 @@ export class Capture {
         const was = digestAt(old, b.index);
         const wasFull = b.index < Math.floor(oldSize / bs) || (b.index === Math.floor(oldSize / bs) && b.data.length === oldSize - b.offset);
         if (was && wasFull && was.equals(b.digest)) return flushWrite();
-        if (fresh && isZero(b.data)) return flushWrite(); // leave a hole; the final truncate sets the size
+        // Beyond the target's old end, zero blocks stay holes; the final truncate sets the size.
+        if (b.offset >= oldSize && isZero(b.data)) return flushWrite();
         if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > MAX_WRITE)) await flushWrite();
         if (!pend) pend = { offset: b.offset, buf: Buffer.allocUnsafe(Math.min(MAX_WRITE, Math.max(bs, size - b.offset))), len: 0 };
         b.data.copy(pend.buf, pend.len);

@@ -223,9 +223,16 @@ export class Sender {
       if (f) throw f;
       if (this.abort.signal.aborted) throw new Error("stopping");
     };
+    // What the target lists must include every op sent before: wait for them to be applied.
+    const drained = async () => {
+      while (ctx.mirrorAcks.inflight > 0) {
+        check();
+        await ctx.waitWake(1000);
+      }
+    };
     const target: MirrorTarget = {
-      manifest: (dir, digestMaxBlocks) => unary(client.manifest, { source: this.o.source, set: this.o.set, dir, blockSize: this.o.mirror.blockSize, digestMaxBlocks }),
-      digests: (p) => unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize }),
+      manifest: async (dir, digestMaxBlocks) => (await drained(), unary(client.manifest, { source: this.o.source, set: this.o.set, dir, blockSize: this.o.mirror.blockSize, digestMaxBlocks })),
+      digests: async (p) => (await drained(), unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize })),
       send: async (ops: Op[], doneThrough: string) => {
         check();
         ctx.mirrorAcks.inflight++;
