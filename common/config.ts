@@ -79,7 +79,7 @@ const SetSchema = z
     bandwidthLimit: size.prefault(0),
     blockSize: size.prefault(64 * 1024).refine((n) => n >= 4096 && n <= 16 * 1024 * 1024 && (n & (n - 1)) === 0, "blockSize must be a power of two between 4KiB and 16MiB"),
     /** send queue held in memory; beyond it the journal is read back from disk */
-    queueMemory: size.prefault(64 * 1024 * 1024),
+    queueMemory: size.prefault(32 * 1024 * 1024),
     /** full metadata rescan as a safety net for missed events; 0 = never */
     rescanInterval: duration.prefault(600),
     /** compare every target with the source this often; 0 = only on command */
