@@ -16,6 +16,11 @@ import type { DirWatcher } from "./watcher.ts";
 /** Largest data carried by one Write op, and by one packet. */
 export const MAX_WRITE = 1024 * 1024;
 export const MAX_PACKET_DATA = 4 * 1024 * 1024;
+
+/** Packet data limit for a bandwidth limit: a quarter second's worth, so pacing stays smooth. */
+export function packetDataLimit(bandwidth: number): number {
+  return bandwidth > 0 ? Math.max(64 * 1024, Math.min(MAX_PACKET_DATA, Math.floor(bandwidth / 4))) : MAX_PACKET_DATA;
+}
 /** Files at least this large are looked at less often while they change (see deferFor). */
 const LARGE_FILE = 16 * 1024 * 1024;
 const MAX_PACKET_OPS = 4096;
@@ -28,8 +33,10 @@ export class Packetizer {
   private deltas: IndexDelta[] = [];
   private bytes = 0;
   private readonly sink: PacketSink;
-  constructor(sink: PacketSink) {
+  private readonly maxData: number;
+  constructor(sink: PacketSink, maxData = MAX_PACKET_DATA) {
     this.sink = sink;
+    this.maxData = maxData;
   }
   async push(op: Op | undefined, delta?: IndexDelta): Promise<void> {
     if (op) {
@@ -37,7 +44,7 @@ export class Packetizer {
       if (op.kind?.$case === "write") this.bytes += op.kind.value.data.length;
     }
     if (delta) this.deltas.push(delta);
-    if (this.bytes >= MAX_PACKET_DATA || this.ops.length >= MAX_PACKET_OPS) await this.flush();
+    if (this.bytes >= this.maxData || this.ops.length >= MAX_PACKET_OPS) await this.flush();
   }
   async alone(op: Op, delta: IndexDelta): Promise<void> {
     await this.flush();
@@ -63,6 +70,8 @@ export interface CaptureOptions {
   /** false for paths outside the replication set */
   wanted: (rel: string, isDir: boolean) => boolean;
   sink: PacketSink;
+  /** data per packet (smaller under a bandwidth limit) */
+  maxPacketData?: number;
   log: Logger;
   /** asks for another look at a path that changed while it was being read */
   redirty: (rel: string, deep?: boolean) => void;
@@ -132,6 +141,7 @@ export class Capture {
   /** Directories whose times the target must get again, found after they were renamed away. */
   private forceIno = new Set<number>();
   private silent = false;
+  private readonly maxWrite: number;
   /** Recent cost of reading large files, for deferFor. */
   private readonly cost = new Map<string, { at: number; ms: number }>();
   /** Read buffer reused for every file hashed (capture runs one file at a time). */
@@ -139,7 +149,8 @@ export class Capture {
 
   constructor(o: CaptureOptions) {
     this.o = o;
-    this.out = new Packetizer(o.sink);
+    this.out = new Packetizer(o.sink, o.maxPacketData);
+    this.maxWrite = Math.min(MAX_WRITE, o.maxPacketData ?? MAX_WRITE);
   }
 
   private abs(rel: string): string {
@@ -399,8 +410,8 @@ export class Capture {
         if (was && wasFull && was.equals(b.digest)) return flushWrite();
         // Beyond the target's old end, zero blocks stay holes; the final truncate sets the size.
         if (b.offset >= oldSize && isZero(b.data)) return flushWrite();
-        if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > MAX_WRITE)) await flushWrite();
-        if (!pend) pend = { offset: b.offset, buf: Buffer.allocUnsafe(Math.min(MAX_WRITE, Math.max(bs, size - b.offset))), len: 0 };
+        if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > this.maxWrite)) await flushWrite();
+        if (!pend) pend = { offset: b.offset, buf: Buffer.allocUnsafe(Math.max(bs, Math.min(this.maxWrite, size - b.offset))), len: 0 };
         b.data.copy(pend.buf, pend.len);
         pend.len += b.data.length;
       }, undefined, this.scratch);

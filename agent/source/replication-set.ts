@@ -10,7 +10,7 @@ import type { SetConfig } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
 import { Journal } from "../queue/journal.ts";
 import { encodePacket, encodePacketBytes, type SourceSetStatus } from "../wire.ts";
-import { Capture } from "./capture.ts";
+import { Capture, packetDataLimit } from "./capture.ts";
 import { FileIndex, type IndexDelta } from "./file-index.ts";
 import { Sender, type MirrorHost, type MirrorState } from "./sender.ts";
 import type { MirrorMode, MirrorSource } from "../mirror/mirror.ts";
@@ -100,6 +100,7 @@ export class SourceSet {
       watcher: this.watcher,
       wanted: this.wanted(),
       sink: (ops, deltas) => this.append(ops, deltas),
+      maxPacketData: packetDataLimit(this.cfg.bandwidthLimit),
       log: this.log,
       redirty: (rel, deep) => this.markDirty(rel, deep ?? false),
     });

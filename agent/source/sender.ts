@@ -42,7 +42,10 @@ interface MirrorRequest {
   done?: (err?: Error) => void;
 }
 
-/** Refused packets of the same seq in a row before the target is resynchronised by a checksum mirror. */
+/** Failures a mirror cannot cure: the target must get space, rights or a working disk first. */
+const RESOURCE_ERROR = /ENOSPC|EDQUOT|EIO|EROFS|EACCES|EPERM|EMFILE|ENFILE|ENOMEM/;
+
+/** Failures of the same seq in a row before the target is resynchronised by a checksum mirror. */
 const RESYNC_AFTER_REFUSALS = 3;
 
 export function emptyProgress(): MirrorProgress {
@@ -68,7 +71,12 @@ export interface SenderOptions {
   mirror: MirrorHost;
 }
 
-/** Token bucket for the bandwidth limit (one second of burst). */
+/**
+ * Token bucket for the bandwidth limit, with one second of burst. A packet may
+ * leave when the bucket holds a second's worth (or the packet, if smaller) and
+ * can drive it into debt; capture keeps packets to a fraction of a second's
+ * worth when a limit is set (see packetDataLimit), so the average holds.
+ */
 class Throttle {
   private tokens: number;
   private last = Date.now();
@@ -83,11 +91,12 @@ class Throttle {
       const now = Date.now();
       this.tokens = Math.min(this.rate, this.tokens + ((now - this.last) / 1000) * this.rate);
       this.last = now;
-      if (this.tokens >= Math.min(n, this.rate) || signal.aborted) {
+      const need = Math.min(n, this.rate);
+      if (this.tokens >= need || signal.aborted) {
         this.tokens -= n;
         return;
       }
-      await sleep(Math.ceil(((Math.min(n, this.rate) - this.tokens) / this.rate) * 1000), signal);
+      await sleep(Math.ceil(((need - this.tokens) / this.rate) * 1000), signal);
     }
   }
 }
@@ -235,6 +244,9 @@ export class Sender {
       digests: async (p) => (await drained(), unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize })),
       send: async (ops: Op[], doneThrough: string) => {
         check();
+        let bytes = 0;
+        for (const op of ops) if (op.kind?.$case === "write") bytes += op.kind.value.data.length;
+        await this.throttle.take(bytes, this.abort.signal);
         ctx.mirrorAcks.inflight++;
         const ok = call.write({ msg: { $case: "mirrorOps", value: { mirrorId: state.mirrorId, ops, doneThrough, batch: ++batch } } });
         if (!ok) {
@@ -324,11 +336,14 @@ export class Sender {
           inflight.length = 0;
           inflightBytes = 0;
         } else {
-          if (n.reason === Nack_Reason.REASON_REJECTED && n.expectedSeq > 0) {
+          // The same packet failing again and again (refused, or failing for a reason a
+          // resync can cure: the image is not what the journal expects) → checksum mirror.
+          const curable = n.reason === Nack_Reason.REASON_REJECTED || !RESOURCE_ERROR.test(n.message);
+          if (curable && n.expectedSeq > 0) {
             this.refusals = this.refusals.seq === n.expectedSeq ? { seq: n.expectedSeq, count: this.refusals.count + 1 } : { seq: n.expectedSeq, count: 1 };
             if (this.refusals.count >= RESYNC_AFTER_REFUSALS && !this.pending) {
-              this.log.error({ seq: n.expectedSeq }, "packet refused repeatedly; resynchronising with a checksum mirror");
-              this.pending = { mode: "checksum", reason: `packet ${n.expectedSeq} refused ${this.refusals.count} times: ${n.message}` };
+              this.log.error({ seq: n.expectedSeq, err: n.message }, "packet failed repeatedly; resynchronising with a checksum mirror");
+              this.pending = { mode: "checksum", reason: `packet ${n.expectedSeq} failed ${this.refusals.count} times: ${n.message}` };
             }
           }
           fail(new Error(n.expectedSeq > 0 ? `target ${n.reason === Nack_Reason.REASON_REJECTED ? "refused" : "could not apply"} packet ${n.expectedSeq}: ${n.message}` : n.message));

@@ -191,10 +191,17 @@ export class Applier {
         return;
       }
       case "attr": {
-        const abs = await this.image.resolve(op.path);
+        const abs = await this.image.resolve(op.path, true);
         const open = this.handles.get(op.path);
         if (open) return this.setAttrFd(open, k.value.attr!);
-        return this.setAttrPath(abs, k.value.attr!);
+        try {
+          return await this.setAttrPath(abs, k.value.attr!);
+        } catch (e) {
+          // Nothing there (a later op of the journal removed it before a crash
+          // replayed this one): there is nothing to set.
+          if ((e as NodeJS.ErrnoException).code === "ENOENT") return;
+          throw e;
+        }
       }
     }
   }
