@@ -324,7 +324,7 @@ export class Capture {
   private async create(rel: string, st: BigIntStats, t: "f" | "d" | "l"): Promise<void> {
     this.touch(parentOf(rel));
     if (t === "d") {
-      this.o.watcher?.add(rel); // watch before listing, so nothing created meanwhile is missed
+      this.o.watcher?.add(rel, Number(st.ino)); // watch before listing, so nothing created meanwhile is missed
       await this.emit({ path: rel, kind: { $case: "mkdir", value: { attr: attrOf(st) } } }, { set: rel, e: entryOf(st) });
       await this.reconcileDir(rel);
       this.touch(rel);
@@ -346,7 +346,7 @@ export class Capture {
   /** Same object as indexed: ship what differs. */
   private async update(rel: string, e: IndexEntry, st: BigIntStats, deep: boolean, inPlace = false): Promise<void> {
     if (e.t === "d") {
-      this.o.watcher?.add(rel); // after a restart, known directories need their watch again
+      this.o.watcher?.add(rel, e.ino); // after a restart, known directories need their watch again
       if (deep) await this.reconcileDir(rel);
       if (this.forceIno.delete(e.ino)) this.touch(rel);
       else if (!this.attrCheck.has(rel)) this.attrCheck.set(rel, false);

@@ -3,7 +3,7 @@
 // for 50-500 ms, too slow for our latency goal). Events only mark paths dirty;
 // capture decides what changed by comparing with the index, so a lost or
 // merged event costs a later rescan, never a wrong copy.
-import { watch, type FSWatcher } from "node:fs";
+import { lstatSync, watch, type FSWatcher } from "node:fs";
 import path from "node:path";
 
 export class DirWatcher {
@@ -23,12 +23,23 @@ export class DirWatcher {
     return this.watchers.size;
   }
 
-  /** Start watching directory rel (idempotent). */
-  add(rel: string): void {
+  /**
+   * Start watching directory rel, which capture knows as inode `ino`
+   * (idempotent). The watch is checked to be on that inode: with renames going
+   * on, a path can name another directory by the time it is watched, and a
+   * watch on the wrong one would report the right one's events nowhere.
+   */
+  add(rel: string, ino?: number): void {
     if (this.watchers.has(rel)) return;
     let w: FSWatcher;
+    const abs = rel ? path.join(this.root, rel) : this.root;
     try {
-      w = watch(rel ? path.join(this.root, rel) : this.root, { persistent: true });
+      w = watch(abs, { persistent: true });
+      if (ino !== undefined && lstatSync(abs, { throwIfNoEntry: false })?.ino !== ino) {
+        w.close();
+        this.onDirty(rel, true);
+        return;
+      }
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       // Gone or renamed meanwhile: have capture look again (a rename re-adds the watch).

@@ -9,7 +9,6 @@ import path from "node:path";
 import { promisify } from "node:util";
 import YAML from "yaml";
 import { CLI, Pair, tmpDir, freePort, waitFor, AgentProc, compareTrees, snapshotTree } from "./harness.ts";
-import { fetchStatus } from "../../agent/control-client.ts";
 
 const run = promisify(execFile);
 
@@ -74,13 +73,10 @@ test("certs init/issue make the PKI for an mTLS pair that replicates", async (t)
   await writeFile(path.join(dir, "src", "secret.txt"), "over mTLS\n");
   await writeFile(path.join(dir, "dr1.yaml"), YAML.stringify({ name: "dr1", listen: `127.0.0.1:${tp}`, dataDir: "s-dr1", tls: tls("dr1"), target: { root: "dst" } }));
   await writeFile(path.join(dir, "web1.yaml"), YAML.stringify({ name: "web1", listen: `127.0.0.1:${sp}`, dataDir: "s-web1", tls: tls("web1"), source: { sets: [{ name: "www", path: "src", targets: [`127.0.0.1:${tp}`] }] } }));
-  const { spawn } = await import("node:child_process");
   for (const n of ["dr1", "web1"]) {
     const p = new AgentProc(n, path.join(dir, `${n}.yaml`), n === "dr1" ? tp : sp, path.join(dir, `${n}.log`));
-    // AgentProc.start polls with insecure credentials; start it here and poll over mTLS.
-    p.proc = spawn(process.execPath, [CLI, "agent", "--config", p.configPath], { stdio: "ignore" });
     procs.push(p);
-    await waitFor(`${n} to answer over mTLS`, () => fetchStatus(p.address, tls(n), 1000).catch(() => undefined));
+    await p.start(tls(n));
   }
   let diff: string[] = [];
   await waitFor("replica over mTLS", async () => {

@@ -13,6 +13,7 @@ import { fileURLToPath } from "node:url";
 import YAML from "yaml";
 import { fetchStatus } from "../../agent/control-client.ts";
 import type { StatusResponse } from "../../agent/wire.ts";
+import type { TlsConfig } from "../../common/config.ts";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const CLI = path.join(REPO, "bin", "understudy.mjs");
@@ -73,7 +74,8 @@ export class AgentProc {
     return `127.0.0.1:${this.port}`;
   }
 
-  async start(): Promise<void> {
+  /** Start the agent and wait until its Control service answers (over mTLS when `tls` is given). */
+  async start(tls: TlsConfig = { insecure: true }): Promise<void> {
     const { openSync } = await import("node:fs");
     const fd = openSync(this.logPath, "a");
     this.proc = spawn(process.execPath, [CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
@@ -81,7 +83,7 @@ export class AgentProc {
     this.exited = new Promise((r) => p.once("exit", (code) => r(code)));
     await waitFor(`agent ${this.name} to answer on ${this.address}`, async () => {
       if (p.exitCode !== null) throw new Error(`agent ${this.name} exited with ${p.exitCode}; log:\n${await this.log()}`);
-      return (await fetchStatus(this.address, { insecure: true }, 1000).catch(() => undefined)) ?? false;
+      return (await fetchStatus(this.address, tls, 1000).catch(() => undefined)) ?? false;
     }, 20_000);
   }
 
