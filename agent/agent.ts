@@ -1,7 +1,7 @@
 // An agent process: one gRPC server (Replication for the target role, Control
 // for status) and one SourceSet per configured replication set.
 import * as grpc from "@grpc/grpc-js";
-import { mkdir } from "node:fs/promises";
+import { mkdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { AgentConfig } from "../common/config.ts";
 import type { Logger } from "../common/log.ts";
@@ -45,6 +45,7 @@ export class Agent {
     );
     this.server = server;
     this.log.info({ listen: this.cfg.listen, tls: !this.cfg.tls.insecure, version: AGENT_VERSION, protocol: PROTOCOL_VERSION }, "agent listening");
+    if (this.cfg.source?.sets.length) await this.raiseInotifyQueue();
     const creds = clientCredentials(this.cfg.tls);
     for (const sc of this.cfg.source?.sets ?? []) {
       const s = new SourceSet(sc, { agentName: this.cfg.name, dataDir: this.cfg.dataDir, credentials: creds, log: this.log.child({ role: "source" }) });
@@ -56,6 +57,28 @@ export class Agent {
       s.lastError = (e as Error).message;
       this.log.error({ set: s.cfg.name, err: e }, "replication set failed to start");
     })));
+  }
+
+  /**
+   * inotify drops events when its queue (16384 by default) overflows, and Node
+   * does not report the overflow; a busy source would then miss changes until
+   * the next rescan. Running as root, raise the limit (never lower it).
+   */
+  private async raiseInotifyQueue(): Promise<void> {
+    const file = "/proc/sys/fs/inotify/max_queued_events";
+    const want = 1_048_576;
+    try {
+      const now = Number((await readFile(file, "utf8")).trim());
+      if (now >= want) return;
+      if (process.getuid?.() !== 0) {
+        this.log.warn({ maxQueuedEvents: now }, `inotify's event queue is small; as root run: sysctl fs.inotify.max_queued_events=${want}`);
+        return;
+      }
+      await writeFile(file, `${want}\n`);
+      this.log.info({ from: now, to: want }, "raised fs.inotify.max_queued_events");
+    } catch (e) {
+      this.log.warn({ err: (e as Error).message }, "could not check fs.inotify.max_queued_events");
+    }
   }
 
   status(): StatusResponse {

@@ -81,7 +81,7 @@ const SetSchema = z
     /** send queue held in memory; beyond it the journal is read back from disk */
     queueMemory: size.prefault(32 * 1024 * 1024),
     /** full metadata rescan as a safety net for missed events; 0 = never */
-    rescanInterval: duration.prefault(600),
+    rescanInterval: duration.prefault(300),
     /** compare every target with the source this often; 0 = only on command */
     verifyInterval: duration.prefault(0),
     /** repair what a scheduled verify finds */

@@ -25,7 +25,7 @@ test("defaults are filled in and relative paths resolve against the config's dir
   assert.equal(c.dataDir, "/etc/understudy/state");
   assert.equal(s.path, "/etc/understudy/srv");
   assert.equal(c.target!.root, "/etc/understudy/r");
-  assert.deepEqual([s.include, s.exclude, s.compression, s.blockSize, s.queueMemory, s.rescanInterval, s.mode], [["**"], [], "fast", 65536, 32 * 1024 * 1024, 600_000, "continuous"]);
+  assert.deepEqual([s.include, s.exclude, s.compression, s.blockSize, s.queueMemory, s.rescanInterval, s.mode], [["**"], [], "fast", 65536, 32 * 1024 * 1024, 300_000, "continuous"]);
   assert.equal(c.target!.syncInterval, 50);
 });
 
