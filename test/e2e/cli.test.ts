@@ -3,24 +3,10 @@
 // and an mTLS pair replicates with certificates made by that command.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { mkdir, writeFile, rm } from "node:fs/promises";
 import path from "node:path";
-import { promisify } from "node:util";
 import YAML from "yaml";
-import { CLI, Pair, tmpDir, freePort, waitFor, AgentProc, compareTrees, snapshotTree } from "./harness.ts";
-
-const run = promisify(execFile);
-
-async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, [CLI, ...args]);
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const x = e as { code: number; stdout: string; stderr: string };
-    return { code: x.code, stdout: x.stdout, stderr: x.stderr };
-  }
-}
+import { cli, Pair, tmpDir, freePort, waitFor, AgentProc, compareTrees, snapshotTree } from "./harness.ts";
 
 test("a bad config is refused at start with the field named", async (t) => {
   const dir = await tmpDir();

@@ -26,6 +26,14 @@ export const CLI = path.join(REPO, "bin", "understudy.mjs");
  */
 export const AGENT_ENV = { MALLOC_MMAP_THRESHOLD_: "131072" };
 
+/** Run the `understudy` command; its exit code and output, whatever the code. */
+export async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const { execFile } = await import("node:child_process");
+  return new Promise((resolve) =>
+    execFile(process.execPath, [CLI, ...args], { maxBuffer: 16 << 20 }, (err, stdout, stderr) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr })),
+  );
+}
+
 export async function tmpDir(prefix = "understudy-"): Promise<string> {
   return mkdtemp(path.join(os.tmpdir(), prefix));
 }

@@ -5,26 +5,14 @@
 // whose journal was lost resynchronises with a checksum mirror by itself.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { chmod, mkdir, open, rm, stat, symlink, truncate, unlink, utimes, writeFile } from "node:fs/promises";
 import path from "node:path";
-import { promisify } from "node:util";
-import { CLI, Pair, waitFor } from "./harness.ts";
+import { cli, Pair, waitFor } from "./harness.ts";
 import { Workload } from "./workload.ts";
 import type { StatusResponse } from "../../agent/wire.ts";
 import { timeArg } from "../../agent/target/applier.ts";
 
-const run = promisify(execFile);
-async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, [CLI, ...args], { maxBuffer: 16 << 20 });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const x = e as { code: number; stdout: string; stderr: string };
-    return { code: x.code, stdout: x.stdout, stderr: x.stderr };
-  }
-}
 
 const mirrorOf = (s: StatusResponse) => s.sets[0]!.targets[0]!.mirror!;
 
