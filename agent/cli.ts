@@ -117,7 +117,7 @@ tlsOptions(
   const tty = process.stdout.isTTY;
   let seen = false;
   for (;;) {
-    await new Promise((r) => setTimeout(r, 500));
+    await new Promise((r) => setTimeout(r, 100));
     const st = await fetchStatus(opts.agent, tls).catch((e: Error) => fail(e.message));
     const set = st.sets.find((x) => x.name === opts.set);
     const ts = (set?.targets ?? []).filter((t) => started.includes(t.address));

@@ -29,6 +29,7 @@ export interface VerifyOptions {
 }
 
 const RECHECKS = 3;
+const COMPARE_PARALLEL = 8;
 
 interface Side {
   type: string;
@@ -131,14 +132,21 @@ class Verifier {
     const [names, have] = await Promise.all([readdir(dir ? path.join(this.o.root, dir) : this.o.root).catch(() => [] as string[]), this.manifest(dir)]);
     const theirs = new Map((have.exists ? have.entries : []).map((e) => [e.name, e]));
     const all = [...new Set([...names, ...theirs.keys()])].sort();
-    for (const name of all) {
-      const rel = dir ? `${dir}/${name}` : name;
-      const s = await this.sourceSide(rel);
-      const t = theirs.get(name);
-      if (s) stamps.set(rel, s.stamp);
-      out.push(...(await this.compare(rel, s, t)));
-      if (s?.type === "d" && t?.type === "d") await this.walk(rel, out, stamps);
+    // Entries of a directory are compared a few at a time (reads, hashing and
+    // the target's digests overlap); subdirectories are walked after.
+    const subdirs: string[] = [];
+    for (let i = 0; i < all.length; i += COMPARE_PARALLEL) {
+      const found = await Promise.all(all.slice(i, i + COMPARE_PARALLEL).map(async (name) => {
+        const rel = dir ? `${dir}/${name}` : name;
+        const s = await this.sourceSide(rel);
+        const t = theirs.get(name);
+        if (s) stamps.set(rel, s.stamp);
+        if (s?.type === "d" && t?.type === "d") subdirs.push(rel);
+        return this.compare(rel, s, t);
+      }));
+      for (const f of found) out.push(...f);
     }
+    for (const d of subdirs.sort()) await this.walk(d, out, stamps);
   }
 
   /** Compare one path again (after the target caught up). */

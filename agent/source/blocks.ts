@@ -45,11 +45,14 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
   // Read several blocks per syscall: large reads are much cheaper than 64 KiB
   // ones. Callers that hash many files pass a scratch buffer to reuse.
   const per = Math.max(1, Math.floor(READ_BYTES / blockSize));
-  const buf = scratch && scratch.length >= per * blockSize ? scratch : Buffer.allocUnsafe(per * blockSize);
+  const bufBlocks = Math.min(per, Math.max(1, n));
+  // A small file needs no more than its own size (rounded up to whole blocks).
+  const need = Math.min(per * blockSize, Math.max(blockSize, n * blockSize));
+  const buf = scratch && scratch.length >= need ? scratch : Buffer.allocUnsafe(need);
   let index = 0;
   while (index < n) {
     if (signal?.aborted) throw new Error("cancelled");
-    const want = Math.min(per * blockSize, size - index * blockSize);
+    const want = Math.min(bufBlocks * blockSize, size - index * blockSize);
     let got = 0;
     while (got < want) {
       const { bytesRead } = await fh.read(buf, got, want - got, index * blockSize + got);

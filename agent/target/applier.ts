@@ -4,7 +4,9 @@
 // Every op is idempotent and "setting" (create truncates, writes carry absolute
 // offsets, removes tolerate absence, a rename whose source is gone is done), so
 // replaying a packet that was partly applied before a crash converges.
+import { execFile } from "node:child_process";
 import { constants as C } from "node:fs";
+import { promisify } from "node:util";
 import { lstat, mkdir, open, rename, rm, symlink, link, unlink, lchown, lutimes, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Attr, Op } from "../wire.ts";
@@ -13,6 +15,10 @@ import { ConfinedRoot, PathError, splitRelPath, type PlannedKind } from "../fs/c
 export { PathError };
 
 const WRITE_FLAGS = C.O_WRONLY | C.O_NOFOLLOW | C.O_CREAT;
+/** More dirty files or directories than this are made durable with one syncfs. */
+const SYNCFS_AFTER = 16;
+let syncfsWorks: boolean | undefined;
+const execFileP = promisify(execFile);
 const MAX_OPEN = 128;
 
 /** Seconds as a double that lands inside the right microsecond (utimes takes doubles). */
@@ -211,6 +217,20 @@ export class Applier {
     const hs = [...this.unsynced, ...this.handles.values()];
     this.unsynced = [];
     this.handles.clear();
+    if (hs.length + this.dirtyDirs.size > SYNCFS_AFTER && syncfsWorks !== false) {
+      // Many files: one syncfs(2) of the image's file system costs far less than
+      // an fsync each (Node has no binding for it; coreutils' `sync -f` is it).
+      await Promise.all(hs.map((h) => h.close()));
+      try {
+        await execFileP("sync", ["-f", this.image.root]);
+        syncfsWorks = true;
+        this.dirtyDirs.clear();
+        return;
+      } catch {
+        syncfsWorks = false; // no usable `sync -f`: fsync one by one from now on
+        return this.syncPaths();
+      }
+    }
     await Promise.all(hs.map(async (h) => {
       try {
         await h.datasync();
@@ -229,6 +249,12 @@ export class Applier {
         await fh.close();
       }
     }));
+  }
+
+  /** Fallback when `sync -f` is unavailable after handles were closed: sync(2) everything. */
+  private async syncPaths(): Promise<void> {
+    await execFileP("sync").catch(() => undefined);
+    this.dirtyDirs.clear();
   }
 
   async close(): Promise<void> {

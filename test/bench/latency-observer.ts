@@ -1,0 +1,134 @@
+// The replica side of the latency benchmark, in a worker thread so that the
+// writer's pacing and the observer's reads do not wait on each other. It
+// watches the replica directory (inotify via fs.watch, plus a 20 ms poll as a
+// safety net) and, each time a file may have changed, re-reads it and notes
+// the first time every record (or header value) is seen. Times come from the
+// same monotonic clock as the writer's (util.ts nowMs), so they compare.
+import { readFileSync, watch, type FSWatcher } from "node:fs";
+import path from "node:path";
+import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
+import { FILES, RECORD, decodeRecord, fileName, type Observations } from "./latency-workload.ts";
+import { nowMs } from "./util.ts";
+
+const POLL_MS = 20;
+const ROLE = "latency-observer";
+
+type Request = { type: "progress" } | { type: "finish" };
+export type Progress = { appends: number; headers: number[] };
+type Reply = { type: "ready" } | ({ type: "progress" } & Progress) | ({ type: "result" } & Observations) | { type: "error"; message: string };
+
+/** Handle on an observer thread watching `dir`. */
+export class Observer {
+  private readonly worker: Worker;
+  private readonly replies: ((r: Reply) => void)[] = [];
+  private failure?: Error;
+
+  private constructor(worker: Worker) {
+    this.worker = worker;
+    worker.on("message", (r: Reply) => {
+      if (r.type === "error") this.failure = new Error(`observer: ${r.message}`);
+      this.replies.shift()?.(r);
+    });
+    worker.on("error", (e) => {
+      this.failure = e;
+      for (const f of this.replies.splice(0)) f({ type: "error", message: e.message });
+    });
+  }
+
+  static async start(dir: string): Promise<Observer> {
+    const o = new Observer(new Worker(new URL(import.meta.url), { workerData: { role: ROLE, dir } }));
+    await o.next();
+    return o;
+  }
+
+  private next(): Promise<Reply> {
+    return new Promise((resolve, reject) => {
+      if (this.failure) return reject(this.failure);
+      this.replies.push((r) => (r.type === "error" ? reject(new Error(`observer: ${r.message}`)) : resolve(r)));
+    });
+  }
+
+  async progress(): Promise<Progress> {
+    const p = this.next();
+    this.worker.postMessage({ type: "progress" } satisfies Request);
+    const r = await p;
+    if (r.type !== "progress") throw new Error(`observer answered ${r.type}`);
+    return r;
+  }
+
+  /** Stop watching and return everything seen. */
+  async finish(): Promise<Observations> {
+    const p = this.next();
+    this.worker.postMessage({ type: "finish" } satisfies Request);
+    const r = await p;
+    await this.worker.terminate();
+    if (r.type !== "result") throw new Error(`observer answered ${r.type}`);
+    return { appendSeen: r.appendSeen, headerSeen: r.headerSeen };
+  }
+
+  async kill(): Promise<void> {
+    await this.worker.terminate();
+  }
+}
+
+/** The worker's body: watch, read, record. */
+function observe(dir: string): void {
+  const port = parentPort!;
+  const appendSeen = new Map<number, number>();
+  const headerSeen: [number, number, number][] = [];
+  const lastHeader = new Array<number>(FILES).fill(-1);
+  const parsedUpTo = new Array<number>(FILES).fill(RECORD);
+  const byName = new Map<string, number>();
+  for (let f = 0; f < FILES; f++) byName.set(fileName(f), f);
+
+  const scan = (f: number) => {
+    let buf: Buffer;
+    try {
+      buf = readFileSync(path.join(dir, fileName(f)));
+    } catch {
+      return; // not there yet, or being replaced
+    }
+    const at = nowMs();
+    const h = decodeRecord(buf, 0);
+    if (h?.kind === "H" && h.seq > lastHeader[f]!) {
+      lastHeader[f] = h.seq;
+      headerSeen.push([f, h.seq, at]);
+    }
+    let off = parsedUpTo[f]!;
+    for (let r = decodeRecord(buf, off); r?.kind === "A"; r = decodeRecord(buf, off)) {
+      if (!appendSeen.has(r.seq)) appendSeen.set(r.seq, at);
+      off += RECORD;
+    }
+    parsedUpTo[f] = off;
+  };
+  const scanAll = () => {
+    for (let f = 0; f < FILES; f++) scan(f);
+  };
+
+  let watcher: FSWatcher;
+  try {
+    watcher = watch(dir, (_event, name) => {
+      const f = name == null ? undefined : byName.get(name.toString());
+      if (f === undefined) scanAll();
+      else scan(f);
+    });
+  } catch (e) {
+    port.postMessage({ type: "error", message: `cannot watch ${dir}: ${(e as Error).message}` } satisfies Reply);
+    return;
+  }
+  const poll = setInterval(scanAll, POLL_MS);
+  scanAll();
+  port.on("message", (m: Request) => {
+    if (m.type === "progress") {
+      port.postMessage({ type: "progress", appends: appendSeen.size, headers: [...lastHeader] } satisfies Reply);
+    } else if (m.type === "finish") {
+      scanAll();
+      clearInterval(poll);
+      watcher.close();
+      port.postMessage({ type: "result", appendSeen: [...appendSeen], headerSeen } satisfies Reply);
+    }
+  });
+  port.postMessage({ type: "ready" } satisfies Reply);
+}
+
+if (!isMainThread && (workerData as { role?: string } | null)?.role === ROLE) observe((workerData as { dir: string }).dir);
