@@ -20,6 +20,8 @@ const SYNCFS_AFTER = 16;
 let syncfsWorks: boolean | undefined;
 const execFileP = promisify(execFile);
 const MAX_OPEN = 128;
+/** Files evicted from the handle cache that wait (open) for a sync; beyond this they are synced at once. */
+const MAX_UNSYNCED = 512;
 
 /** Seconds as a double that lands inside the right microsecond (utimes takes doubles). */
 export function timeArg(sec: number, nsec: number): number {
@@ -105,6 +107,21 @@ export class Applier {
   async apply(ops: Op[]): Promise<void> {
     await this.preflight(ops);
     for (const op of ops) await this.applyOne(op);
+    // Written files wait open for the next sync; a long mirror (which syncs only
+    // at its end) must not run out of descriptors meanwhile.
+    if (this.unsynced.length >= MAX_UNSYNCED) await this.sync();
+  }
+
+  /** Cache an open handle for rel, moving the oldest one to the unsynced list beyond MAX_OPEN. */
+  private keep(rel: string, fh: FileHandle): void {
+    if (this.handles.size >= MAX_OPEN) {
+      const [oldest] = this.handles;
+      if (oldest) {
+        this.handles.delete(oldest[0]);
+        this.unsynced.push(oldest[1]);
+      }
+    }
+    this.handles.set(rel, fh);
   }
 
   private async applyOne(op: Op): Promise<void> {
@@ -126,7 +143,7 @@ export class Applier {
         // A new inode, never a truncate of the old one: it may be hard-linked elsewhere.
         await this.clearUnlessType(abs, "none");
         const fh = await open(abs, WRITE_FLAGS | C.O_EXCL, k.value.attr?.mode ?? 0o600);
-        this.handles.set(op.path, fh);
+        this.keep(op.path, fh);
         this.dirtyDirs.add(path.dirname(abs));
         if (k.value.attr) await this.setAttrFd(fh, k.value.attr);
         return;
@@ -271,14 +288,7 @@ export class Applier {
       if ((e as NodeJS.ErrnoException).code === "ELOOP") throw new PathError(`${JSON.stringify(rel)} is a symlink on the target; refusing to write through it`);
       throw e;
     }
-    if (this.handles.size >= MAX_OPEN) {
-      const [oldest] = this.handles;
-      if (oldest) {
-        this.handles.delete(oldest[0]);
-        this.unsynced.push(oldest[1]);
-      }
-    }
-    this.handles.set(rel, fh);
+    this.keep(rel, fh);
     return fh;
   }
 

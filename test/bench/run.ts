@@ -1,4 +1,4 @@
-// `npm run bench`: runs the five benchmarks one after another (each against
+// `npm run bench`: runs the benchmarks one after another (each against
 // rsync and/or lsyncd on the same data), prints the tables on stdout and
 // progress on stderr, and rewrites BENCHMARKS.md at the repo root.
 //   BENCH_QUICK=1      smaller sizes (see the "Sizes used" section of the output)
