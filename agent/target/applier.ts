@@ -16,7 +16,7 @@ export { PathError };
 
 const WRITE_FLAGS = C.O_WRONLY | C.O_NOFOLLOW | C.O_CREAT;
 /** More dirty files or directories than this are made durable with one syncfs. */
-const SYNCFS_AFTER = 16;
+const SYNCFS_AFTER = 256;
 let syncfsWorks: boolean | undefined;
 const execFileP = promisify(execFile);
 const MAX_OPEN = 128;
