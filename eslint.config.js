@@ -3,7 +3,7 @@
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["node_modules/**", "proto/gen/**", "**/*.js", "**/*.mjs"] },
+  { ignores: ["node_modules/**", "proto/gen/**", "**/*.js", "**/*.mjs", ".cache/**", "demo/**"] },
   ...tseslint.configs.recommended,
   {
     rules: {

@@ -12,37 +12,13 @@ import { CLI } from "../e2e/harness.ts";
 import { BenchPair, sourcePhases } from "./agents.ts";
 import { CountingProxy, type WireBytes } from "./proxy.ts";
 import { emptyResult, type BenchResult } from "./report.ts";
-import { GiB, KiB, MiB, fileSize, fmtMs, fmtSize, freshDir, mustRun, nowMs, pollUntil, progress, randomBytes, ratio, removeDir, runCmd, seededRandom, sha256File, sleep, writeRandomFile, type BenchContext } from "./util.ts";
+import { quiet } from "./proxy.ts";
+import { parseRsyncStats, GiB, KiB, MiB, fileSize, fmtMs, fmtSize, freshDir, mustRun, nowMs, pollUntil, progress, randomBytes, ratio, removeDir, runCmd, seededRandom, sha256File, sleep, writeRandomFile, type BenchContext } from "./util.ts";
 
 const BLOCK = 64 * KiB;
 const CHANGED_FRACTION = 0.01;
 const GOAL_FACTOR = 1.05;
 
-/** Wait until the proxy's counters have not moved for `quietMs` (as in wire-bytes.ts). */
-export async function quiet(proxy: CountingProxy, quietMs: number, timeoutMs: number): Promise<void> {
-  let last = proxy.snapshot();
-  let since = nowMs();
-  await pollUntil("the wire to go quiet", async () => {
-    const now = proxy.snapshot();
-    if (now.up !== last.up || now.down !== last.down) {
-      last = now;
-      since = nowMs();
-    }
-    return nowMs() - since >= quietMs;
-  }, timeoutMs, 100);
-}
-
-/** rsync's --stats totals (as in wire-bytes.ts). */
-export function parseRsyncStats(out: string): { sent: number; received: number; literal?: number; matched?: number; transferred?: number } {
-  const num = (label: string) => {
-    const m = new RegExp(`${label}:\\s*([\\d,.]+)`).exec(out);
-    return m ? Number(m[1]!.replace(/[,.]/g, "")) : undefined;
-  };
-  const sent = num("Total bytes sent");
-  const received = num("Total bytes received");
-  if (sent === undefined || received === undefined) throw new Error(`rsync --stats output not understood:\n${out}`);
-  return { sent, received, literal: num("Literal data"), matched: num("Matched data"), transferred: num("Number of regular files transferred") };
-}
 
 /** `understudy status --json` of an (insecure) agent. */
 export async function cliStatus(address: string): Promise<StatusResponse> {

@@ -3,6 +3,7 @@
 // puts on the wire (gRPC, HTTP/2 framing, acks, keepalives included), which
 // the agents' own counters cannot tell.
 import { createConnection, createServer, type Server, type Socket } from "node:net";
+import { nowMs, pollUntil } from "./util.ts";
 
 export interface WireBytes {
   /** client → upstream (source → target) */
@@ -68,3 +69,18 @@ export class CountingProxy {
     await new Promise<void>((r) => this.server.close(() => r()));
   }
 }
+
+/** Wait until the proxy's counters have not moved for `quietMs` . */
+export async function quiet(proxy: CountingProxy, quietMs: number, timeoutMs: number): Promise<void> {
+  let last = proxy.snapshot();
+  let since = nowMs();
+  await pollUntil("the wire to go quiet", async () => {
+    const now = proxy.snapshot();
+    if (now.up !== last.up || now.down !== last.down) {
+      last = now;
+      since = nowMs();
+    }
+    return nowMs() - since >= quietMs;
+  }, timeoutMs, 100);
+}
+

@@ -218,3 +218,15 @@ export function outsideCores(a: CpuSnapshot | undefined, b: CpuSnapshot | undefi
   const ticksPerSecond = 100; // USER_HZ on Linux
   return Math.max(0, (b.machineBusy - a.machineBusy - (b.own - a.own)) / ticksPerSecond / ((b.atMs - a.atMs) / 1000));
 }
+
+/** rsync's --stats totals. */
+export function parseRsyncStats(out: string): { sent: number; received: number; literal?: number; matched?: number; transferred?: number } {
+  const num = (label: string) => {
+    const m = new RegExp(`${label}:\\s*([\\d,.]+)`).exec(out);
+    return m ? Number(m[1]!.replace(/[,.]/g, "")) : undefined;
+  };
+  const sent = num("Total bytes sent");
+  const received = num("Total bytes received");
+  if (sent === undefined || received === undefined) throw new Error(`rsync --stats output not understood:\n${out}`);
+  return { sent, received, literal: num("Literal data"), matched: num("Matched data"), transferred: num("Number of regular files transferred") };
+}

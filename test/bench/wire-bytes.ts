@@ -5,9 +5,9 @@
 import { copyFile, mkdir, open } from "node:fs/promises";
 import path from "node:path";
 import { BenchPair, sourcePhases } from "./agents.ts";
-import { CountingProxy, type WireBytes } from "./proxy.ts";
+import { CountingProxy, quiet, type WireBytes } from "./proxy.ts";
 import { emptyResult, type BenchResult } from "./report.ts";
-import { GiB, MiB, fileSize, fmtMB, fmtMs, fmtSize, freshDir, mustRun, nowMs, pollUntil, progress, randomBytes, ratio, removeDir, seededRandom, sha256File, sleep, writeRandomFile, type BenchContext } from "./util.ts";
+import { parseRsyncStats, GiB, MiB, fileSize, fmtMB, fmtMs, fmtSize, freshDir, mustRun, nowMs, pollUntil, progress, randomBytes, ratio, removeDir, seededRandom, sha256File, sleep, writeRandomFile, type BenchContext } from "./util.ts";
 
 const CHANGE = MiB;
 const GOAL_FACTOR = 1.1;
@@ -46,31 +46,6 @@ async function overwrite(file: string, offset: number, data: Buffer): Promise<vo
   } finally {
     await fh.close();
   }
-}
-
-/** Wait until the counters have not moved for `quietMs`. */
-async function quiet(proxy: CountingProxy, quietMs: number, timeoutMs: number): Promise<void> {
-  let last = proxy.snapshot();
-  let since = nowMs();
-  await pollUntil("the wire to go quiet", async () => {
-    const now = proxy.snapshot();
-    if (now.up !== last.up || now.down !== last.down) {
-      last = now;
-      since = nowMs();
-    }
-    return nowMs() - since >= quietMs;
-  }, timeoutMs, 100);
-}
-
-function parseRsyncStats(out: string): { sent: number; received: number; literal?: number; matched?: number } {
-  const num = (label: string) => {
-    const m = new RegExp(`${label}:\\s*([\\d,.]+)`).exec(out);
-    return m ? Number(m[1]!.replace(/[,.]/g, "")) : undefined;
-  };
-  const sent = num("Total bytes sent");
-  const received = num("Total bytes received");
-  if (sent === undefined || received === undefined) throw new Error(`rsync --stats output not understood:\n${out}`);
-  return { sent, received, literal: num("Literal data"), matched: num("Matched data") };
 }
 
 interface UnderstudyWire {
