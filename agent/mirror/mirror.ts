@@ -15,6 +15,7 @@ import path from "node:path";
 import type { Attr, DigestsResponse, ManifestEntryMsg, ManifestResponse, MirrorProgress, Op } from "../wire.ts";
 import { digestAt, hashBlocks, isZero, READ_BYTES } from "../source/blocks.ts";
 import { parentOf, type FileIndex, type IndexEntry } from "../source/file-index.ts";
+import { attrOf } from "../fs/stat.ts";
 
 export type MirrorMode = "full" | "checksum";
 
@@ -250,7 +251,7 @@ export class Mirror {
       const st = await fh.stat({ bigint: true });
       if (Number(st.ino) !== e.ino) return;
       const size = Number(st.size);
-      const attr: Attr = { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(st.mtimeNs / 1_000_000_000n), mtimeNsec: Number(st.mtimeNs % 1_000_000_000n) };
+      const attr = attrOf(st);
       const fresh = !h || (h.nlink > 1 && e.nlink === 1); // a target file shared with other names is replaced, not edited
       let theirs: Buffer | undefined;
       let theirSize = 0;

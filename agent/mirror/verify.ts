@@ -5,11 +5,12 @@
 // again after the target has caught up with the journal, and paths that keep
 // changing meanwhile are counted as in flight, not reported.
 import * as grpc from "@grpc/grpc-js";
-import { constants as C, type BigIntStats } from "node:fs";
+import { constants as C } from "node:fs";
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import path from "node:path";
 import { hashBlocks } from "../source/blocks.ts";
 import { parentOf } from "../source/file-index.ts";
+import { attrOf, kindOf } from "../fs/stat.ts";
 import { MAX_MESSAGE_BYTES, PacketStreamClient, type Attr, type Difference, type ManifestEntryMsg, type ReplicationStreamClient, type VerifyReport } from "../wire.ts";
 
 export type VerifyResult = VerifyReport;
@@ -39,13 +40,6 @@ interface Side {
   stamp: string; // changes when the source object changes
 }
 
-function attrOf(st: BigIntStats): Attr {
-  return { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(st.mtimeNs / 1_000_000_000n), mtimeNsec: Number(st.mtimeNs % 1_000_000_000n) };
-}
-
-function typeOf(st: BigIntStats): string {
-  return st.isFile() ? "f" : st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : "o";
-}
 
 const us = (a: Attr) => BigInt(a.mtimeSec) * 1_000_000n + BigInt(Math.floor(a.mtimeNsec / 1000));
 
@@ -73,7 +67,7 @@ class Verifier {
   private async sourceSide(rel: string): Promise<Side | undefined> {
     const st = await lstat(path.join(this.o.root, rel), { bigint: true }).catch(() => undefined);
     if (!st) return undefined;
-    const type = typeOf(st);
+    const type = kindOf(st);
     if (type === "o" || !this.o.wanted(rel, type === "d")) return undefined;
     return { type, attr: attrOf(st), size: type === "f" ? Number(st.size) : 0, link: type === "l" ? await readlink(path.join(this.o.root, rel)).catch(() => "") : "", stamp: `${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}` };
   }

@@ -12,6 +12,7 @@ import type { Attr, Op } from "../wire.ts";
 import { hashBlocks, digestAt, isZero, READ_BYTES } from "./blocks.ts";
 import type { FileIndex, IndexDelta, IndexEntry } from "./file-index.ts";
 import type { DirWatcher } from "./watcher.ts";
+import { attrOf, kindOf } from "../fs/stat.ts";
 
 /** Largest data carried by one Write op, and by one packet. */
 export const MAX_WRITE = 1024 * 1024;
@@ -91,14 +92,8 @@ function depth(rel: string): number {
 }
 
 function typeOf(st: BigIntStats): "f" | "d" | "l" | undefined {
-  if (st.isFile()) return "f";
-  if (st.isDirectory()) return "d";
-  if (st.isSymbolicLink()) return "l";
-  return undefined; // fifos, sockets, devices: not replicated in watch mode yet
-}
-
-function attrOf(st: BigIntStats): Attr {
-  return { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(st.mtimeNs / 1_000_000_000n), mtimeNsec: Number(st.mtimeNs % 1_000_000_000n) };
+  const k = kindOf(st);
+  return k === "o" ? undefined : k; // fifos, sockets, devices: not replicated in watch mode yet
 }
 
 function entryOf(st: BigIntStats, extra: Partial<IndexEntry> = {}): IndexEntry {

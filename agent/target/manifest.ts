@@ -5,6 +5,7 @@ import { constants } from "node:fs";
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import path from "node:path";
 import { ConfinedRoot, splitRelPath } from "../fs/confine.ts";
+import { attrOf, kindOf } from "../fs/stat.ts";
 import { hashBlocks } from "../source/blocks.ts";
 import type { ManifestEntryMsg, DigestsResponse, ManifestResponse } from "../wire.ts";
 
@@ -38,11 +39,11 @@ export async function listDir(root: string, dir: string, blockSize: number, dige
     const p = path.join(abs, name);
     const st = await lstat(p, { bigint: true }).catch(() => undefined);
     if (!st) continue;
-    const type = st.isFile() ? "f" : st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : "o";
+    const type = kindOf(st);
     const e: ManifestEntryMsg = {
       name,
       type,
-      attr: { mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(st.mtimeNs / 1_000_000_000n), mtimeNsec: Number(st.mtimeNs % 1_000_000_000n) },
+      attr: attrOf(st),
       size: type === "f" ? Number(st.size) : 0,
       link: type === "l" ? await readlink(p).catch(() => "") : "",
       digests: Buffer.alloc(0),

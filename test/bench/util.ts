@@ -151,18 +151,8 @@ export async function writeText(file: string, text: string): Promise<void> {
   await writeFile(file, text);
 }
 
-/** Deterministic xorshift PRNG in [0, 1), so generated trees are the same each run. */
-export function seededRandom(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 0x100000000;
-  };
-}
+/** Deterministic PRNG in [0, 1), so generated trees are the same each run (the e2e workload's). */
+export { rng as seededRandom } from "../e2e/workload.ts";
 
 /** Poll `probe` until it returns something other than undefined/false, or the deadline passes. */
 export async function pollUntil<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs: number, everyMs = 50): Promise<T> {
