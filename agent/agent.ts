@@ -1,18 +1,26 @@
 // An agent process: one gRPC server (Replication for the target role, Control
-// for status) and one SourceSet per configured replication set.
+// for status and changes) and one SourceSet per replication set, whether from
+// the config file or managed by the operator (agent/control/managed-sets.ts).
 import * as grpc from "@grpc/grpc-js";
-import { mkdir, readFile, writeFile } from "node:fs/promises";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { AgentConfig } from "../common/config.ts";
 import type { Logger } from "../common/log.ts";
-import { clientCredentials, serverCredentials } from "../common/tls.ts";
+import { ConfigError } from "../common/config.ts";
+import { clientCredentials, peerCommonName, serverCredentials } from "../common/tls.ts";
 import { AGENT_VERSION, ControlService, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ReplicationService, type ControlServer, type StatusResponse } from "./wire.ts";
+import { loadManagedSpecs, managedSet, saveManagedSpecs, type ManagedSet } from "./control/managed-sets.ts";
 import { Receiver } from "./target/receiver.ts";
 import { SourceSet } from "./source/replication-set.ts";
 
 export class Agent {
   readonly cfg: AgentConfig;
   readonly sets: SourceSet[] = [];
+  /** Managed sets by name (their SourceSet is in `sets` too). */
+  private readonly managed = new Map<string, ManagedSet>();
+  /** ConfigureSet/RemoveSet run one at a time. */
+  private changes: Promise<unknown> = Promise.resolve();
+  private inotifyRaised = false;
   receiver?: Receiver;
   private server?: grpc.Server;
   private readonly log: Logger;
@@ -45,18 +53,85 @@ export class Agent {
     );
     this.server = server;
     this.log.info({ listen: this.cfg.listen, tls: !this.cfg.tls.insecure, version: AGENT_VERSION, protocol: PROTOCOL_VERSION }, "agent listening");
-    if (this.cfg.source?.sets.length) await this.raiseInotifyQueue();
-    const creds = clientCredentials(this.cfg.tls);
-    for (const sc of this.cfg.source?.sets ?? []) {
-      const s = new SourceSet(sc, { agentName: this.cfg.name, dataDir: this.cfg.dataDir, credentials: creds, log: this.log.child({ role: "source" }) });
-      this.sets.push(s);
+    for (const sc of this.cfg.source?.sets ?? []) this.sets.push(this.newSet(sc));
+    for (const spec of await loadManagedSpecs(this.cfg.dataDir)) {
+      try {
+        const m = managedSet(spec, this.cfg.tls.insecure === true);
+        if (this.sets.some((x) => x.cfg.name === m.cfg.name)) throw new Error(`a set named ${m.cfg.name} is in the config file too`);
+        this.managed.set(m.cfg.name, m);
+        this.sets.push(this.newSet(m.cfg));
+      } catch (e) {
+        this.log.error({ set: spec.name, err: (e as Error).message }, "managed replication set left out");
+      }
     }
+    if (this.sets.length) await this.raiseInotifyQueue();
     // Sets start concurrently; a failing one is reported, the others go on.
-    await Promise.all(this.sets.map((s) => s.start().catch((e) => {
+    await Promise.all(this.sets.map((s) => this.startSet(s)));
+  }
+
+  private newSet(sc: SourceSet["cfg"]): SourceSet {
+    return new SourceSet(sc, { agentName: this.cfg.name, dataDir: this.cfg.dataDir, credentials: clientCredentials(this.cfg.tls), log: this.log.child({ role: "source" }) });
+  }
+
+  private startSet(s: SourceSet): Promise<void> {
+    return s.start().catch((e) => {
       s.state = "failed";
       s.lastError = (e as Error).message;
       this.log.error({ set: s.cfg.name, err: e }, "replication set failed to start");
-    })));
+    });
+  }
+
+  /**
+   * Create or change a managed set. Any change restarts the set: its journal,
+   * index and target cursors are on disk, so it resumes where it was (no
+   * mirror), and a changed path or filter is caught by the restart's rescan.
+   * Returns before the set's initial scan, which may take long.
+   */
+  configureSet(spec: Parameters<typeof managedSet>[0]): Promise<{ result: string; specHash: string }> {
+    const run = this.changes.then(async () => {
+      const m = managedSet(spec, this.cfg.tls.insecure === true);
+      const name = m.cfg.name;
+      if (!this.managed.has(name) && this.sets.some((x) => x.cfg.name === name)) throw new ConfigError(`set ${name} is defined in the agent's config file; the operator cannot change it`);
+      const old = this.managed.get(name);
+      if (old?.hash === m.hash) return { result: "unchanged", specHash: m.hash };
+      if (old) await this.closeSet(name);
+      this.managed.set(name, m);
+      await saveManagedSpecs(this.cfg.dataDir, [...this.managed.values()].map((x) => x.spec));
+      if (!this.inotifyRaised) await this.raiseInotifyQueue();
+      const set = this.newSet(m.cfg);
+      this.sets.push(set);
+      void this.startSet(set);
+      this.log.info({ set: name, hash: m.hash, path: m.cfg.path, targets: m.cfg.targets }, old ? "managed set changed; restarted" : "managed set created");
+      return { result: old ? "updated" : "created", specHash: m.hash };
+    });
+    this.changes = run.catch(() => undefined);
+    return run;
+  }
+
+  removeSet(name: string, purge: boolean): Promise<boolean> {
+    const run = this.changes.then(async () => {
+      if (!this.managed.has(name)) {
+        if (this.sets.some((x) => x.cfg.name === name)) throw new ConfigError(`set ${name} is defined in the agent's config file; the operator cannot remove it`);
+        // Already gone (a retried delete): purging again is harmless.
+        if (purge) await rm(path.join(this.cfg.dataDir, "sets", name), { recursive: true, force: true });
+        return false;
+      }
+      await this.closeSet(name);
+      this.managed.delete(name);
+      await saveManagedSpecs(this.cfg.dataDir, [...this.managed.values()].map((x) => x.spec));
+      if (purge) await rm(path.join(this.cfg.dataDir, "sets", name), { recursive: true, force: true });
+      this.log.info({ set: name, purge }, "managed set removed");
+      return true;
+    });
+    this.changes = run.catch(() => undefined);
+    return run;
+  }
+
+  private async closeSet(name: string): Promise<void> {
+    const i = this.sets.findIndex((x) => x.cfg.name === name);
+    if (i < 0) return;
+    const [s] = this.sets.splice(i, 1);
+    await s!.close();
   }
 
   /**
@@ -65,6 +140,7 @@ export class Agent {
    * the next rescan. Running as root, raise the limit (never lower it).
    */
   private async raiseInotifyQueue(): Promise<void> {
+    this.inotifyRaised = true;
     const file = "/proc/sys/fs/inotify/max_queued_events";
     const want = 1_048_576;
     try {
@@ -87,7 +163,7 @@ export class Agent {
       agentVersion: AGENT_VERSION,
       protocolVersion: PROTOCOL_VERSION,
       uptimeSeconds: (Date.now() - this.started) / 1000,
-      sets: this.sets.map((s) => s.status()),
+      sets: this.sets.map((s) => ({ ...s.status(), managed: this.managed.has(s.cfg.name), specHash: this.managed.get(s.cfg.name)?.hash ?? "" })),
       images: [...(this.receiver?.images.values() ?? [])].map((i) => ({ source: i.source, set: i.set, path: i.dir, appliedSeq: i.appliedSeq, connected: i.connected, lastError: i.lastError })),
     };
   }
@@ -98,10 +174,45 @@ export class Agent {
     return s;
   }
 
+  /**
+   * Changing calls need the agent's own certificate (local CLI use) or one whose
+   * CN is in control.admins (the operator). Status is open to any verified peer.
+   */
+  private authorize(call: { getPeer(): string } & object): void {
+    if (this.cfg.tls.insecure) return;
+    const cn = peerCommonName(call);
+    if (cn && (cn === this.cfg.name || this.cfg.control.admins.includes(cn))) return;
+    throw Object.assign(new Error(`client ${cn ?? "(no certificate CN)"} may not change agent ${this.cfg.name}; allowed: ${[this.cfg.name, ...this.cfg.control.admins].join(", ")} (agent config control.admins)`), { code: grpc.status.PERMISSION_DENIED });
+  }
+
   private readonly control: ControlServer = {
     status: (_call, cb) => cb(null, this.status()),
+    configureSet: (call, cb) => {
+      try {
+        this.authorize(call);
+        if (!call.request.spec) throw Object.assign(new Error("ConfigureSet needs a spec"), { code: grpc.status.INVALID_ARGUMENT });
+      } catch (e) {
+        return cb(Object.assign(e as Error, { details: (e as Error).message }));
+      }
+      this.configureSet(call.request.spec).then(
+        (r) => cb(null, r),
+        (e: Error) => cb(Object.assign(e, { code: e instanceof ConfigError ? grpc.status.INVALID_ARGUMENT : grpc.status.INTERNAL, details: e.message })),
+      );
+    },
+    removeSet: (call, cb) => {
+      try {
+        this.authorize(call);
+      } catch (e) {
+        return cb(Object.assign(e as Error, { details: (e as Error).message }));
+      }
+      this.removeSet(call.request.name, call.request.purge).then(
+        (existed) => cb(null, { existed }),
+        (e: Error) => cb(Object.assign(e, { code: e instanceof ConfigError ? grpc.status.FAILED_PRECONDITION : grpc.status.INTERNAL, details: e.message })),
+      );
+    },
     mirror: (call, cb) => {
       try {
+        this.authorize(call);
         const r = call.request;
         const mode = r.mode || "checksum";
         if (mode !== "full" && mode !== "checksum") throw Object.assign(new Error(`mode must be full or checksum, not ${JSON.stringify(r.mode)}`), { code: grpc.status.INVALID_ARGUMENT });
@@ -115,11 +226,17 @@ export class Agent {
     verify: (call, cb) => {
       let s: SourceSet;
       try {
+        this.authorize(call);
         s = this.set(call.request.set);
       } catch (e) {
         return cb(Object.assign(e as Error, { details: (e as Error).message }));
       }
-      s.verify(call.request.target || undefined, call.request.repair).then(
+      const run = s.verify(call.request.target || undefined, call.request.repair);
+      if (call.request.background) {
+        run.catch((e: Error) => this.log.warn({ set: s.cfg.name, err: e.message }, "verify failed"));
+        return cb(null, { set: s.cfg.name, target: call.request.target, startedAt: Date.now() / 1000, finishedAt: 0, ok: false, filesCompared: 0, bytesCompared: 0, differences: [], repaired: 0, error: "", inFlight: 0 });
+      }
+      run.then(
         (r) => cb(null, r),
         (e: Error) => cb(Object.assign(e, { code: grpc.status.FAILED_PRECONDITION, details: e.message })),
       );

@@ -198,4 +198,6 @@ program
     await runDemo({ dir: opts.dir, durationMs: opts.duration ? Number(opts.duration) * 1000 : undefined });
   });
 
+program.addCommand((await import("../operator/main.ts")).operatorCommand(fail));
+
 await program.parseAsync(process.argv);

@@ -1,16 +1,31 @@
-// Client side of an agent's Control service (used by the CLI, tests and, later, the operator).
+// Client side of an agent's Control service (used by the CLI, tests and the operator).
+// Every call has a deadline: a caller (the operator's reconcile loop above all)
+// must never wait on an agent without a bound.
 import * as grpc from "@grpc/grpc-js";
 import type { TlsConfig } from "../common/config.ts";
 import { clientCredentials } from "../common/tls.ts";
-import { ControlClient, type StatusResponse, type VerifyReport } from "./wire.ts";
+import { ControlClient, type SetSpec, type StatusResponse, type VerifyReport } from "./wire.ts";
 
-function call<Q, R>(address: string, tls: TlsConfig, method: "status" | "mirror" | "verify", req: Q, timeoutMs: number): Promise<R> {
-  const client = new ControlClient(address, clientCredentials(tls));
-  const fn = client[method] as unknown as (q: Q, md: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (e: grpc.ServiceError | null, r?: R) => void) => void;
+type Method = "status" | "mirror" | "verify" | "configureSet" | "removeSet";
+
+/** A failed control call; `code` is the gRPC status (e.g. UNAVAILABLE when the agent is down). */
+export class AgentCallError extends Error {
+  readonly code: grpc.status;
+  readonly address: string;
+  constructor(address: string, err: grpc.ServiceError) {
+    super(`agent ${address}: ${err.details || err.message}`);
+    this.code = err.code;
+    this.address = address;
+  }
+}
+
+function call<Q, R>(address: string, tls: TlsConfig, method: Method, req: Q, timeoutMs: number, client?: ControlClient): Promise<R> {
+  const c = client ?? new ControlClient(address, clientCredentials(tls));
+  const fn = c[method] as unknown as (q: Q, md: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (e: grpc.ServiceError | null, r?: R) => void) => void;
   return new Promise<R>((resolve, reject) =>
-    fn.call(client, req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => {
-      client.close();
-      if (err) reject(new Error(`agent ${address}: ${err.details || err.message}`));
+    fn.call(c, req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => {
+      if (!client) c.close();
+      if (err) reject(new AgentCallError(address, err));
       else resolve(res!);
     }),
   );
@@ -21,16 +36,43 @@ export function startMirror(address: string, tls: TlsConfig, req: { set: string;
 }
 
 export function runVerify(address: string, tls: TlsConfig, req: { set: string; target: string; repair: boolean }, timeoutMs = 3_600_000): Promise<VerifyReport> {
-  return call(address, tls, "verify", req, timeoutMs);
+  return call(address, tls, "verify", { ...req, background: false }, timeoutMs);
 }
 
-export async function fetchStatus(address: string, tls: TlsConfig = { insecure: true }, timeoutMs = 5000): Promise<StatusResponse> {
-  const client = new ControlClient(address, clientCredentials(tls));
-  try {
-    return await new Promise<StatusResponse>((resolve, reject) =>
-      client.status({}, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => (err ? reject(new Error(`agent ${address}: ${err.details || err.message}`)) : resolve(res!))),
-    );
-  } finally {
-    client.close();
+export function fetchStatus(address: string, tls: TlsConfig = { insecure: true }, timeoutMs = 5000): Promise<StatusResponse> {
+  return call(address, tls, "status", {}, timeoutMs);
+}
+
+/**
+ * A long-lived connection to one agent, for callers that talk to it often
+ * (the operator): one HTTP/2 channel instead of a TLS handshake per call.
+ */
+export class AgentConnection {
+  readonly address: string;
+  private readonly tls: TlsConfig;
+  private readonly client: ControlClient;
+  constructor(address: string, tls: TlsConfig) {
+    this.address = address;
+    this.tls = tls;
+    this.client = new ControlClient(address, clientCredentials(tls), { "grpc.max_receive_message_length": 64 * 1024 * 1024 });
+  }
+  status(timeoutMs = 5000): Promise<StatusResponse> {
+    return call(this.address, this.tls, "status", {}, timeoutMs, this.client);
+  }
+  configureSet(spec: SetSpec, timeoutMs = 15_000): Promise<{ result: string; specHash: string }> {
+    return call(this.address, this.tls, "configureSet", { spec }, timeoutMs, this.client);
+  }
+  removeSet(name: string, purge: boolean, timeoutMs = 30_000): Promise<{ existed: boolean }> {
+    return call(this.address, this.tls, "removeSet", { name, purge }, timeoutMs, this.client);
+  }
+  mirror(req: { set: string; target: string; mode: string }, timeoutMs = 10_000): Promise<{ started: string[] }> {
+    return call(this.address, this.tls, "mirror", { ...req, blockSize: 0 }, timeoutMs, this.client);
+  }
+  /** Starts a verify and returns; its result shows in status (target.lastVerify). */
+  startVerify(req: { set: string; target: string; repair: boolean }, timeoutMs = 10_000): Promise<VerifyReport> {
+    return call(this.address, this.tls, "verify", { ...req, background: true }, timeoutMs, this.client);
+  }
+  close(): void {
+    this.client.close();
   }
 }

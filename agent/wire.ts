@@ -20,7 +20,8 @@ import {
   type DigestsResponse,
   type Welcome,
 } from "../proto/gen/understudy/v1/replication.ts";
-import { ControlClient, ControlService, type ControlServer, type StatusResponse, type SourceSetStatus, type TargetStatus, type ImageStatus, type MirrorProgress, type VerifyReport, type Difference } from "../proto/gen/understudy/v1/control.ts";
+import { ControlClient, ControlService, SetSpec, type ControlServer, type StatusResponse, type SourceSetStatus, type TargetStatus, type ImageStatus, type MirrorProgress, type VerifyReport, type Difference } from "../proto/gen/understudy/v1/control.ts";
+import { createHash } from "node:crypto";
 import type { CompressionLevel } from "../common/config.ts";
 import pkg from "../package.json" with { type: "json" };
 
@@ -31,9 +32,18 @@ export const AGENT_VERSION: string = pkg.version;
 /** Largest gRPC message either side accepts (a packet holds at most ~4 MiB of data). */
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
-export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet };
+export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet, SetSpec };
 export type { Attr, Op, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, Welcome, MirrorProgress, VerifyReport, Difference };
 export type OpKind = NonNullable<Op["kind"]>["$case"];
+
+/**
+ * Identity of a managed set's spec: the operator compares it with what the
+ * agent reports and calls ConfigureSet only when they differ. Hashing the
+ * protobuf encoding makes both sides agree without a second canonical form.
+ */
+export function setSpecHash(spec: SetSpec): string {
+  return createHash("sha256").update(SetSpec.encode(spec).finish()).digest("hex").slice(0, 16);
+}
 
 const ZSTD_LEVEL: Record<CompressionLevel, number> = { none: 0, fast: 1, balanced: 3, max: 19 };
 

@@ -7,7 +7,7 @@ import { isIP } from "node:net";
 import YAML from "yaml";
 import { z } from "zod";
 
-const UNITS: Record<string, number> = { "": 1, b: 1, k: 1024, kb: 1000, kib: 1024, m: 1024 ** 2, mb: 1e6, mib: 1024 ** 2, g: 1024 ** 3, gb: 1e9, gib: 1024 ** 3, t: 1024 ** 4, tib: 1024 ** 4 };
+const UNITS: Record<string, number> = { "": 1, b: 1, k: 1024, kb: 1000, kib: 1024, m: 1024 ** 2, mb: 1e6, mib: 1024 ** 2, g: 1024 ** 3, gb: 1e9, gib: 1024 ** 3, t: 1024 ** 4, tb: 1e12, tib: 1024 ** 4 };
 
 /** "64KiB", "1.5 GiB", 4096 → bytes. */
 export function parseSize(v: string | number): number {
@@ -101,7 +101,17 @@ export const AgentConfigSchema = z
     listen: hostPort,
     dataDir: z.string().min(1),
     tls: TlsSchema,
-    source: z.object({ sets: z.array(SetSchema).min(1) }).strict().optional(),
+    source: z.object({ sets: z.array(SetSchema).default([]) }).strict().optional(),
+    control: z
+      .object({
+        /**
+         * CNs of client certificates (besides the agent's own) that may change
+         * this agent: configure and remove sets, start mirrors and verifies.
+         */
+        admins: z.array(z.string().min(1)).default(["understudy-operator"]),
+      })
+      .strict()
+      .prefault({}),
     target: z
       .object({
         root: z.string().min(1),
@@ -151,6 +161,24 @@ export function parseAgentConfig(raw: unknown, base: string, file = "<config>"):
   for (const s of c.source?.sets ?? []) s.path = abs(s.path);
   if (c.target) c.target.root = abs(c.target.root);
   return c;
+}
+
+/**
+ * Validate one replication set given over the control service (the operator's
+ * managed sets), with the same rules as a set in the config file.
+ */
+export function parseSetConfig(raw: unknown, insecure: boolean): SetConfig {
+  const r = SetSchema.safeParse(raw);
+  if (!r.success) throw new ConfigError(formatIssues("replication set", r.error));
+  const s = r.data;
+  if (!path.isAbsolute(s.path)) throw new ConfigError(`replication set ${s.name}: path must be absolute, not ${JSON.stringify(s.path)}`);
+  if (insecure) {
+    for (const t of s.targets) {
+      const hp = splitHostPort(t);
+      if (hp && !isLoopback(hp.host)) throw new ConfigError(`replication set ${s.name}: target ${t} is not on loopback, and this agent runs with tls.insecure`);
+    }
+  }
+  return s;
 }
 
 export async function loadAgentConfig(file: string): Promise<AgentConfig> {

@@ -324,7 +324,7 @@ export class SourceSet {
     });
   }
 
-  status(): SourceSetStatus {
+  status(): Omit<SourceSetStatus, "managed" | "specHash"> {
     const jb = this.journal ? this.journal.bytes() : { memory: 0, disk: 0 };
     const now = Date.now();
     return {
@@ -355,6 +355,7 @@ export class SourceSet {
           retries: s.retries,
           mirror: s.mirror,
           lastVerify: this.lastVerify.get(this.cfg.targets[this.senders.indexOf(s)]!),
+          verifying: this.verifying.has(this.cfg.targets[this.senders.indexOf(s)]!),
         };
       }).map((t, i) => ({ ...t, address: this.cfg.targets[i]! })),
     };

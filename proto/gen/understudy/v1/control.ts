@@ -24,9 +24,53 @@ export const protobufPackage = "understudy.v1";
 export const protobufFileName = "understudy/v1/control.proto";
 
 /**
- * Control service of an agent: status now; configure, mirror and verify are
- * added by later features. Used by `understudy status` and the operator.
+ * Control service of an agent: status, mirror, verify, and the replication sets
+ * the operator manages. Used by the CLI and the operator. Status is open to any
+ * verified client; the other calls need the agent's own certificate or one
+ * whose CN is in the agent's `control.admins`.
  */
+
+/**
+ * A replication set as the operator asks for it (the agent config's `sets[]`
+ * entry, with sizes in bytes and durations in milliseconds).
+ */
+export interface SetSpec {
+  name: string;
+  path: string;
+  include: string[];
+  exclude: string[];
+  targets: string[];
+  /** continuous | scheduled */
+  mode: string;
+  intervalMs: number;
+  /** none | fast | balanced | max */
+  compression: string;
+  /** bytes/s per target, 0 = unlimited */
+  bandwidthLimit: number;
+  blockSize: number;
+  queueMemory: number;
+  verifyIntervalMs: number;
+  verifyRepair: boolean;
+}
+
+export interface ConfigureSetRequest {
+  spec: SetSpec | undefined;
+}
+
+export interface ConfigureSetResponse {
+  /** created | updated | unchanged */
+  result: string;
+  specHash: string;
+}
+
+export interface RemoveSetRequest {
+  name: string;
+  purge: boolean;
+}
+
+export interface RemoveSetResponse {
+  existed: boolean;
+}
 
 export interface MirrorRequest {
   set: string;
@@ -47,6 +91,8 @@ export interface VerifyRequest {
   /** "" = the set's first target */
   target: string;
   repair: boolean;
+  /** Return at once; the result appears in Status (target.last_verify). */
+  background: boolean;
 }
 
 export interface Difference {
@@ -109,6 +155,7 @@ export interface TargetStatus {
   retries: number;
   mirror: MirrorProgress | undefined;
   lastVerify: VerifyReport | undefined;
+  verifying: boolean;
 }
 
 export interface SourceSetStatus {
@@ -127,6 +174,10 @@ export interface SourceSetStatus {
    */
   capturedDataBytes: number;
   lastError: string;
+  /** Set by the operator (ConfigureSet) rather than the agent's config file. */
+  managed: boolean;
+  /** Hash of the SetSpec a managed set runs with (see ConfigureSetResponse). */
+  specHash: string;
 }
 
 export interface ImageStatus {
@@ -146,6 +197,404 @@ export interface StatusResponse {
   images: ImageStatus[];
   uptimeSeconds: number;
 }
+
+function createBaseSetSpec(): SetSpec {
+  return {
+    name: "",
+    path: "",
+    include: [],
+    exclude: [],
+    targets: [],
+    mode: "",
+    intervalMs: 0,
+    compression: "",
+    bandwidthLimit: 0,
+    blockSize: 0,
+    queueMemory: 0,
+    verifyIntervalMs: 0,
+    verifyRepair: false,
+  };
+}
+
+export const SetSpec: MessageFns<SetSpec> = {
+  encode(message: SetSpec, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.path !== "") {
+      writer.uint32(18).string(message.path);
+    }
+    for (const v of message.include) {
+      writer.uint32(26).string(v!);
+    }
+    for (const v of message.exclude) {
+      writer.uint32(34).string(v!);
+    }
+    for (const v of message.targets) {
+      writer.uint32(42).string(v!);
+    }
+    if (message.mode !== "") {
+      writer.uint32(50).string(message.mode);
+    }
+    if (message.intervalMs !== 0) {
+      writer.uint32(56).uint64(message.intervalMs);
+    }
+    if (message.compression !== "") {
+      writer.uint32(66).string(message.compression);
+    }
+    if (message.bandwidthLimit !== 0) {
+      writer.uint32(72).uint64(message.bandwidthLimit);
+    }
+    if (message.blockSize !== 0) {
+      writer.uint32(80).uint32(message.blockSize);
+    }
+    if (message.queueMemory !== 0) {
+      writer.uint32(88).uint64(message.queueMemory);
+    }
+    if (message.verifyIntervalMs !== 0) {
+      writer.uint32(96).uint64(message.verifyIntervalMs);
+    }
+    if (message.verifyRepair !== false) {
+      writer.uint32(104).bool(message.verifyRepair);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetSpec {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetSpec();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.include.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.exclude.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.targets.push(reader.string());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.mode = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.intervalMs = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.compression = reader.string();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.bandwidthLimit = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.blockSize = reader.uint32();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.queueMemory = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.verifyIntervalMs = longToNumber(reader.uint64());
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.verifyRepair = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseConfigureSetRequest(): ConfigureSetRequest {
+  return { spec: undefined };
+}
+
+export const ConfigureSetRequest: MessageFns<ConfigureSetRequest> = {
+  encode(message: ConfigureSetRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.spec !== undefined) {
+      SetSpec.encode(message.spec, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigureSetRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigureSetRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.spec = SetSpec.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseConfigureSetResponse(): ConfigureSetResponse {
+  return { result: "", specHash: "" };
+}
+
+export const ConfigureSetResponse: MessageFns<ConfigureSetResponse> = {
+  encode(message: ConfigureSetResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.result !== "") {
+      writer.uint32(10).string(message.result);
+    }
+    if (message.specHash !== "") {
+      writer.uint32(18).string(message.specHash);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ConfigureSetResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseConfigureSetResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.result = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.specHash = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseRemoveSetRequest(): RemoveSetRequest {
+  return { name: "", purge: false };
+}
+
+export const RemoveSetRequest: MessageFns<RemoveSetRequest> = {
+  encode(message: RemoveSetRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.purge !== false) {
+      writer.uint32(16).bool(message.purge);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RemoveSetRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRemoveSetRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.purge = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseRemoveSetResponse(): RemoveSetResponse {
+  return { existed: false };
+}
+
+export const RemoveSetResponse: MessageFns<RemoveSetResponse> = {
+  encode(message: RemoveSetResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.existed !== false) {
+      writer.uint32(8).bool(message.existed);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RemoveSetResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRemoveSetResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.existed = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
 
 function createBaseMirrorRequest(): MirrorRequest {
   return { set: "", target: "", mode: "", blockSize: 0 };
@@ -273,7 +722,7 @@ export const MirrorResponse: MessageFns<MirrorResponse> = {
 };
 
 function createBaseVerifyRequest(): VerifyRequest {
-  return { set: "", target: "", repair: false };
+  return { set: "", target: "", repair: false, background: false };
 }
 
 export const VerifyRequest: MessageFns<VerifyRequest> = {
@@ -286,6 +735,9 @@ export const VerifyRequest: MessageFns<VerifyRequest> = {
     }
     if (message.repair !== false) {
       writer.uint32(24).bool(message.repair);
+    }
+    if (message.background !== false) {
+      writer.uint32(32).bool(message.background);
     }
     return writer;
   },
@@ -325,6 +777,14 @@ export const VerifyRequest: MessageFns<VerifyRequest> = {
             }
 
             message.repair = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.background = reader.bool();
             continue;
           }
         }
@@ -872,6 +1332,7 @@ function createBaseTargetStatus(): TargetStatus {
     retries: 0,
     mirror: undefined,
     lastVerify: undefined,
+    verifying: false,
   };
 }
 
@@ -906,6 +1367,9 @@ export const TargetStatus: MessageFns<TargetStatus> = {
     }
     if (message.lastVerify !== undefined) {
       VerifyReport.encode(message.lastVerify, writer.uint32(82).fork()).join();
+    }
+    if (message.verifying !== false) {
+      writer.uint32(88).bool(message.verifying);
     }
     return writer;
   },
@@ -1003,6 +1467,14 @@ export const TargetStatus: MessageFns<TargetStatus> = {
             message.lastVerify = VerifyReport.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.verifying = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1029,6 +1501,8 @@ function createBaseSourceSetStatus(): SourceSetStatus {
     bytes: 0,
     capturedDataBytes: 0,
     lastError: "",
+    managed: false,
+    specHash: "",
   };
 }
 
@@ -1066,6 +1540,12 @@ export const SourceSetStatus: MessageFns<SourceSetStatus> = {
     }
     if (message.lastError !== "") {
       writer.uint32(90).string(message.lastError);
+    }
+    if (message.managed !== false) {
+      writer.uint32(96).bool(message.managed);
+    }
+    if (message.specHash !== "") {
+      writer.uint32(106).string(message.specHash);
     }
     return writer;
   },
@@ -1169,6 +1649,22 @@ export const SourceSetStatus: MessageFns<SourceSetStatus> = {
             }
 
             message.lastError = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.managed = reader.bool();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.specHash = reader.string();
             continue;
           }
         }
@@ -1417,6 +1913,30 @@ export const ControlService = {
     responseSerialize: (value: VerifyReport): Buffer => Buffer.from(VerifyReport.encode(value).finish()),
     responseDeserialize: (value: Buffer): VerifyReport => VerifyReport.decode(value),
   },
+  /**
+   * Create or change a managed replication set (idempotent: an unchanged spec
+   * is a no-op). Managed sets persist in the agent's data directory.
+   */
+  configureSet: {
+    path: "/understudy.v1.Control/ConfigureSet" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ConfigureSetRequest): Buffer => Buffer.from(ConfigureSetRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ConfigureSetRequest => ConfigureSetRequest.decode(value),
+    responseSerialize: (value: ConfigureSetResponse): Buffer =>
+      Buffer.from(ConfigureSetResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ConfigureSetResponse => ConfigureSetResponse.decode(value),
+  },
+  /** Stop a managed set; with purge, also delete its journal and index. */
+  removeSet: {
+    path: "/understudy.v1.Control/RemoveSet" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RemoveSetRequest): Buffer => Buffer.from(RemoveSetRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RemoveSetRequest => RemoveSetRequest.decode(value),
+    responseSerialize: (value: RemoveSetResponse): Buffer => Buffer.from(RemoveSetResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RemoveSetResponse => RemoveSetResponse.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
@@ -1425,6 +1945,13 @@ export interface ControlServer extends UntypedServiceImplementation {
   mirror: handleUnaryCall<MirrorRequest, MirrorResponse>;
   /** Compare a set with a target's image; optionally repair what differs. */
   verify: handleUnaryCall<VerifyRequest, VerifyReport>;
+  /**
+   * Create or change a managed replication set (idempotent: an unchanged spec
+   * is a no-op). Managed sets persist in the agent's data directory.
+   */
+  configureSet: handleUnaryCall<ConfigureSetRequest, ConfigureSetResponse>;
+  /** Stop a managed set; with purge, also delete its journal and index. */
+  removeSet: handleUnaryCall<RemoveSetRequest, RemoveSetResponse>;
 }
 
 export interface ControlClient extends Client {
@@ -1474,6 +2001,41 @@ export interface ControlClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: VerifyReport) => void,
+  ): ClientUnaryCall;
+  /**
+   * Create or change a managed replication set (idempotent: an unchanged spec
+   * is a no-op). Managed sets persist in the agent's data directory.
+   */
+  configureSet(
+    request: ConfigureSetRequest,
+    callback: (error: ServiceError | null, response: ConfigureSetResponse) => void,
+  ): ClientUnaryCall;
+  configureSet(
+    request: ConfigureSetRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ConfigureSetResponse) => void,
+  ): ClientUnaryCall;
+  configureSet(
+    request: ConfigureSetRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ConfigureSetResponse) => void,
+  ): ClientUnaryCall;
+  /** Stop a managed set; with purge, also delete its journal and index. */
+  removeSet(
+    request: RemoveSetRequest,
+    callback: (error: ServiceError | null, response: RemoveSetResponse) => void,
+  ): ClientUnaryCall;
+  removeSet(
+    request: RemoveSetRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RemoveSetResponse) => void,
+  ): ClientUnaryCall;
+  removeSet(
+    request: RemoveSetRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RemoveSetResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -1,0 +1,93 @@
+// How the operator reaches agents: one long-lived mTLS connection per address,
+// and a short-lived status cache shared by every pair on that agent (500 pairs
+// on one agent cost one Status call per interval, not 500). Every call has a
+// deadline, so a reconcile never waits on an agent without a bound.
+import type { TlsConfig } from "../common/config.ts";
+import { AgentConnection } from "../agent/control-client.ts";
+import type { SetSpec, StatusResponse, VerifyReport } from "../agent/wire.ts";
+
+/** What reconcilers need from agents (a fake implements it in unit tests). */
+export interface AgentDirectory {
+  status(address: string): Promise<StatusResponse>;
+  configureSet(address: string, spec: SetSpec): Promise<{ result: string; specHash: string }>;
+  removeSet(address: string, name: string, purge: boolean): Promise<{ existed: boolean }>;
+  mirror(address: string, req: { set: string; target: string; mode: string }): Promise<{ started: string[] }>;
+  startVerify(address: string, req: { set: string; target: string; repair: boolean }): Promise<VerifyReport>;
+  /** Forget the cached status (after a change, so the next read is fresh). */
+  invalidate(address: string): void;
+}
+
+export interface AgentPoolOptions {
+  tls: TlsConfig;
+  /** How long one Status answer serves every pair on that agent. */
+  statusTtlMs?: number;
+  timeoutMs?: number;
+  /** Observe each call (metrics). */
+  onCall?: (method: string, ok: boolean, seconds: number) => void;
+}
+
+export class AgentPool implements AgentDirectory {
+  private readonly conns = new Map<string, AgentConnection>();
+  private readonly cache = new Map<string, { at: number; value: Promise<StatusResponse> }>();
+  private readonly o: Required<Omit<AgentPoolOptions, "onCall">> & Pick<AgentPoolOptions, "onCall">;
+
+  constructor(o: AgentPoolOptions) {
+    this.o = { statusTtlMs: 1000, timeoutMs: 5000, ...o };
+  }
+
+  private conn(address: string): AgentConnection {
+    let c = this.conns.get(address);
+    if (!c) this.conns.set(address, (c = new AgentConnection(address, this.o.tls)));
+    return c;
+  }
+
+  private async timed<T>(method: string, fn: () => Promise<T>): Promise<T> {
+    const t0 = performance.now();
+    try {
+      const r = await fn();
+      this.o.onCall?.(method, true, (performance.now() - t0) / 1000);
+      return r;
+    } catch (e) {
+      this.o.onCall?.(method, false, (performance.now() - t0) / 1000);
+      throw e;
+    }
+  }
+
+  status(address: string): Promise<StatusResponse> {
+    const hit = this.cache.get(address);
+    if (hit && Date.now() - hit.at < this.o.statusTtlMs) return hit.value;
+    // Single flight: concurrent readers share one call; a failure is not cached.
+    const value = this.timed("status", () => this.conn(address).status(this.o.timeoutMs));
+    this.cache.set(address, { at: Date.now(), value });
+    value.catch(() => {
+      if (this.cache.get(address)?.value === value) this.cache.delete(address);
+    });
+    return value;
+  }
+
+  configureSet(address: string, spec: SetSpec): Promise<{ result: string; specHash: string }> {
+    this.invalidate(address);
+    return this.timed("configureSet", () => this.conn(address).configureSet(spec, this.o.timeoutMs * 3)).finally(() => this.invalidate(address));
+  }
+
+  removeSet(address: string, name: string, purge: boolean): Promise<{ existed: boolean }> {
+    return this.timed("removeSet", () => this.conn(address).removeSet(name, purge, this.o.timeoutMs * 6)).finally(() => this.invalidate(address));
+  }
+
+  mirror(address: string, req: { set: string; target: string; mode: string }): Promise<{ started: string[] }> {
+    return this.timed("mirror", () => this.conn(address).mirror(req, this.o.timeoutMs)).finally(() => this.invalidate(address));
+  }
+
+  startVerify(address: string, req: { set: string; target: string; repair: boolean }): Promise<VerifyReport> {
+    return this.timed("verify", () => this.conn(address).startVerify(req, this.o.timeoutMs)).finally(() => this.invalidate(address));
+  }
+
+  invalidate(address: string): void {
+    this.cache.delete(address);
+  }
+
+  close(): void {
+    for (const c of this.conns.values()) c.close();
+    this.conns.clear();
+  }
+}

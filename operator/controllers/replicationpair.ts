@@ -1,0 +1,160 @@
+// The ReplicationPair reconciler: from a pair (read from the informer's cache)
+// and what its agents report, to the source agent running the pair's set and a
+// status that tells the truth. One idempotent pass per key; it never sleeps,
+// every agent call has a deadline, and it returns when to look again.
+import { AgentCallError } from "../../agent/control-client.ts";
+import { setSpecHash } from "../../agent/wire.ts";
+import type { Logger } from "../../common/log.ts";
+import type { AgentDirectory } from "../agents.ts";
+import { MIRROR_ANNOTATION, MIRROR_MODE_ANNOTATION, PAIR_FINALIZER, VERIFY_ANNOTATION, VERIFY_REPAIR_ANNOTATION, type ReplicationPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
+import { computeStatus, type AgentView } from "./pair-status.ts";
+import { desiredSetSpec, setNameFor } from "./desired.ts";
+import * as grpc from "@grpc/grpc-js";
+
+/** Writes to the API server (the real one is operator/kube.ts; tests may fake it). */
+export interface PairWriter {
+  addFinalizer(pair: ReplicationPair): Promise<void>;
+  removeFinalizer(pair: ReplicationPair): Promise<void>;
+  patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void>;
+}
+
+export interface EventRecorder {
+  event(obj: ReplicationPair, type: "Normal" | "Warning", reason: string, message: string): void;
+}
+
+export interface Result {
+  requeueAfterMs?: number;
+}
+
+export interface PairReconcilerOptions {
+  get: (namespace: string, name: string) => ReplicationPair | undefined;
+  writer: PairWriter;
+  agents: AgentDirectory;
+  events: EventRecorder;
+  log: Logger;
+  /** How often a healthy pair's status is refreshed. */
+  statusIntervalMs: number;
+  now?: () => Date;
+}
+
+const FAST_MS = 2000;
+
+export class ReplicationPairReconciler {
+  private readonly o: PairReconcilerOptions;
+  constructor(o: PairReconcilerOptions) {
+    this.o = o;
+  }
+
+  async reconcile(key: string): Promise<Result> {
+    const [namespace, name] = key.split("/") as [string, string];
+    const pair = this.o.get(namespace, name);
+    if (!pair) return {}; // deleted, and its finalizer already done
+    const log = this.o.log.child({ pair: key });
+    const setName = setNameFor(pair);
+    const source = pair.spec.source.agent.address;
+
+    if (pair.metadata.deletionTimestamp) return this.finalize(pair, setName, log);
+    if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) await this.o.writer.addFinalizer(pair);
+
+    // 1. The source agent runs the desired set.
+    const desired = desiredSetSpec(pair);
+    const hash = setSpecHash(desired);
+    const view: AgentView = {};
+    let configError: string | undefined;
+    try {
+      view.status = await this.o.agents.status(source);
+    } catch (e) {
+      view.error = (e as Error).message;
+    }
+    if (view.status) {
+      try {
+        const current = view.status.sets.find((s) => s.name === setName);
+        if (current && !current.managed) throw new Error(`source agent ${source} has a set named ${setName} in its config file`);
+        if (current?.specHash !== hash) {
+          const r = await this.o.agents.configureSet(source, desired);
+          log.info({ result: r.result, set: setName }, "configured the source agent");
+          this.o.events.event(pair, "Normal", r.result === "created" ? "SetCreated" : "SetUpdated", `replication set ${setName} ${r.result} on source agent ${source} (${desired.path} → ${desired.targets.join(", ")})`);
+          view.status = await this.o.agents.status(source);
+        }
+      } catch (e) {
+        // Unreachable now: try again later. Anything else (bad path, not allowed …) is for a person to fix.
+        if (e instanceof AgentCallError && (e.code === grpc.status.UNAVAILABLE || e.code === grpc.status.DEADLINE_EXCEEDED)) view.error = e.message;
+        else configError = (e as Error).message;
+      }
+    }
+
+    // 2. Requests made through annotations, each handled once.
+    const handled: Partial<ReplicationPairStatus> = {};
+    if (view.status && !configError) {
+      const ann = pair.metadata.annotations ?? {};
+      const mirrorReq = ann[MIRROR_ANNOTATION];
+      if (mirrorReq && mirrorReq !== pair.status?.lastHandledMirrorRequest && view.status.sets.some((s) => s.name === setName)) {
+        const mode = ann[MIRROR_MODE_ANNOTATION] ?? pair.spec.mirror?.mode ?? "checksum";
+        try {
+          await this.o.agents.mirror(source, { set: setName, target: "", mode });
+          this.o.events.event(pair, "Normal", "MirrorStarted", `${mode} mirror to every target started (request ${mirrorReq})`);
+        } catch (e) {
+          this.o.events.event(pair, "Warning", "MirrorRefused", `mirror request ${mirrorReq}: ${(e as Error).message}`);
+        }
+        handled.lastHandledMirrorRequest = mirrorReq;
+      }
+      const verifyReq = ann[VERIFY_ANNOTATION];
+      const set = view.status.sets.find((s) => s.name === setName);
+      if (verifyReq && verifyReq !== pair.status?.lastHandledVerifyRequest && set && set.state === "replicating") {
+        const repair = ann[VERIFY_REPAIR_ANNOTATION] === "true";
+        const started: string[] = [];
+        for (const t of pair.spec.targets) {
+          try {
+            await this.o.agents.startVerify(source, { set: setName, target: t.agent.address, repair });
+            started.push(t.name);
+          } catch (e) {
+            this.o.events.event(pair, "Warning", "VerifyRefused", `verify of ${t.name}: ${(e as Error).message}`);
+          }
+        }
+        if (started.length) this.o.events.event(pair, "Normal", "VerifyStarted", `verify${repair ? " with repair" : ""} of ${started.join(", ")} started (request ${verifyReq})`);
+        handled.lastHandledVerifyRequest = verifyReq;
+      }
+      if (handled.lastHandledMirrorRequest || handled.lastHandledVerifyRequest) view.status = await this.o.agents.status(source).catch(() => view.status);
+    }
+
+    // 3. What the targets say about their replicas.
+    const targets = new Map<string, AgentView>();
+    await Promise.all(pair.spec.targets.map(async (t) => {
+      try {
+        targets.set(t.agent.address, { status: await this.o.agents.status(t.agent.address) });
+      } catch (e) {
+        targets.set(t.agent.address, { error: (e as Error).message });
+      }
+    }));
+
+    // 4. Status, and an Event for each condition that flipped.
+    const { status, transitions } = computeStatus(pair, { now: this.o.now?.() ?? new Date(), setName, source: view, configError, targets });
+    Object.assign(status, handled);
+    if (JSON.stringify(status) !== JSON.stringify(pair.status ?? {})) await this.o.writer.patchStatus(pair, status);
+    for (const t of transitions) {
+      const warn = (t.type === "Degraded" && t.status === "True") || (t.type !== "Degraded" && t.status === "False" && t.type !== "Mirrored") || (t.type === "Mirrored" && t.reason === "MirrorFailed");
+      this.o.events.event(pair, warn ? "Warning" : "Normal", t.type === "Degraded" && t.status === "False" && pair.status?.conditions?.length ? "Recovered" : t.reason, `${t.type}=${t.status}: ${t.message}`);
+    }
+
+    const busy = status.phase !== "Replicating" || status.targets?.some((t) => t.mirror?.active || t.lastVerify?.result === "Running");
+    return { requeueAfterMs: busy ? FAST_MS : this.o.statusIntervalMs };
+  }
+
+  /** The pair is being deleted: stop replication on the source, then let it go. */
+  private async finalize(pair: ReplicationPair, setName: string, log: Logger): Promise<Result> {
+    if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) return {};
+    const source = pair.spec.source.agent.address;
+    try {
+      const r = await this.o.agents.removeSet(source, setName, true);
+      log.info({ existed: r.existed }, "replication stopped on the source agent");
+    } catch (e) {
+      const msg = `cannot stop replication on source agent ${source}: ${(e as Error).message}; retrying (to give up, remove the finalizer ${PAIR_FINALIZER} — the agent would then go on replicating until its set is removed)`;
+      this.o.events.event(pair, "Warning", "CleanupPending", msg);
+      log.warn({ err: (e as Error).message }, "finalizer waits for the source agent");
+      return { requeueAfterMs: 10_000 };
+    }
+    this.o.events.event(pair, "Normal", "Deleted", `replication set ${setName} removed from source agent ${source}; the replicas on the targets are kept`);
+    await this.o.writer.removeFinalizer(pair);
+    return {};
+  }
+}

@@ -1,0 +1,116 @@
+// The operator's side of the Kubernetes API: informer caches for the CRs, the
+// writes reconcilers make (finalizers and status, both guarded by
+// resourceVersion so a stale cache cannot overwrite newer state), and Events.
+import { ApiException, CoreV1Api, CustomObjectsApi, PatchStrategy, makeInformer, setHeaderOptions, type Informer, type KubeConfig, type KubernetesListObject, type KubernetesObject, type ObjectCache } from "@kubernetes/client-node";
+import { randomBytes } from "node:crypto";
+import type { Logger } from "../common/log.ts";
+import { GROUP, PAIR_FINALIZER, REPLICATION_PAIRS, VERSION, type ReplicationPair, type ReplicationPairStatus } from "./api/v1alpha1/index.ts";
+import type { EventRecorder, PairWriter } from "./controllers/replicationpair.ts";
+import { errText } from "./runtime/leader-election.ts";
+
+const merge = setHeaderOptions("Content-Type", PatchStrategy.MergePatch);
+
+/** A list+watch cache of one resource, restarted with backoff when its watch fails (client-node leaves that to the caller). */
+export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: string, namespace: string | undefined, log: Logger): Informer<T> & ObjectCache<T> {
+  const api = kc.makeApiClient(CustomObjectsApi);
+  const path = namespace ? `/apis/${GROUP}/${VERSION}/namespaces/${namespace}/${plural}` : `/apis/${GROUP}/${VERSION}/${plural}`;
+  const list = async (): Promise<KubernetesListObject<T>> =>
+    (namespace ? await api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural }) : await api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })) as KubernetesListObject<T>;
+  const inf = makeInformer<T>(kc, path, list);
+  let delay = 1000;
+  inf.on("connect", () => (delay = 1000));
+  inf.on("error", (err) => {
+    log.warn({ resource: plural, err: errText(err), retryMs: delay }, "watch failed; restarting");
+    setTimeout(() => void inf.start().catch(() => undefined), delay).unref();
+    delay = Math.min(delay * 2, 30_000);
+  });
+  return inf;
+}
+
+export class KubePairWriter implements PairWriter {
+  private readonly api: CustomObjectsApi;
+  constructor(kc: KubeConfig) {
+    this.api = kc.makeApiClient(CustomObjectsApi);
+  }
+
+  private patch(pair: ReplicationPair, body: object, status = false): Promise<unknown> {
+    const req = { group: GROUP, version: VERSION, namespace: pair.metadata.namespace!, plural: REPLICATION_PAIRS, name: pair.metadata.name!, body };
+    return status ? this.api.patchNamespacedCustomObjectStatus(req, merge) : this.api.patchNamespacedCustomObject(req, merge);
+  }
+
+  async addFinalizer(pair: ReplicationPair): Promise<void> {
+    await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion, finalizers: [...(pair.metadata.finalizers ?? []), PAIR_FINALIZER] } });
+  }
+
+  async removeFinalizer(pair: ReplicationPair): Promise<void> {
+    try {
+      await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion, finalizers: (pair.metadata.finalizers ?? []).filter((f) => f !== PAIR_FINALIZER) } });
+    } catch (e) {
+      if (e instanceof ApiException && e.code === 404) return;
+      throw e;
+    }
+  }
+
+  async patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void> {
+    await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status }, true);
+  }
+}
+
+/**
+ * core/v1 Events as `kubectl describe` shows them. Repeats of one event within
+ * ten minutes raise its count instead of adding objects (as client-go's
+ * recorder does); sending never blocks or fails a reconcile.
+ */
+export class KubeEventRecorder implements EventRecorder {
+  private readonly api: CoreV1Api;
+  private readonly seen = new Map<string, { name: string; count: number; first: string; at: number }>();
+  private readonly component: string;
+  private readonly instance: string;
+  private readonly log: Logger;
+  constructor(kc: KubeConfig, o: { component: string; instance: string; log: Logger }) {
+    this.api = kc.makeApiClient(CoreV1Api);
+    this.component = o.component;
+    this.instance = o.instance;
+    this.log = o.log;
+  }
+
+  event(obj: ReplicationPair, type: "Normal" | "Warning", reason: string, message: string): void {
+    void this.send(obj, type, reason, message.slice(0, 1024)).catch((e) => this.log.warn({ reason, err: errText(e) }, "could not record event"));
+  }
+
+  private async send(obj: ReplicationPair, type: string, reason: string, message: string): Promise<void> {
+    const ns = obj.metadata.namespace!;
+    const key = `${obj.metadata.uid}|${type}|${reason}|${message}`;
+    const now = new Date();
+    const prev = this.seen.get(key);
+    if (prev && now.getTime() - prev.at < 600_000) {
+      prev.count++;
+      prev.at = now.getTime();
+      try {
+        await this.api.patchNamespacedEvent({ name: prev.name, namespace: ns, body: { count: prev.count, lastTimestamp: now } }, merge);
+        return;
+      } catch (e) {
+        if (!(e instanceof ApiException && e.code === 404)) throw e;
+      }
+    }
+    if (this.seen.size > 10_000) this.seen.clear();
+    const name = `${obj.metadata.name}.${randomBytes(8).toString("hex")}`;
+    this.seen.set(key, { name, count: 1, first: now.toISOString(), at: now.getTime() });
+    await this.api.createNamespacedEvent({
+      namespace: ns,
+      body: {
+        metadata: { name, namespace: ns },
+        involvedObject: { apiVersion: obj.apiVersion ?? `${GROUP}/${VERSION}`, kind: obj.kind ?? "ReplicationPair", name: obj.metadata.name, namespace: ns, uid: obj.metadata.uid, resourceVersion: obj.metadata.resourceVersion },
+        reason,
+        message,
+        type,
+        count: 1,
+        firstTimestamp: now,
+        lastTimestamp: now,
+        source: { component: this.component },
+        reportingComponent: this.component,
+        reportingInstance: this.instance,
+      },
+    });
+  }
+}

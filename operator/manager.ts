@@ -1,0 +1,188 @@
+// Wires the operator together, as controller-runtime's manager does: informer
+// caches start at once (a standby is ready to take over); workers start only
+// on the replica holding the Lease; /metrics, /healthz and /readyz serve all
+// along. Losing the Lease ends the process, so a deposed leader never acts.
+import { KubeConfig } from "@kubernetes/client-node";
+import { randomBytes } from "node:crypto";
+import { hostname } from "node:os";
+import type { Server } from "node:http";
+import type { TlsConfig } from "../common/config.ts";
+import type { Logger } from "../common/log.ts";
+import { AgentPool } from "./agents.ts";
+import { REPLICATION_PAIRS, getCondition, type ReplicationPair } from "./api/v1alpha1/index.ts";
+import { ReplicationPairReconciler } from "./controllers/replicationpair.ts";
+import { KubeEventRecorder, KubePairWriter, crInformer } from "./kube.ts";
+import { OperatorMetrics } from "./metrics.ts";
+import { serveHttp } from "./runtime/http.ts";
+import { LeaderElector, errText } from "./runtime/leader-election.ts";
+import { WorkQueue } from "./runtime/workqueue.ts";
+
+export interface OperatorOptions {
+  kubeconfig?: string;
+  /** Watch only this namespace (default: all). */
+  namespace?: string;
+  leaderElect: boolean;
+  leaderElectionNamespace: string;
+  leaderElectionId: string;
+  leaseDurationMs?: number;
+  renewDeadlineMs?: number;
+  retryPeriodMs?: number;
+  metricsBind: string;
+  healthBind: string;
+  agentTls: TlsConfig;
+  workers: number;
+  statusIntervalMs: number;
+  /** Bound on one reconcile, Kubernetes calls included. */
+  reconcileTimeoutMs?: number;
+  log: Logger;
+}
+
+const CONTROLLER = "replicationpair";
+
+export class Operator {
+  readonly metrics = new OperatorMetrics();
+  readonly identity = `${hostname()}_${randomBytes(4).toString("hex")}`;
+  private readonly o: OperatorOptions;
+  private readonly kc = new KubeConfig();
+  private readonly queue = new WorkQueue();
+  private readonly pool: AgentPool;
+  private elector?: LeaderElector;
+  private servers: Server[] = [];
+  private synced = false;
+  private stopping = false;
+  private workers: Promise<void>[] = [];
+  private informer?: ReturnType<typeof crInformer<ReplicationPair>>;
+  /** What last triggered a reconcile per key: status-only updates (our own writes) do not. */
+  private readonly seen = new Map<string, string>();
+
+  constructor(o: OperatorOptions) {
+    this.o = o;
+    if (o.kubeconfig) this.kc.loadFromFile(o.kubeconfig);
+    else this.kc.loadFromDefault();
+    this.pool = new AgentPool({
+      tls: o.agentTls,
+      statusTtlMs: 1000,
+      onCall: (method, ok, s) => {
+        this.metrics.agentCalls.inc({ method, result: ok ? "ok" : "error" });
+        this.metrics.agentCallSeconds.observe({ method }, s);
+      },
+    });
+    this.queue.onDequeue = (ms) => this.metrics.queueWaitSeconds.observe({ controller: CONTROLLER }, ms / 1000);
+  }
+
+  get isLeader(): boolean {
+    return !this.o.leaderElect || (this.elector?.isLeader ?? false);
+  }
+
+  async start(): Promise<void> {
+    const log = this.o.log;
+    this.servers = (await Promise.all([
+      serveHttp(this.o.metricsBind, { registry: this.metrics.registry }),
+      serveHttp(this.o.healthBind, {
+        probes: {
+          healthy: () => !this.stopping,
+          ready: () => (this.synced ? { ok: true } : { ok: false, why: "caches not synced" }),
+        },
+      }),
+    ])).filter((s): s is Server => !!s);
+
+    const inf = (this.informer = crInformer<ReplicationPair>(this.kc, REPLICATION_PAIRS, this.o.namespace, log));
+    const keyOf = (p: ReplicationPair) => `${p.metadata.namespace}/${p.metadata.name}`;
+    const trigger = (p: ReplicationPair) => JSON.stringify([p.metadata.generation, p.metadata.annotations ?? {}, p.metadata.deletionTimestamp ?? "", p.metadata.finalizers ?? []]);
+    const onChange = (p: ReplicationPair) => {
+      const k = keyOf(p);
+      const t = trigger(p);
+      if (this.seen.get(k) === t) return;
+      this.seen.set(k, t);
+      this.queue.add(k);
+    };
+    inf.on("add", onChange);
+    inf.on("update", onChange);
+    inf.on("delete", (p) => {
+      this.seen.delete(keyOf(p));
+      this.metrics.forgetPair(p.metadata.namespace!, p.metadata.name!);
+      this.queue.add(keyOf(p));
+    });
+    await inf.start();
+    this.synced = true;
+    log.info({ pairs: inf.list().length, namespace: this.o.namespace ?? "(all)" }, "caches synced");
+
+    if (this.o.leaderElect) {
+      this.elector = new LeaderElector(this.kc, {
+        namespace: this.o.leaderElectionNamespace,
+        name: this.o.leaderElectionId,
+        identity: this.identity,
+        leaseDurationMs: this.o.leaseDurationMs,
+        renewDeadlineMs: this.o.renewDeadlineMs,
+        retryPeriodMs: this.o.retryPeriodMs,
+        log,
+      });
+      await this.elector.run((why) => {
+        log.fatal({ why }, "leadership lost; exiting so a fresh replica takes over");
+        process.exit(1);
+      });
+      if (this.stopping) return;
+    }
+    this.metrics.leader.set(1);
+    const reconciler = new ReplicationPairReconciler({
+      get: (ns, name) => inf.get(name, ns),
+      writer: new KubePairWriter(this.kc),
+      agents: this.pool,
+      events: new KubeEventRecorder(this.kc, { component: "understudy-operator", instance: this.identity, log }),
+      log: log.child({ controller: CONTROLLER }),
+      statusIntervalMs: this.o.statusIntervalMs,
+    });
+    for (const p of inf.list()) this.queue.add(keyOf(p));
+    for (let i = 0; i < this.o.workers; i++) this.workers.push(this.work(reconciler));
+    log.info({ workers: this.o.workers, identity: this.identity }, "reconciling");
+  }
+
+  private async work(r: ReplicationPairReconciler): Promise<void> {
+    const timeoutMs = this.o.reconcileTimeoutMs ?? 60_000;
+    for (;;) {
+      this.metrics.queueDepth.set({ controller: CONTROLLER }, this.queue.length);
+      const key = await this.queue.get();
+      if (key === undefined) return;
+      const end = this.metrics.reconcileSeconds.startTimer({ controller: CONTROLLER });
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        const res = await Promise.race([
+          r.reconcile(key),
+          new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`reconcile took longer than ${timeoutMs} ms`)), timeoutMs))),
+        ]);
+        this.queue.forget(key);
+        if (res.requeueAfterMs) this.queue.addAfter(key, res.requeueAfterMs);
+        this.metrics.reconciles.inc({ controller: CONTROLLER, result: "success" });
+        this.observePair(key);
+      } catch (e) {
+        const retryMs = this.queue.addRateLimited(key);
+        this.metrics.reconciles.inc({ controller: CONTROLLER, result: "error" });
+        this.o.log.warn({ pair: key, err: errText(e), retryMs, failures: this.queue.numRequeues(key) }, "reconcile failed; will retry");
+      } finally {
+        clearTimeout(timer);
+        end();
+        this.queue.done(key);
+      }
+    }
+  }
+
+  private observePair(key: string): void {
+    const [ns, name] = key.split("/") as [string, string];
+    const p = this.informer?.get(name, ns);
+    if (!p?.status) return;
+    this.metrics.pairLag.set({ namespace: ns, name }, p.status.lagSeconds ?? 0);
+    this.metrics.pairQueued.set({ namespace: ns, name }, p.status.queuedBytes ?? 0);
+    this.metrics.pairReady.set({ namespace: ns, name }, getCondition(p.status.conditions, "Ready")?.status === "True" ? 1 : 0);
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.queue.shutDown();
+    await Promise.race([Promise.all(this.workers), new Promise((r) => setTimeout(r, 10_000))]);
+    await this.elector?.release();
+    await this.informer?.stop().catch(() => undefined);
+    this.pool.close();
+    for (const s of this.servers) s.close();
+    this.o.log.info("operator stopped");
+  }
+}
