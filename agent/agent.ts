@@ -9,7 +9,7 @@ import type { Logger } from "../common/log.ts";
 import { ConfigError } from "../common/config.ts";
 import { clientCredentials, peerCommonName, serverCredentials } from "../common/tls.ts";
 import { AGENT_VERSION, ControlService, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ReplicationService, type ControlServer, type StatusResponse } from "./wire.ts";
-import { loadManagedSpecs, managedSet, saveManagedSpecs, type ManagedSet } from "./control/managed-sets.ts";
+import { loadManagedSpecs, managedSet, saveManagedSpecs, SET_NAME, type ManagedSet } from "./control/managed-sets.ts";
 import { Receiver } from "./target/receiver.ts";
 import { SourceSet } from "./source/replication-set.ts";
 
@@ -20,6 +20,8 @@ export class Agent {
   private readonly managed = new Map<string, ManagedSet>();
   /** ConfigureSet/RemoveSet run one at a time. */
   private changes: Promise<unknown> = Promise.resolve();
+  /** Each set's start(): a set is closed only after it (close() does not stop a start half-way). */
+  private readonly starts = new WeakMap<SourceSet, Promise<void>>();
   private inotifyRaised = false;
   receiver?: Receiver;
   private server?: grpc.Server;
@@ -74,11 +76,13 @@ export class Agent {
   }
 
   private startSet(s: SourceSet): Promise<void> {
-    return s.start().catch((e) => {
+    const run = s.start().catch((e) => {
       s.state = "failed";
       s.lastError = (e as Error).message;
       this.log.error({ set: s.cfg.name, err: e }, "replication set failed to start");
     });
+    this.starts.set(s, run);
+    return run;
   }
 
   /**
@@ -109,6 +113,8 @@ export class Agent {
   }
 
   removeSet(name: string, purge: boolean): Promise<boolean> {
+    // The name becomes a path (purge deletes <dataDir>/sets/<name>): "" or "../x" must never get there.
+    if (!SET_NAME.test(name)) return Promise.reject(Object.assign(new Error(`not a set name: ${JSON.stringify(name)}`), { code: grpc.status.INVALID_ARGUMENT }));
     const run = this.changes.then(async () => {
       if (!this.managed.has(name)) {
         if (this.sets.some((x) => x.cfg.name === name)) throw new ConfigError(`set ${name} is defined in the agent's config file; the operator cannot remove it`);
@@ -131,6 +137,7 @@ export class Agent {
     const i = this.sets.findIndex((x) => x.cfg.name === name);
     if (i < 0) return;
     const [s] = this.sets.splice(i, 1);
+    await this.starts.get(s!);
     await s!.close();
   }
 
@@ -207,7 +214,7 @@ export class Agent {
       }
       this.removeSet(call.request.name, call.request.purge).then(
         (existed) => cb(null, { existed }),
-        (e: Error) => cb(Object.assign(e, { code: e instanceof ConfigError ? grpc.status.FAILED_PRECONDITION : grpc.status.INTERNAL, details: e.message })),
+        (e: Error) => cb(Object.assign(e, { code: e instanceof ConfigError ? grpc.status.FAILED_PRECONDITION : ((e as { code?: number }).code ?? grpc.status.INTERNAL), details: e.message })),
       );
     },
     mirror: (call, cb) => {
@@ -228,6 +235,8 @@ export class Agent {
       try {
         this.authorize(call);
         s = this.set(call.request.set);
+        // A background verify reports only through status: a bad target must fail the call.
+        if (call.request.target && !s.cfg.targets.includes(call.request.target)) throw Object.assign(new Error(`set ${s.cfg.name} has no target ${call.request.target} (targets: ${s.cfg.targets.join(", ")})`), { code: grpc.status.NOT_FOUND });
       } catch (e) {
         return cb(Object.assign(e as Error, { details: (e as Error).message }));
       }

@@ -8,12 +8,21 @@ import { ControlClient, type SetSpec, type StatusResponse, type VerifyReport } f
 
 type Method = "status" | "mirror" | "verify" | "configureSet" | "removeSet";
 
+/**
+ * gRPC's UNAVAILABLE text ("No connection established. Last error: Error:
+ * connect ECONNREFUSED 1.2.3.4:7702. Resolution note: ") → "connect ECONNREFUSED 1.2.3.4:7702".
+ */
+export function tidyGrpcMessage(msg: string): string {
+  const m = /Last error: (?:Error: )?(.*?)\.?\s*(?:Resolution note:.*)?$/s.exec(msg);
+  return (m ? m[1]! : msg).trim();
+}
+
 /** A failed control call; `code` is the gRPC status (e.g. UNAVAILABLE when the agent is down). */
 export class AgentCallError extends Error {
   readonly code: grpc.status;
   readonly address: string;
   constructor(address: string, err: grpc.ServiceError) {
-    super(`agent ${address}: ${err.details || err.message}`);
+    super(`agent ${address}: ${tidyGrpcMessage(err.details || err.message)}`);
     this.code = err.code;
     this.address = address;
   }

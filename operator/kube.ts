@@ -10,13 +10,23 @@ import { errText } from "./runtime/leader-election.ts";
 
 const merge = setHeaderOptions("Content-Type", PatchStrategy.MergePatch);
 
-/** A list+watch cache of one resource, restarted with backoff when its watch fails (client-node leaves that to the caller). */
-export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: string, namespace: string | undefined, log: Logger): Informer<T> & ObjectCache<T> {
+/**
+ * A list+watch cache of one resource, restarted with backoff when its watch
+ * fails (client-node leaves that to the caller). `synced` resolves after the
+ * first successful list (client-node's start() resolves even when it failed).
+ */
+export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: string, namespace: string | undefined, log: Logger): Informer<T> & ObjectCache<T> & { synced: Promise<void> } {
   const api = kc.makeApiClient(CustomObjectsApi);
   const path = namespace ? `/apis/${GROUP}/${VERSION}/namespaces/${namespace}/${plural}` : `/apis/${GROUP}/${VERSION}/${plural}`;
-  const list = async (): Promise<KubernetesListObject<T>> =>
-    (namespace ? await api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural }) : await api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })) as KubernetesListObject<T>;
-  const inf = makeInformer<T>(kc, path, list);
+  let markSynced!: () => void;
+  const synced = new Promise<void>((r) => (markSynced = r));
+  const list = async (): Promise<KubernetesListObject<T>> => {
+    const l = (namespace ? await api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural }) : await api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })) as KubernetesListObject<T>;
+    // Resolved once the informer has stored these items (it does so right after this returns).
+    queueMicrotask(markSynced);
+    return l;
+  };
+  const inf = Object.assign(makeInformer<T>(kc, path, list), { synced });
   let delay = 1000;
   inf.on("connect", () => (delay = 1000));
   inf.on("error", (err) => {
@@ -38,8 +48,9 @@ export class KubePairWriter implements PairWriter {
     return status ? this.api.patchNamespacedCustomObjectStatus(req, merge) : this.api.patchNamespacedCustomObject(req, merge);
   }
 
-  async addFinalizer(pair: ReplicationPair): Promise<void> {
-    await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion, finalizers: [...(pair.metadata.finalizers ?? []), PAIR_FINALIZER] } });
+  async addFinalizer(pair: ReplicationPair): Promise<string | undefined> {
+    const updated = (await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion, finalizers: [...(pair.metadata.finalizers ?? []), PAIR_FINALIZER] } })) as ReplicationPair;
+    return updated.metadata?.resourceVersion;
   }
 
   async removeFinalizer(pair: ReplicationPair): Promise<void> {

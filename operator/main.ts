@@ -61,7 +61,9 @@ export function operatorCommand(fail: (msg: string) => never): Command {
       }
       const [leaseDurationMs, renewDeadlineMs, retryPeriodMs, statusIntervalMs] = durations as [number, number, number, number];
       const log = createLogger("understudy-operator", f.logLevel);
-      const op = new Operator({
+      let op: Operator;
+      try {
+        op = new Operator({
         kubeconfig: f.kubeconfig,
         namespace: f.namespace,
         leaderElect: f.leaderElect,
@@ -77,6 +79,9 @@ export function operatorCommand(fail: (msg: string) => never): Command {
         statusIntervalMs,
         log,
       });
+      } catch (e) {
+        fail((e as Error).message);
+      }
       let stopping = false;
       const stop = (sig: string) => {
         if (stopping) return;

@@ -58,7 +58,13 @@ export class Operator {
   constructor(o: OperatorOptions) {
     this.o = o;
     if (o.kubeconfig) this.kc.loadFromFile(o.kubeconfig);
-    else this.kc.loadFromDefault();
+    else {
+      this.kc.loadFromDefault();
+      // client-node falls back to http://localhost:8080 when it finds nothing: say so instead.
+      if (!process.env.KUBECONFIG && !process.env.KUBERNETES_SERVICE_HOST && this.kc.getCurrentCluster()?.server === "http://localhost:8080") {
+        throw new Error("no Kubernetes configuration found: give --kubeconfig, set KUBECONFIG, or run in a cluster");
+      }
+    }
     this.pool = new AgentPool({
       tls: o.agentTls,
       statusTtlMs: 1000,
@@ -104,6 +110,7 @@ export class Operator {
       this.queue.add(keyOf(p));
     });
     await inf.start();
+    await inf.synced;
     this.synced = true;
     log.info({ pairs: inf.list().length, namespace: this.o.namespace ?? "(all)" }, "caches synced");
 

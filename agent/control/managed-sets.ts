@@ -6,6 +6,9 @@ import path from "node:path";
 import { parseSetConfig, type SetConfig } from "../../common/config.ts";
 import { SetSpec, setSpecHash } from "../wire.ts";
 
+/** A set name (the rule of the config file's `sets[].name`); also a directory name under <dataDir>/sets. */
+export const SET_NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
+
 export interface ManagedSet {
   spec: SetSpec;
   hash: string;

@@ -1,5 +1,6 @@
 // Pure: what a ReplicationPair's status should say, from what the operator saw
 // of its agents. No I/O here, so every rule is table-tested (test/unit).
+import { tidyGrpcMessage } from "../../agent/control-client.ts";
 import type { StatusResponse, TargetStatus as AgentTargetStatus, VerifyReport, MirrorProgress } from "../../agent/wire.ts";
 import { ConditionType, Reason, setCondition, type Condition, type ConditionStatus, type MirrorStatus, type ReplicationPair, type ReplicationPairStatus, type TargetStatus, type VerifyResult } from "../api/v1alpha1/index.ts";
 
@@ -84,9 +85,12 @@ function verifyResult(targetName: string, r: VerifyReport | undefined, running: 
   };
 }
 
-/** A running verify keeps the last finished result for the Verified condition. */
-function finished(v: VerifyResult | undefined, prev: VerifyResult | undefined): VerifyResult | undefined {
-  return v?.result === "Running" ? (prev?.result !== "Running" ? prev : undefined) : v;
+/**
+ * A running verify keeps the last finished result for the Verified condition:
+ * the one the agent still reports, else the one recorded before the run.
+ */
+function finished(name: string, v: VerifyResult | undefined, agentLast: VerifyReport | undefined, prev: VerifyResult | undefined): VerifyResult | undefined {
+  return v?.result === "Running" ? verifyResult(name, agentLast, false, prev?.result !== "Running" ? prev : undefined) : v;
 }
 
 export function computeStatus(pair: ReplicationPair, obs: Observation): { status: ReplicationPairStatus; transitions: Transition[] } {
@@ -102,7 +106,7 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
     const st: AgentTargetStatus | undefined = set?.targets.find((t) => t.address === address);
     const tview = obs.targets.get(address);
     const image = src && tview?.status?.images.find((i) => i.source === src.name && i.set === obs.setName);
-    const errors = [st?.lastError, tview?.error ? `operator cannot reach the target agent: ${tview.error}` : undefined, image?.lastError].filter(Boolean);
+    const errors = [st?.lastError ? tidyGrpcMessage(st.lastError) : undefined, tview?.error ? `operator cannot reach the target agent: ${tview.error}` : undefined, image?.lastError].filter(Boolean);
     return {
       name: spec.name,
       address,
@@ -173,7 +177,7 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
   } else set1(ConditionType.Mirrored, "True", Reason.MirrorComplete, `every target holds a complete copy (last mirror finished ${targets.map((t) => t.mirror?.finishedAt).filter(Boolean).sort().at(-1) ?? "earlier"})`);
 
   // Verified: the last finished verify of every target passed.
-  const lastFinished = targets.map((t) => finished(t.lastVerify, prevTargets.get(t.name)?.lastVerify));
+  const lastFinished = targets.map((t) => finished(t.name, t.lastVerify, set?.targets.find((s) => s.address === t.address)?.lastVerify, prevTargets.get(t.name)?.lastVerify));
   const vFailed = targets.filter((_, i) => lastFinished[i]?.result === "Failed");
   const vError = targets.filter((_, i) => lastFinished[i]?.result === "Error");
   const vNone = targets.filter((_, i) => !lastFinished[i]);

@@ -6,14 +6,15 @@ import { AgentCallError } from "../../agent/control-client.ts";
 import { setSpecHash } from "../../agent/wire.ts";
 import type { Logger } from "../../common/log.ts";
 import type { AgentDirectory } from "../agents.ts";
-import { MIRROR_ANNOTATION, MIRROR_MODE_ANNOTATION, PAIR_FINALIZER, VERIFY_ANNOTATION, VERIFY_REPAIR_ANNOTATION, type ReplicationPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
+import { MIRROR_ANNOTATION, MIRROR_MODE_ANNOTATION, PAIR_FINALIZER, Reason, VERIFY_ANNOTATION, VERIFY_REPAIR_ANNOTATION, type ReplicationPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
 import { computeStatus, type AgentView } from "./pair-status.ts";
 import { desiredSetSpec, setNameFor } from "./desired.ts";
 import * as grpc from "@grpc/grpc-js";
 
 /** Writes to the API server (the real one is operator/kube.ts; tests may fake it). */
 export interface PairWriter {
-  addFinalizer(pair: ReplicationPair): Promise<void>;
+  /** Returns the pair's new resourceVersion. */
+  addFinalizer(pair: ReplicationPair): Promise<string | undefined>;
   removeFinalizer(pair: ReplicationPair): Promise<void>;
   patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void>;
 }
@@ -39,6 +40,8 @@ export interface PairReconcilerOptions {
 
 const FAST_MS = 2000;
 
+const WARNING_REASONS = new Set<string>([Reason.SourceUnreachable, Reason.TargetUnreachable, Reason.TargetDegraded, Reason.TargetRefused, Reason.ConfigRejected, Reason.SetFailed, Reason.MirrorFailed, Reason.DifferencesFound, Reason.VerifyError]);
+
 export class ReplicationPairReconciler {
   private readonly o: PairReconcilerOptions;
   constructor(o: PairReconcilerOptions) {
@@ -47,14 +50,18 @@ export class ReplicationPairReconciler {
 
   async reconcile(key: string): Promise<Result> {
     const [namespace, name] = key.split("/") as [string, string];
-    const pair = this.o.get(namespace, name);
-    if (!pair) return {}; // deleted, and its finalizer already done
+    const cached = this.o.get(namespace, name);
+    if (!cached) return {}; // deleted, and its finalizer already done
+    const pair = structuredClone(cached); // never modify the informer's cache
     const log = this.o.log.child({ pair: key });
     const setName = setNameFor(pair);
     const source = pair.spec.source.agent.address;
 
     if (pair.metadata.deletionTimestamp) return this.finalize(pair, setName, log);
-    if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) await this.o.writer.addFinalizer(pair);
+    if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) {
+      const rv = await this.o.writer.addFinalizer(pair);
+      pair.metadata = { ...pair.metadata, resourceVersion: rv ?? pair.metadata.resourceVersion, finalizers: [...(pair.metadata.finalizers ?? []), PAIR_FINALIZER] };
+    }
 
     // 1. The source agent runs the desired set.
     const desired = desiredSetSpec(pair);
@@ -131,9 +138,14 @@ export class ReplicationPairReconciler {
     const { status, transitions } = computeStatus(pair, { now: this.o.now?.() ?? new Date(), setName, source: view, configError, targets });
     Object.assign(status, handled);
     if (JSON.stringify(status) !== JSON.stringify(pair.status ?? {})) await this.o.writer.patchStatus(pair, status);
+    const had = new Set((pair.status?.conditions ?? []).map((c) => c.type));
     for (const t of transitions) {
-      const warn = (t.type === "Degraded" && t.status === "True") || (t.type !== "Degraded" && t.status === "False" && t.type !== "Mirrored") || (t.type === "Mirrored" && t.reason === "MirrorFailed");
-      this.o.events.event(pair, warn ? "Warning" : "Normal", t.type === "Degraded" && t.status === "False" && pair.status?.conditions?.length ? "Recovered" : t.reason, `${t.type}=${t.status}: ${t.message}`);
+      const warn = WARNING_REASONS.has(t.reason);
+      // A new pair's first conditions are news only when bad; Ready repeats the cause another event gives.
+      if (!had.has(t.type) && !warn) continue;
+      if (t.type === "Ready" && t.status === "False" && transitions.some((o) => o !== t && o.reason === t.reason)) continue;
+      const reason = t.type === "Degraded" && t.status === "False" ? "Recovered" : t.reason;
+      this.o.events.event(pair, warn ? "Warning" : "Normal", reason, `${t.type}=${t.status}: ${t.message}`);
     }
 
     const busy = status.phase !== "Replicating" || status.targets?.some((t) => t.mirror?.active || t.lastVerify?.result === "Running");

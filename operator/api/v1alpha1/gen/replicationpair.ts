@@ -59,13 +59,13 @@ export interface ReplicationSetSpec {
    */
   path: string;
   /**
-   * Glob patterns (relative to path) of files to replicate.
+   * Glob patterns, relative to path, of files to replicate (** matches any depth; dotfiles included).
    *
    * @maxItems 256
    */
   include?: string[];
   /**
-   * Glob patterns of files and directories to leave out.
+   * Glob patterns, relative to path, of files and directories to leave out, e.g. ** /*.tmp or cache/**.
    *
    * @maxItems 256
    */

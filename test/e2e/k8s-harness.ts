@@ -1,0 +1,153 @@
+// Helpers for operator tests on the real control plane (test/env/cluster.ts):
+// agents with mTLS certificates from one CA, the operator as a process with a
+// given kubeconfig, and reading ReplicationPairs back through kubectl.
+import { spawn, type ChildProcess } from "node:child_process";
+import { copyFile, mkdir, readFile, writeFile } from "node:fs/promises";
+import { openSync } from "node:fs";
+import path from "node:path";
+import YAML from "yaml";
+import { createCA, issueCert } from "../../common/tls.ts";
+import type { TlsConfig } from "../../common/config.ts";
+import type { Cluster } from "../env/cluster.ts";
+import type { ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
+import { AgentProc, CLI, freePort, waitFor } from "./harness.ts";
+
+/** A CA and certificates for agents and the operator (CN understudy-operator). */
+export class Pki {
+  readonly dir: string;
+  constructor(dir: string) {
+    this.dir = dir;
+  }
+  static async create(dir: string): Promise<Pki> {
+    await mkdir(dir, { recursive: true });
+    await createCA(dir);
+    return new Pki(dir);
+  }
+  async tlsFor(name: string): Promise<TlsConfig & { ca: string; cert: string; key: string }> {
+    const r = await issueCert({ caDir: this.dir, name, hosts: ["127.0.0.1", "localhost"], outDir: this.dir });
+    return { ca: r.caPath, cert: r.certPath, key: r.keyPath };
+  }
+  /** The operator's --agent-tls-dir (the layout of a kubernetes.io/tls Secret plus ca.crt). */
+  async operatorTlsDir(): Promise<string> {
+    const t = await this.tlsFor("understudy-operator");
+    const dir = path.join(this.dir, "operator-tls");
+    await mkdir(dir, { recursive: true });
+    await copyFile(t.ca, path.join(dir, "ca.crt"));
+    await copyFile(t.cert, path.join(dir, "tls.crt"));
+    await copyFile(t.key, path.join(dir, "tls.key"));
+    return dir;
+  }
+}
+
+/** An agent with mTLS, a data dir under `dir`, and optionally a target root. */
+export async function tlsAgent(pki: Pki, dir: string, name: string, o: { targetRoot?: string } = {}): Promise<{ agent: AgentProc; tls: TlsConfig }> {
+  const port = await freePort();
+  const tls = await pki.tlsFor(name);
+  const cfg: Record<string, unknown> = { name, listen: `127.0.0.1:${port}`, dataDir: path.join(dir, `state-${name}`), tls };
+  if (o.targetRoot) cfg.target = { root: o.targetRoot };
+  const file = path.join(dir, `${name}.yaml`);
+  await writeFile(file, YAML.stringify(cfg));
+  return { agent: new AgentProc(name, file, port, path.join(dir, `${name}.log`)), tls };
+}
+
+/** The operator as a process, the way the chart's Deployment runs it. */
+export class OperatorProc {
+  proc?: ChildProcess;
+  readonly logPath: string;
+  readonly healthPort: number;
+  readonly metricsPort: number;
+  private readonly args: string[];
+  private exited?: Promise<number | null>;
+
+  private constructor(args: string[], logPath: string, healthPort: number, metricsPort: number) {
+    this.args = args;
+    this.logPath = logPath;
+    this.healthPort = healthPort;
+    this.metricsPort = metricsPort;
+  }
+
+  static async create(o: { kubeconfig: string; tlsDir: string; logPath: string; namespace?: string; leaseNamespace: string; extra?: string[] }): Promise<OperatorProc> {
+    const [hp, mp] = [await freePort(), await freePort()];
+    const args = [CLI, "operator", "--kubeconfig", o.kubeconfig, "--agent-tls-dir", o.tlsDir, "--leader-election-namespace", o.leaseNamespace, "--health-probe-bind-address", `127.0.0.1:${hp}`, "--metrics-bind-address", `127.0.0.1:${mp}`,
+      // short leases so a handover test takes seconds, not the default 15
+      "--lease-duration", "6s", "--renew-deadline", "4s", "--retry-period", "1s", "--status-interval", "2s", ...(o.namespace ? ["--namespace", o.namespace] : []), ...(o.extra ?? [])];
+    return new OperatorProc(args, o.logPath, hp, mp);
+  }
+
+  async start(): Promise<void> {
+    const fd = openSync(this.logPath, "a");
+    this.proc = spawn(process.execPath, this.args, { stdio: ["ignore", fd, fd], env: { ...process.env, KUBECONFIG: "" } });
+    const p = this.proc;
+    this.exited = new Promise((r) => p.once("exit", (code) => r(code)));
+    await waitFor("operator /readyz", async () => {
+      if (p.exitCode !== null) throw new Error(`operator exited with ${p.exitCode}; log:\n${await this.log()}`);
+      const r = await fetch(`http://127.0.0.1:${this.healthPort}/readyz`).catch(() => undefined);
+      return r?.ok ?? false;
+    }, 30_000, 200);
+  }
+
+  async metrics(): Promise<string> {
+    return (await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`)).text();
+  }
+
+  async log(): Promise<string> {
+    return readFile(this.logPath, "utf8").catch(() => "");
+  }
+
+  get pid(): number {
+    return this.proc!.pid!;
+  }
+
+  async kill9(): Promise<void> {
+    if (!this.proc || this.proc.exitCode !== null) return;
+    this.proc.kill("SIGKILL");
+    await this.exited;
+  }
+
+  async stop(): Promise<void> {
+    if (!this.proc || this.proc.exitCode !== null) return;
+    this.proc.kill("SIGTERM");
+    const t = setTimeout(() => this.proc?.kill("SIGKILL"), 15_000);
+    await this.exited;
+    clearTimeout(t);
+  }
+}
+
+export async function kubectlOk(c: Cluster, args: string[], input?: string): Promise<string> {
+  const r = await c.kubectl(args, { input });
+  if (r.code !== 0) throw new Error(`kubectl ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
+  return r.stdout;
+}
+
+export async function getPair(c: Cluster, ns: string, name: string): Promise<ReplicationPair | undefined> {
+  const r = await c.kubectl(["get", "replicationpair", name, "-n", ns, "-o", "json"]);
+  if (r.code !== 0) return undefined;
+  return JSON.parse(r.stdout) as ReplicationPair;
+}
+
+export function condition(p: ReplicationPair | undefined, type: string): { status?: string; reason?: string; message?: string } {
+  return p?.status?.conditions?.find((c) => c.type === type) ?? {};
+}
+
+/** Wait until a condition of the pair has this status (re-reading the pair from the API server each time). */
+export async function waitCondition(c: Cluster, ns: string, name: string, type: string, status: string, timeoutMs = 60_000, reason?: RegExp): Promise<ReplicationPair> {
+  let last: ReplicationPair | undefined;
+  try {
+    return await waitFor(`${ns}/${name} ${type}=${status}${reason ? ` (${reason})` : ""}`, async () => {
+      last = await getPair(c, ns, name);
+      const cond = condition(last, type);
+      return cond.status === status && (!reason || reason.test(cond.reason ?? "")) && last!.status?.observedGeneration === last!.metadata.generation ? last : undefined;
+    }, timeoutMs, 500);
+  } catch (e) {
+    throw new Error(`${(e as Error).message}\nlast conditions: ${JSON.stringify(last?.status?.conditions ?? [], null, 1)}`);
+  }
+}
+
+export function pairYaml(o: { name: string; namespace: string; source: string; targets: { name: string; address: string }[]; path: string; extra?: Record<string, unknown> }): string {
+  return YAML.stringify({
+    apiVersion: "understudy.dev/v1alpha1",
+    kind: "ReplicationPair",
+    metadata: { name: o.name, namespace: o.namespace },
+    spec: { source: { agent: { address: o.source } }, targets: o.targets.map((t) => ({ name: t.name, agent: { address: t.address } })), replicationSet: { path: o.path }, ...o.extra },
+  });
+}
