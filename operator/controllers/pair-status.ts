@@ -172,7 +172,8 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
   } else if (failed.length) set1(ConditionType.Mirrored, "False", Reason.MirrorFailed, `mirror to ${failed[0]!.name} did not complete: ${failed[0]!.mirror!.result}`);
   else if (never.length) {
     // No mirror recorded, but a target that is replicating needed none (its copy was current).
-    const prevMirrored = conds.find((c) => c.type === ConditionType.Mirrored)?.status === "True";
+    // ... unless the target is new to this pair (added by a spec change).
+    const prevMirrored = conds.find((c) => c.type === ConditionType.Mirrored)?.status === "True" && never.every((t) => prevTargets.has(t.name));
     if (!prevMirrored) set1(ConditionType.Mirrored, "False", Reason.MirrorPending, `waiting for the first mirror to ${never.map((t) => t.name).join(", ")}`);
   } else set1(ConditionType.Mirrored, "True", Reason.MirrorComplete, `every target holds a complete copy (last mirror finished ${targets.map((t) => t.mirror?.finishedAt).filter(Boolean).sort().at(-1) ?? "earlier"})`);
 

@@ -64,16 +64,22 @@ export class ReplicationPairReconciler {
     }
 
     // 1. The source agent runs the desired set.
-    const desired = desiredSetSpec(pair);
-    const hash = setSpecHash(desired);
     const view: AgentView = {};
     let configError: string | undefined;
+    let desired: ReturnType<typeof desiredSetSpec> | undefined;
+    let hash = "";
+    try {
+      desired = desiredSetSpec(pair);
+      hash = setSpecHash(desired);
+    } catch (e) {
+      configError = `spec cannot be turned into a replication set: ${(e as Error).message}`;
+    }
     try {
       view.status = await this.o.agents.status(source);
     } catch (e) {
       view.error = (e as Error).message;
     }
-    if (view.status) {
+    if (view.status && desired) {
       try {
         const current = view.status.sets.find((s) => s.name === setName);
         if (current && !current.managed) throw new Error(`source agent ${source} has a set named ${setName} in its config file`);

@@ -19,6 +19,7 @@ import { goalsTable, machineInfo, machineLines, metText, outsideText, renderMark
 import { benchThroughput } from "./throughput.ts";
 import { benchVerify } from "./verify.ts";
 import { benchWireBytes } from "./wire-bytes.ts";
+import { benchOperatorScale } from "./operator-scale.ts";
 import { cpuSnapshot, nowMs, outsideCores, progress, type BenchContext } from "./util.ts";
 
 const BENCHMARKS: [string, (ctx: BenchContext) => Promise<BenchResult>][] = [
@@ -29,6 +30,7 @@ const BENCHMARKS: [string, (ctx: BenchContext) => Promise<BenchResult>][] = [
   ["5", benchInitialCopy],
   ["6", benchChecksumMirror],
   ["7", benchVerify],
+  ["8", benchOperatorScale],
 ];
 
 const METHODOLOGY = [

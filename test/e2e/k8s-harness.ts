@@ -10,7 +10,7 @@ import { createCA, issueCert } from "../../common/tls.ts";
 import type { TlsConfig } from "../../common/config.ts";
 import type { Cluster } from "../env/cluster.ts";
 import type { ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
-import { AgentProc, CLI, freePort, waitFor } from "./harness.ts";
+import { AgentProc, CLI, REPO, freePort, waitFor } from "./harness.ts";
 
 /** A CA and certificates for agents and the operator (CN understudy-operator). */
 export class Pki {
@@ -150,4 +150,13 @@ export function pairYaml(o: { name: string; namespace: string; source: string; t
     metadata: { name: o.name, namespace: o.namespace },
     spec: { source: { agent: { address: o.source } }, targets: o.targets.map((t) => ({ name: t.name, agent: { address: t.address } })), replicationSet: { path: o.path }, ...o.extra },
   });
+}
+
+/** Apply crds/ and wait until the API server serves them (kubectl wait fails if asked too early). */
+export async function installCrds(c: Cluster): Promise<void> {
+  await kubectlOk(c, ["apply", "-f", path.join(REPO, "crds")]);
+  await waitFor("CRDs established", async () => {
+    const out = await kubectlOk(c, ["get", "crd", "replicationpairs.understudy.dev", "failoverpolicies.understudy.dev", "-o", `jsonpath={range .items[*]}{.status.conditions[?(@.type=="Established")].status}{" "}{end}`]);
+    return out.trim() === "True True";
+  }, 30_000, 250);
 }

@@ -24,17 +24,17 @@ log() { echo "[build-k8s] $*" >&2; }
 have_all() { [[ -x "$BIN/kube-apiserver" && -x "$BIN/kubectl" && -x "$BIN/etcd" && -x "$BIN/helm" ]]; }
 # cached: no Go toolchain needed at all
 if have_all; then echo "$BIN"; exit 0; fi
-# etcd v3.6.16 and helm v3.22.0 declare `go 1.26.0`, and GOTOOLCHAIN=local below
-# forbids fetching a newer toolchain: say so up front rather than mid-build
-command -v go >/dev/null || { log "go is not installed (Go >= 1.26 is needed: https://go.dev/dl/)"; exit 1; }
-gominor="$(go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')"
-[[ -n "$gominor" && "$gominor" -ge 26 ]] || { log "Go >= 1.26 is needed, found $(go env GOVERSION) (https://go.dev/dl/)"; exit 1; }
+# etcd v3.6.16 and helm v3.22.0 declare `go 1.26.0`. An older Go (Debian's
+# golang-go, say) fetches that toolchain from the module proxy itself.
+command -v go >/dev/null || { log "go is not installed (apt-get install golang-go, or Go >= 1.26 from https://go.dev/dl/)"; exit 1; }
+gominor="$(GOTOOLCHAIN=local go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')"
+if [[ -n "$gominor" && "$gominor" -ge 26 ]]; then toolchain=local; else toolchain="${UNDERSTUDY_GO_TOOLCHAIN:-go1.26.8}"; log "using Go toolchain $toolchain from the module proxy (local Go is $(GOTOOLCHAIN=local go env GOVERSION))"; fi
 
 mkdir -p "$BIN"
 # two test processes starting at once on a fresh machine must not both write the same binaries
 exec 9>"$BIN/.build.lock"
 flock 9
-export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN="$toolchain"
 work="$(mktemp -d "${TMPDIR:-/tmp}/understudy-k8sbuild.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 

@@ -154,12 +154,12 @@ test("a target agent the operator cannot reach, while the source still replicate
 });
 
 test("an active mirror: phase Mirroring, Mirrored False with the percentage", () => {
-  const m = mirror({ active: true, mode: "full", filesDone: 3, filesTotal: 12, bytesDone: 256 * 1024, bytesTotal: 1024 * 1024, finishedAt: 0, result: "" });
+  const m = mirror({ active: true, mode: "full", filesDone: 3, filesTotal: 10, bytesDone: 256 * 1024, bytesTotal: 1024 * 1024, finishedAt: 0, result: "" });
   const { status } = computeStatus(pair(healthy()), observe(source([target({ state: "replicating", mirror: m })])));
   assert.equal(status.phase, "Mirroring");
   const c = cond(status, "Mirrored");
   assert.deepEqual([c.status, c.reason], ["False", "Mirroring"]);
-  assert.match(c.message, /^full mirror to dr: 25% \(3\/12 files, 256KiB\/1\.0MiB\)$/);
+  assert.match(c.message, /^full mirror to dr: 25% \(3\/10 files, 256KiB\/1\.0MiB\)$/);
   assert.equal(status.mirror, "25% 256KiB/1.0MiB");
   assert.deepEqual([status.targets![0]!.mirror?.active, status.targets![0]!.mirror?.result], [true, "running"]);
   assert.deepEqual(summary(status).Ready, ["False", "Mirroring"]);
@@ -193,6 +193,17 @@ test("an agent that restarted (mirror startedAt 0) keeps the recorded Mirrored=T
     assert.equal(status.phase, "Replicating");
     assert.deepEqual(transitions, []);
   }
+});
+
+test("Mirrored=True also survives a restart where no per-target mirror was recorded; without it, the first mirror is pending", () => {
+  const before = healthy();
+  for (const t of before.targets!) delete t.mirror;
+  const restarted = target({ mirror: mirror({ startedAt: 0, finishedAt: 0, result: "" }) });
+  const { status, transitions } = computeStatus(pair(before), observe(source([restarted])));
+  assert.deepEqual(summary(status).Mirrored, ["True", "MirrorComplete"]);
+  assert.deepEqual(transitions, []);
+  const fresh = computeStatus(pair(), observe(source([restarted]))).status;
+  assert.deepEqual(summary(fresh).Mirrored, ["False", "MirrorPending"]);
 });
 
 test("a verify that found differences: Verified False DifferencesFound, with a sample", () => {

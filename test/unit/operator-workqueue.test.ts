@@ -12,6 +12,13 @@ const PENDING = Symbol("pending");
 /** Let settled promises run their callbacks. */
 const flush = () => new Promise<void>((r) => setImmediate(r));
 
+/** What get() hands out at once (PENDING if it waits), without ever hanging a test. */
+async function take(q: WorkQueue): Promise<string | undefined | typeof PENDING> {
+  const w = watch(q.get());
+  await flush();
+  return w.value;
+}
+
 /** A get() whose outcome can be looked at without awaiting it. */
 function watch(p: Promise<string | undefined>): { value: string | undefined | typeof PENDING } {
   const w: { value: string | undefined | typeof PENDING } = { value: PENDING };
@@ -25,8 +32,8 @@ test("a key added twice is handed out once", async () => {
   q.add("a");
   q.add("b");
   assert.equal(q.length, 2);
-  assert.equal(await q.get(), "a");
-  assert.equal(await q.get(), "b");
+  assert.equal(await take(q), "a");
+  assert.equal(await take(q), "b");
   const third = watch(q.get());
   await flush();
   assert.equal(third.value, PENDING, "a duplicate add must not be handed out again");
@@ -38,7 +45,7 @@ test("a key added twice is handed out once", async () => {
 test("a key added while processed waits for done() and then comes back exactly once", async () => {
   const q = new WorkQueue();
   q.add("a");
-  assert.equal(await q.get(), "a");
+  assert.equal(await take(q), "a");
   q.add("a");
   q.add("a");
   assert.equal(q.length, 0, "a key being processed is not queued");
@@ -66,10 +73,10 @@ test("a waiting worker gets a key as soon as it is added, and other keys are not
   assert.equal(w1.value, "a");
   q.add("a"); // while processed
   q.add("b");
-  assert.equal(await q.get(), "b");
+  assert.equal(await take(q), "b");
   q.done("b");
   q.done("a");
-  assert.equal(await q.get(), "a");
+  assert.equal(await take(q), "a");
   q.shutDown();
 });
 
@@ -83,7 +90,7 @@ test("addAfter: the key arrives after its delay, a shorter delay wins over a lon
   assert.equal(q.length, 0);
   t.mock.timers.tick(1);
   assert.equal(q.length, 1, "the shorter delay replaced the longer one");
-  assert.equal(await q.get(), "a");
+  assert.equal(await take(q), "a");
   q.done("a");
   t.mock.timers.tick(2000);
   assert.equal(q.length, 0, "the longer timer was cancelled, not left to add the key again");
@@ -92,7 +99,7 @@ test("addAfter: the key arrives after its delay, a shorter delay wins over a lon
   q.addAfter("b", 1000);
   t.mock.timers.tick(100);
   assert.equal(q.length, 1, "a later addAfter does not postpone an earlier one");
-  assert.equal(await q.get(), "b");
+  assert.equal(await take(q), "b");
   q.done("b");
   t.mock.timers.tick(2000);
   assert.equal(q.length, 0);
@@ -119,7 +126,7 @@ test("addRateLimited backs off exponentially per key up to the maximum, and forg
   assert.equal(q2.length, 0);
   t.mock.timers.tick(1);
   assert.equal(q2.length, 1);
-  assert.equal(await q2.get(), "k");
+  assert.equal(await take(q2), "k");
   q2.done("k");
   assert.equal(q2.addRateLimited("k"), 100);
   t.mock.timers.tick(99);
@@ -149,7 +156,7 @@ test("shutDown releases waiting workers with undefined, and nothing is queued af
   await flush();
   assert.equal(a.value, undefined);
   assert.equal(b.value, undefined);
-  assert.equal(await q.get(), undefined, "get() after shutdown returns undefined at once");
+  assert.equal(await take(q), undefined, "get() after shutdown returns undefined at once");
   q.add("x");
   q.addAfter("y", 10);
   t.mock.timers.tick(1000);
@@ -163,7 +170,7 @@ test("onDequeue reports how long a key waited", async (t) => {
   q.onDequeue = (ms) => waits.push(ms);
   q.add("a");
   t.mock.timers.tick(250);
-  assert.equal(await q.get(), "a");
+  assert.equal(await take(q), "a");
   assert.deepEqual(waits, [250]);
   q.shutDown();
 });
@@ -185,10 +192,12 @@ test("property: with several workers, no key is processed twice at once, nothing
       const state: ({ s: "idle" } | { s: "waiting" } | { s: "holding"; key: string })[] = Array.from({ length: workers }, () => ({ s: "idle" as const }));
       // A key added since it was last handed out (so it is owed one more run).
       const owed = new Set<string>();
+      // Found in get() callbacks, asserted after each step (so fast-check sees them and shrinks).
+      const violations: string[] = [];
       const handedOut = (w: number, key: string | undefined) => {
         if (key === undefined) return void (state[w] = { s: "idle" });
-        for (const [i, st] of state.entries()) assert.ok(!(st.s === "holding" && st.key === key), `key ${key} handed to worker ${w} while worker ${i} processes it`);
-        assert.ok(owed.has(key), `key ${key} handed out without an add since its last run`);
+        for (const [i, st] of state.entries()) if (st.s === "holding" && st.key === key) violations.push(`key ${key} handed to worker ${w} while worker ${i} processes it`);
+        if (!owed.has(key)) violations.push(`key ${key} handed out without an add since its last run`);
         owed.delete(key);
         state[w] = { s: "holding", key };
       };
@@ -206,6 +215,7 @@ test("property: with several workers, no key is processed twice at once, nothing
           q.done(st.key);
         }
         await flush();
+        assert.deepEqual(violations, []);
         // No lost wakeup: a worker never waits while a key sits in the queue.
         if (state.some((s) => s.s === "waiting")) assert.equal(q.length, 0, "a worker is waiting while keys are queued");
       };
