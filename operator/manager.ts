@@ -11,7 +11,7 @@ import type { Logger } from "../common/log.ts";
 import { AgentPool } from "./agents.ts";
 import { REPLICATION_PAIRS, getCondition, type ReplicationPair } from "./api/v1alpha1/index.ts";
 import { ReplicationPairReconciler } from "./controllers/replicationpair.ts";
-import { KubeEventRecorder, KubePairWriter, crInformer } from "./kube.ts";
+import { KubeEventRecorder, KubePairWriter, crInformer, reuseConnections } from "./kube.ts";
 import { OperatorMetrics } from "./metrics.ts";
 import { serveHttp } from "./runtime/http.ts";
 import { LeaderElector, errText } from "./runtime/leader-election.ts";
@@ -65,6 +65,7 @@ export class Operator {
         throw new Error("no Kubernetes configuration found: give --kubeconfig, set KUBECONFIG, or run in a cluster");
       }
     }
+    reuseConnections(this.kc);
     this.pool = new AgentPool({
       tls: o.agentTls,
       statusTtlMs: 1000,
