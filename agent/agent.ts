@@ -10,6 +10,7 @@ import { ConfigError } from "../common/config.ts";
 import { clientCredentials, peerCommonName, serverCredentials } from "../common/tls.ts";
 import { AGENT_VERSION, ControlService, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ReplicationService, type ControlServer, type StatusResponse } from "./wire.ts";
 import { loadManagedSpecs, managedSet, saveManagedSpecs, SET_NAME, type ManagedSet } from "./control/managed-sets.ts";
+import { runCommand } from "./control/run-command.ts";
 import { Receiver } from "./target/receiver.ts";
 import { SourceSet } from "./source/replication-set.ts";
 
@@ -36,19 +37,22 @@ export class Agent {
 
   async start(): Promise<void> {
     await mkdir(this.cfg.dataDir, { recursive: true, mode: 0o700 });
-    const server = new grpc.Server({ "grpc.max_receive_message_length": MAX_MESSAGE_BYTES, "grpc.max_send_message_length": MAX_MESSAGE_BYTES, "grpc.keepalive_permit_without_calls": 1, "grpc.http2.min_ping_interval_without_data_ms": 1000 });
-    if (this.cfg.target) {
-      this.receiver = new Receiver({
-        name: this.cfg.name,
-        root: this.cfg.target.root,
-        stateDir: path.join(this.cfg.dataDir, "images"),
-        syncIntervalMs: this.cfg.target.syncInterval,
-        requireClientCert: !this.cfg.tls.insecure,
-        log: this.log.child({ role: "target" }),
-      });
-      await mkdir(this.cfg.target.root, { recursive: true });
-      server.addService(ReplicationService, this.receiver.service as unknown as grpc.UntypedServiceImplementation);
-    }
+    const server = new grpc.Server({ "grpc.max_receive_message_length": MAX_MESSAGE_BYTES, "grpc.max_send_message_length": MAX_MESSAGE_BYTES, "grpc.keepalive_permit_without_calls": 1, "grpc.http2.min_ping_interval_without_data_ms": 1000,
+      // A source whose link is cut sends no RST; pinging it notices within ~3 s (failover health checks rely on it).
+      "grpc.keepalive_time_ms": 1000, "grpc.keepalive_timeout_ms": 2000 });
+    // Every agent can receive: into <target.root> when it is a target, and into
+    // directories the operator maps (failback brings a source's files back home).
+    this.receiver = new Receiver({
+      name: this.cfg.name,
+      root: this.cfg.target?.root,
+      stateDir: path.join(this.cfg.dataDir, "images"),
+      syncIntervalMs: this.cfg.target?.syncInterval ?? 50,
+      requireClientCert: !this.cfg.tls.insecure,
+      log: this.log.child({ role: "target" }),
+    });
+    await this.receiver.load();
+    if (this.cfg.target) await mkdir(this.cfg.target.root, { recursive: true });
+    server.addService(ReplicationService, this.receiver.service as unknown as grpc.UntypedServiceImplementation);
     server.addService(ControlService, this.control as unknown as grpc.UntypedServiceImplementation);
     this.port = await new Promise<number>((resolve, reject) =>
       server.bindAsync(this.cfg.listen, serverCredentials(this.cfg.tls), (err, port) => (err ? reject(new Error(`cannot listen on ${this.cfg.listen}: ${err.message}`)) : resolve(port))),
@@ -171,7 +175,20 @@ export class Agent {
       protocolVersion: PROTOCOL_VERSION,
       uptimeSeconds: (Date.now() - this.started) / 1000,
       sets: this.sets.map((s) => ({ ...s.status(), managed: this.managed.has(s.cfg.name), specHash: this.managed.get(s.cfg.name)?.hash ?? "" })),
-      images: [...(this.receiver?.images.values() ?? [])].map((i) => ({ source: i.source, set: i.set, path: i.dir, appliedSeq: i.appliedSeq, connected: i.connected, lastError: i.lastError })),
+      images: [...(this.receiver?.images.values() ?? [])].map((i) => ({
+        source: i.source,
+        set: i.set,
+        path: i.dir,
+        appliedSeq: i.appliedSeq,
+        durableSeq: i.durableSeq,
+        connected: i.connected,
+        lastError: i.lastError,
+        epoch: i.meta.epoch,
+        promoted: i.meta.promoted,
+        disconnectedAt: i.disconnectedAt / 1000,
+        mirroring: i.meta.mirrorId !== "",
+        journalId: i.meta.journalId,
+      })),
     };
   }
 
@@ -216,6 +233,50 @@ export class Agent {
         (existed) => cb(null, { existed }),
         (e: Error) => cb(Object.assign(e, { code: e instanceof ConfigError ? grpc.status.FAILED_PRECONDITION : ((e as { code?: number }).code ?? grpc.status.INTERNAL), details: e.message })),
       );
+    },
+    promote: (call, cb) => {
+      try {
+        this.authorize(call);
+      } catch (e) {
+        return cb(Object.assign(e as Error, { details: (e as Error).message }));
+      }
+      const r = call.request;
+      this.receiver!.promote(r.source, r.set, r.epoch).then(
+        (img) => cb(null, { appliedSeq: img.appliedSeq, durableSeq: img.durableSeq, path: img.dir, epoch: img.meta.epoch }),
+        (e: Error) => cb(Object.assign(e, { code: (e as { code?: number }).code ?? grpc.status.INTERNAL, details: e.message })),
+      );
+    },
+    drain: (call, cb) => {
+      let s: SourceSet;
+      try {
+        this.authorize(call);
+        s = this.set(call.request.set);
+      } catch (e) {
+        return cb(Object.assign(e as Error, { details: (e as Error).message }));
+      }
+      s.drain().then((lastSeq) => cb(null, { lastSeq }), (e: Error) => cb(Object.assign(e, { code: grpc.status.INTERNAL, details: e.message })));
+    },
+    mapImage: (call, cb) => {
+      try {
+        this.authorize(call);
+      } catch (e) {
+        return cb(Object.assign(e as Error, { details: (e as Error).message }));
+      }
+      const r = call.request;
+      this.receiver!.mapImage(r.source, r.set, r.remove ? undefined : r.path).then(
+        (p) => cb(null, { path: p }),
+        (e: Error) => cb(Object.assign(e, { code: (e as { code?: number }).code ?? grpc.status.INTERNAL, details: e.message })),
+      );
+    },
+    runCommand: (call, cb) => {
+      try {
+        this.authorize(call);
+        if (!this.cfg.control.allowCommands) throw Object.assign(new Error(`agent ${this.cfg.name} does not run commands (set control.allowCommands: true in its config to allow failover actions)`), { code: grpc.status.PERMISSION_DENIED });
+        if (!call.request.command.length) throw Object.assign(new Error("RunCommand needs a command"), { code: grpc.status.INVALID_ARGUMENT });
+      } catch (e) {
+        return cb(Object.assign(e as Error, { details: (e as Error).message }));
+      }
+      runCommand(call.request.command, call.request.timeoutMs || 60_000, this.log).then((r) => cb(null, r));
     },
     mirror: (call, cb) => {
       try {

@@ -199,5 +199,6 @@ program
   });
 
 program.addCommand((await import("../operator/main.ts")).operatorCommand(fail));
+program.addCommand((await import("../operator/plugin.ts")).pluginCommand(fail));
 
 await program.parseAsync(process.argv);

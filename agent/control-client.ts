@@ -6,7 +6,7 @@ import type { TlsConfig } from "../common/config.ts";
 import { clientCredentials } from "../common/tls.ts";
 import { ControlClient, type SetSpec, type StatusResponse, type VerifyReport } from "./wire.ts";
 
-type Method = "status" | "mirror" | "verify" | "configureSet" | "removeSet";
+type Method = "status" | "mirror" | "verify" | "configureSet" | "removeSet" | "promote" | "mapImage" | "runCommand" | "drain";
 
 /**
  * gRPC's UNAVAILABLE text ("No connection established. Last error: Error:
@@ -80,6 +80,18 @@ export class AgentConnection {
   /** Starts a verify and returns; its result shows in status (target.lastVerify). */
   startVerify(req: { set: string; target: string; repair: boolean }, timeoutMs = 10_000): Promise<VerifyReport> {
     return call(this.address, this.tls, "verify", { ...req, background: true }, timeoutMs, this.client);
+  }
+  promote(req: { source: string; set: string; epoch: number }, timeoutMs = 30_000): Promise<{ appliedSeq: number; durableSeq: number; path: string; epoch: number }> {
+    return call(this.address, this.tls, "promote", req, timeoutMs, this.client);
+  }
+  mapImage(req: { source: string; set: string; path: string; remove: boolean }, timeoutMs = 15_000): Promise<{ path: string }> {
+    return call(this.address, this.tls, "mapImage", req, timeoutMs, this.client);
+  }
+  runCommand(command: string[], timeoutMs: number): Promise<{ exitCode: number; output: string }> {
+    return call(this.address, this.tls, "runCommand", { command, timeoutMs }, timeoutMs + 5000, this.client);
+  }
+  drain(set: string, timeoutMs = 30_000): Promise<{ lastSeq: number }> {
+    return call(this.address, this.tls, "drain", { set }, timeoutMs, this.client);
   }
   close(): void {
     this.client.close();

@@ -86,6 +86,8 @@ const SetSchema = z
     verifyInterval: duration.prefault(0),
     /** repair what a scheduled verify finds */
     verifyRepair: z.boolean().default(false),
+    /** fencing epoch sent to targets (the operator raises it at failover/failback) */
+    epoch: z.number().int().nonnegative().default(0),
   })
   .strict()
   .refine((s) => s.mode !== "scheduled" || (s.interval ?? 0) > 0, { message: "scheduled mode needs `interval` (e.g. 5m)", path: ["interval"] });
@@ -109,6 +111,8 @@ export const AgentConfigSchema = z
          * this agent: configure and remove sets, start mirrors and verifies.
          */
         admins: z.array(z.string().min(1)).default(["understudy-operator"]),
+        /** let admins run commands on this host (failover actions); off by default */
+        allowCommands: z.boolean().default(false),
       })
       .strict()
       .prefault({}),

@@ -13,6 +13,10 @@ export interface AgentDirectory {
   removeSet(address: string, name: string, purge: boolean): Promise<{ existed: boolean }>;
   mirror(address: string, req: { set: string; target: string; mode: string }): Promise<{ started: string[] }>;
   startVerify(address: string, req: { set: string; target: string; repair: boolean }): Promise<VerifyReport>;
+  promote(address: string, req: { source: string; set: string; epoch: number }): Promise<{ appliedSeq: number; durableSeq: number; path: string; epoch: number }>;
+  mapImage(address: string, req: { source: string; set: string; path: string; remove: boolean }): Promise<{ path: string }>;
+  runCommand(address: string, command: string[], timeoutMs: number): Promise<{ exitCode: number; output: string }>;
+  drain(address: string, set: string): Promise<{ lastSeq: number }>;
   /** Forget the cached status (after a change, so the next read is fresh). */
   invalidate(address: string): void;
 }
@@ -80,6 +84,22 @@ export class AgentPool implements AgentDirectory {
 
   startVerify(address: string, req: { set: string; target: string; repair: boolean }): Promise<VerifyReport> {
     return this.timed("verify", () => this.conn(address).startVerify(req, this.o.timeoutMs)).finally(() => this.invalidate(address));
+  }
+
+  promote(address: string, req: { source: string; set: string; epoch: number }): Promise<{ appliedSeq: number; durableSeq: number; path: string; epoch: number }> {
+    return this.timed("promote", () => this.conn(address).promote(req, this.o.timeoutMs * 3)).finally(() => this.invalidate(address));
+  }
+
+  mapImage(address: string, req: { source: string; set: string; path: string; remove: boolean }): Promise<{ path: string }> {
+    return this.timed("mapImage", () => this.conn(address).mapImage(req, this.o.timeoutMs * 2)).finally(() => this.invalidate(address));
+  }
+
+  runCommand(address: string, command: string[], timeoutMs: number): Promise<{ exitCode: number; output: string }> {
+    return this.timed("runCommand", () => this.conn(address).runCommand(command, timeoutMs));
+  }
+
+  drain(address: string, set: string): Promise<{ lastSeq: number }> {
+    return this.timed("drain", () => this.conn(address).drain(set, this.o.timeoutMs * 3)).finally(() => this.invalidate(address));
   }
 
   invalidate(address: string): void {

@@ -1,11 +1,12 @@
 // The operator's side of the Kubernetes API: informer caches for the CRs, the
 // writes reconcilers make (finalizers and status, both guarded by
 // resourceVersion so a stale cache cannot overwrite newer state), and Events.
-import { ApiException, CoreV1Api, CustomObjectsApi, PatchStrategy, makeInformer, setHeaderOptions, type Informer, type KubeConfig, type KubernetesListObject, type KubernetesObject, type ObjectCache } from "@kubernetes/client-node";
+import { ApiException, CoreV1Api, CustomObjectsApi, DiscoveryV1Api, PatchStrategy, makeInformer, setHeaderOptions, type Informer, type KubeConfig, type KubernetesListObject, type KubernetesObject, type ObjectCache } from "@kubernetes/client-node";
 import { randomBytes } from "node:crypto";
+import { isIP } from "node:net";
 import type { Logger } from "../common/log.ts";
-import { GROUP, PAIR_FINALIZER, REPLICATION_PAIRS, VERSION, type ReplicationPair, type ReplicationPairStatus } from "./api/v1alpha1/index.ts";
-import type { EventRecorder, PairWriter } from "./controllers/replicationpair.ts";
+import { FAILOVER_POLICIES, GROUP, PAIR_FINALIZER, REPLICATION_PAIRS, VERSION, type FailoverPolicy, type ReplicationPair, type ReplicationPairStatus } from "./api/v1alpha1/index.ts";
+import type { EventRecorder, IdentityMover, PairWriter } from "./controllers/replicationpair.ts";
 import { errText } from "./runtime/leader-election.ts";
 
 const merge = setHeaderOptions("Content-Type", PatchStrategy.MergePatch);
@@ -83,6 +84,10 @@ export class KubePairWriter implements PairWriter {
     }
   }
 
+  async setActiveSide(pair: ReplicationPair, side: string): Promise<void> {
+    await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, spec: { activeSide: side } });
+  }
+
   async patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void> {
     await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status }, true);
   }
@@ -144,5 +149,57 @@ export class KubeEventRecorder implements EventRecorder {
         reportingInstance: this.instance,
       },
     });
+  }
+}
+
+/**
+ * Moves a service's identity: the EndpointSlice `<service>-understudy` of a
+ * selector-less Service points at the active side's address, so clients of
+ * the Service follow a failover.
+ */
+export class KubeIdentityMover implements IdentityMover {
+  private readonly api: DiscoveryV1Api;
+  constructor(kc: KubeConfig) {
+    this.api = kc.makeApiClient(DiscoveryV1Api);
+  }
+
+  async pointService(namespace: string, service: string, port: number | undefined, address: string): Promise<void> {
+    const name = `${service}-understudy`;
+    const fam = isIP(address);
+    const body = {
+      apiVersion: "discovery.k8s.io/v1",
+      kind: "EndpointSlice",
+      metadata: { name, namespace, labels: { "kubernetes.io/service-name": service, "endpointslice.kubernetes.io/managed-by": "understudy.dev" } },
+      addressType: fam === 6 ? "IPv6" : fam === 4 ? "IPv4" : "FQDN",
+      endpoints: [{ addresses: [address], conditions: { ready: true } }],
+      ports: port ? [{ name: "", port, protocol: "TCP" }] : [],
+    };
+    try {
+      const cur = await this.api.readNamespacedEndpointSlice({ name, namespace });
+      await this.api.replaceNamespacedEndpointSlice({ name, namespace, body: { ...body, metadata: { ...body.metadata, resourceVersion: cur.metadata?.resourceVersion } } });
+    } catch (e) {
+      if (!(e instanceof ApiException && e.code === 404)) throw e;
+      await this.api.createNamespacedEndpointSlice({ namespace, body });
+    }
+  }
+}
+
+export class KubePolicyWriter {
+  private readonly api: CustomObjectsApi;
+  constructor(kc: KubeConfig) {
+    this.api = kc.makeApiClient(CustomObjectsApi);
+  }
+
+  async patchStatus(p: FailoverPolicy, pairs: string[]): Promise<void> {
+    const now = new Date().toISOString().replace(/\.\d+Z$/, "Z");
+    const prev = p.status?.conditions?.find((c) => c.type === "Ready");
+    const status = {
+      observedGeneration: p.metadata.generation,
+      matchedPairs: pairs.length,
+      pairs,
+      conditions: [{ type: "Ready", status: "True", reason: "Selecting", message: `selects ${pairs.length} pair(s)`, observedGeneration: p.metadata.generation, lastTransitionTime: prev?.status === "True" ? prev.lastTransitionTime : now }],
+    };
+    if (JSON.stringify({ ...p.status, conditions: undefined }) === JSON.stringify({ ...status, conditions: undefined }) && prev?.status === "True") return;
+    await this.api.patchNamespacedCustomObjectStatus({ group: GROUP, version: VERSION, namespace: p.metadata.namespace!, plural: FAILOVER_POLICIES, name: p.metadata.name!, body: { status } }, merge);
   }
 }

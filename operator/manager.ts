@@ -9,9 +9,10 @@ import type { Server } from "node:http";
 import type { TlsConfig } from "../common/config.ts";
 import type { Logger } from "../common/log.ts";
 import { AgentPool } from "./agents.ts";
-import { REPLICATION_PAIRS, getCondition, type ReplicationPair } from "./api/v1alpha1/index.ts";
+import { FAILOVER_POLICIES, REPLICATION_PAIRS, getCondition, type FailoverPolicy, type ReplicationPair } from "./api/v1alpha1/index.ts";
+import { selects } from "./controllers/known-good.ts";
 import { ReplicationPairReconciler } from "./controllers/replicationpair.ts";
-import { KubeEventRecorder, KubePairWriter, crInformer, reuseConnections } from "./kube.ts";
+import { KubeEventRecorder, KubeIdentityMover, KubePairWriter, KubePolicyWriter, crInformer, reuseConnections } from "./kube.ts";
 import { OperatorMetrics } from "./metrics.ts";
 import { serveHttp } from "./runtime/http.ts";
 import { LeaderElector, errText } from "./runtime/leader-election.ts";
@@ -52,8 +53,10 @@ export class Operator {
   private stopping = false;
   private workers: Promise<void>[] = [];
   private informer?: ReturnType<typeof crInformer<ReplicationPair>>;
+  private policies?: ReturnType<typeof crInformer<FailoverPolicy>>;
   /** What last triggered a reconcile per key: status-only updates (our own writes) do not. */
   private readonly seen = new Map<string, string>();
+  private readonly seenLabels = new Map<string, Record<string, string>>();
 
   constructor(o: OperatorOptions) {
     this.o = o;
@@ -95,23 +98,39 @@ export class Operator {
 
     const inf = (this.informer = crInformer<ReplicationPair>(this.kc, REPLICATION_PAIRS, this.o.namespace, log));
     const keyOf = (p: ReplicationPair) => `${p.metadata.namespace}/${p.metadata.name}`;
-    const trigger = (p: ReplicationPair) => JSON.stringify([p.metadata.generation, p.metadata.annotations ?? {}, p.metadata.deletionTimestamp ?? "", p.metadata.finalizers ?? []]);
+    const trigger = (p: ReplicationPair) => JSON.stringify([p.metadata.generation, p.metadata.labels ?? {}, p.metadata.annotations ?? {}, p.metadata.deletionTimestamp ?? "", p.metadata.finalizers ?? []]);
+    const requeuePolicies = (ns: string | undefined) => {
+      for (const pol of this.policies?.list(ns) ?? []) this.queue.add(`policy:${pol.metadata.namespace}/${pol.metadata.name}`);
+    };
     const onChange = (p: ReplicationPair) => {
       const k = keyOf(p);
       const t = trigger(p);
       if (this.seen.get(k) === t) return;
+      if (!this.seen.has(k) || JSON.stringify(this.seenLabels.get(k)) !== JSON.stringify(p.metadata.labels ?? {})) requeuePolicies(p.metadata.namespace);
       this.seen.set(k, t);
+      this.seenLabels.set(k, p.metadata.labels ?? {});
       this.queue.add(k);
     };
     inf.on("add", onChange);
     inf.on("update", onChange);
     inf.on("delete", (p) => {
       this.seen.delete(keyOf(p));
+      this.seenLabels.delete(keyOf(p));
+      requeuePolicies(p.metadata.namespace);
       this.metrics.forgetPair(p.metadata.namespace!, p.metadata.name!);
       this.queue.add(keyOf(p));
     });
-    await inf.start();
-    await inf.synced;
+    const pols = (this.policies = crInformer<FailoverPolicy>(this.kc, FAILOVER_POLICIES, this.o.namespace, log));
+    // A policy that changes affects every pair it selects (or selected).
+    const requeuePolicyPairs = (p: FailoverPolicy) => {
+      for (const pair of inf.list(p.metadata.namespace)) this.queue.add(keyOf(pair));
+      this.queue.add(`policy:${p.metadata.namespace}/${p.metadata.name}`);
+    };
+    pols.on("add", requeuePolicyPairs);
+    pols.on("update", requeuePolicyPairs);
+    pols.on("delete", requeuePolicyPairs);
+    await Promise.all([inf.start(), pols.start()]);
+    await Promise.all([inf.synced, pols.synced]);
     this.synced = true;
     log.info({ pairs: inf.list().length, namespace: this.o.namespace ?? "(all)" }, "caches synced");
 
@@ -139,10 +158,30 @@ export class Operator {
       events: new KubeEventRecorder(this.kc, { component: "understudy-operator", instance: this.identity, log }),
       log: log.child({ controller: CONTROLLER }),
       statusIntervalMs: this.o.statusIntervalMs,
+      policyFor: (pair) => this.policyFor(pair),
+      identity: new KubeIdentityMover(this.kc),
     });
+    this.policyWriter = new KubePolicyWriter(this.kc);
     for (const p of inf.list()) this.queue.add(keyOf(p));
+    for (const p of pols.list()) this.queue.add(`policy:${p.metadata.namespace}/${p.metadata.name}`);
     for (let i = 0; i < this.o.workers; i++) this.workers.push(this.work(reconciler));
     log.info({ workers: this.o.workers, identity: this.identity }, "reconciling");
+  }
+
+  private policyWriter?: KubePolicyWriter;
+
+  /** The policy selecting a pair: the first (by name) in its namespace whose selector matches. */
+  private policyFor(pair: ReplicationPair): FailoverPolicy | undefined {
+    return [...(this.policies?.list(pair.metadata.namespace) ?? [])].sort((a, b) => a.metadata.name!.localeCompare(b.metadata.name!)).find((p) => selects(p, pair.metadata.labels));
+  }
+
+  /** A policy's status: the pairs it selects (its own controller would be overkill: it has no outside state). */
+  private async reconcilePolicy(key: string): Promise<void> {
+    const [ns, name] = key.slice("policy:".length).split("/") as [string, string];
+    const p = this.policies?.get(name, ns);
+    if (!p) return;
+    const pairs = (this.informer?.list(ns) ?? []).filter((x) => this.policyFor(x)?.metadata.name === name).map((x) => x.metadata.name!).sort();
+    await this.policyWriter!.patchStatus(p, pairs);
   }
 
   private async work(r: ReplicationPairReconciler): Promise<void> {
@@ -155,13 +194,13 @@ export class Operator {
       let timer: NodeJS.Timeout | undefined;
       try {
         const res = await Promise.race([
-          r.reconcile(key),
+          key.startsWith("policy:") ? this.reconcilePolicy(key).then(() => ({ requeueAfterMs: 30_000 })) : r.reconcile(key),
           new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`reconcile took longer than ${timeoutMs} ms`)), timeoutMs))),
         ]);
         this.queue.forget(key);
         if (res.requeueAfterMs) this.queue.addAfter(key, res.requeueAfterMs);
         this.metrics.reconciles.inc({ controller: CONTROLLER, result: "success" });
-        this.observePair(key);
+        if (!key.startsWith("policy:")) this.observePair(key);
       } catch (e) {
         const retryMs = this.queue.addRateLimited(key);
         this.metrics.reconciles.inc({ controller: CONTROLLER, result: "error" });

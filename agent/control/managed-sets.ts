@@ -32,6 +32,7 @@ export function setConfigFromSpec(spec: SetSpec, insecure: boolean): SetConfig {
     queueMemory: orUndefined(spec.queueMemory),
     verifyInterval: `${spec.verifyIntervalMs}ms`,
     verifyRepair: spec.verifyRepair,
+    epoch: spec.epoch,
   };
   return parseSetConfig(Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)), insecure);
 }

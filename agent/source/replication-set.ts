@@ -86,6 +86,10 @@ export class SourceSet {
     // its sequence numbers are then never mistaken for the old ones.
     const idFile = path.join(this.dir, "journal", "id");
     this.journalId = await readFile(idFile, "utf8").then((t) => t.trim(), () => "");
+    // A journal just created (not one that merely holds no entries yet: a set
+    // restarted before its first change must still send what changed while it
+    // was down, or what a new filter now includes).
+    const newJournal = !this.journalId;
     if (!this.journalId) {
       this.journalId = randomUUID();
       await writeFile(idFile, this.journalId + "\n");
@@ -117,6 +121,7 @@ export class SourceSet {
         initialAcked: this.acks[address] ?? 0,
         onAck: (seq) => this.onAck(address, seq),
         journalId: this.journalId,
+        epoch: this.cfg.epoch,
         mirror: this.mirrorHost(address),
       });
       this.senders.push(s);
@@ -124,7 +129,7 @@ export class SourceSet {
     }
     this.state = "scanning";
     const t0 = Date.now();
-    if (this.journal.lastSeq === 0) {
+    if (newJournal) {
       // A brand-new journal: every target is mirrored, which sends the content;
       // journaling it all as well would only send it twice.
       await this.serial(async () => {
@@ -229,6 +234,11 @@ export class SourceSet {
     }).finally(() => this.verifying.delete(address));
     this.verifying.set(address, run);
     return run;
+  }
+
+  /** Capture everything dirty now; the journal position that covers it. */
+  drain(): Promise<number> {
+    return this.serialValue(async () => (await this.flushNow(), this.journal.lastSeq));
   }
 
   private async flushNow(): Promise<void> {

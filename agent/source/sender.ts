@@ -68,6 +68,8 @@ export interface SenderOptions {
   /** seq the target acknowledged before a restart */
   initialAcked: number;
   journalId: string;
+  /** fencing epoch, sent in Hello */
+  epoch: number;
   mirror: MirrorHost;
 }
 
@@ -360,11 +362,11 @@ export class Sender {
       ac.abort();
     };
     try {
-      call.write({ msg: { $case: "hello", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, source: this.o.source, set: this.o.set, journalFirstSeq: journal.firstSeq, journalId: this.o.journalId } } });
+      call.write({ msg: { $case: "hello", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, source: this.o.source, set: this.o.set, journalFirstSeq: journal.firstSeq, journalId: this.o.journalId, epoch: this.o.epoch } } });
       const deadline = Date.now() + WELCOME_TIMEOUT_MS;
       while (!welcome && !failure && !this.abort.signal.aborted && Date.now() < deadline) await waitWake(deadline - Date.now());
       if (failure) {
-        if (/protocol version mismatch/.test(failure.message)) this.state = "refused";
+        if (/protocol version mismatch|fenced:/.test(failure.message)) this.state = "refused";
         throw failure;
       }
       if (this.abort.signal.aborted) return;

@@ -14,9 +14,14 @@ export class Image {
   appliedSeq = 0;
   durableSeq = 0;
   connected = false;
+  /** When the source's last stream ended (ms since epoch; 0 = connected or never). */
+  disconnectedAt = 0;
   lastError = "";
-  /** Journal the seqs belong to; an interrupted mirror's id and progress. */
-  meta: { journalId: string; mirrorId: string; mirrorDoneThrough: string } = { journalId: "", mirrorId: "", mirrorDoneThrough: "" };
+  /**
+   * Journal the seqs belong to; an interrupted mirror's id and progress; the
+   * fencing epoch, and whether this copy was promoted to primary at it.
+   */
+  meta: { journalId: string; mirrorId: string; mirrorDoneThrough: string; epoch: number; promoted: boolean } = { journalId: "", mirrorId: "", mirrorDoneThrough: "", epoch: 0, promoted: false };
   private metaPath = "";
   private readonly state: FileHandle;
   private turn: Promise<unknown> = Promise.resolve();
@@ -30,8 +35,8 @@ export class Image {
     this.state = state;
   }
 
-  static async open(root: string, stateDir: string, source: string, set: string): Promise<Image> {
-    const dir = path.join(root, source, set);
+  /** `dir`: where the image lives (normally <root>/<source>/<set>). */
+  static async open(dir: string, stateDir: string, source: string, set: string): Promise<Image> {
     await mkdir(dir, { recursive: true, mode: 0o755 });
     await mkdir(path.join(stateDir, source), { recursive: true, mode: 0o700 });
     const fh = await open(path.join(stateDir, source, `${set}.seq`), constants.O_RDWR | constants.O_CREAT, 0o600);

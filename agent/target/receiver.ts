@@ -3,6 +3,7 @@
 // in sequence order (a gap pauses apply and asks for a resend; duplicates are
 // dropped), and acknowledge only what has been made durable.
 import * as grpc from "@grpc/grpc-js";
+import { readFile, rename, writeFile, mkdir } from "node:fs/promises";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
 import { peerCommonName } from "../../common/tls.ts";
@@ -20,7 +21,8 @@ type Call = grpc.ServerDuplexStream<SourceMessage, TargetMessage>;
 
 export interface ReceiverOptions {
   name: string;
-  root: string;
+  /** Where images live (<root>/<source>/<set>); undefined: only mapped images are accepted. */
+  root?: string;
   stateDir: string;
   syncIntervalMs: number;
   requireClientCert: boolean;
@@ -43,8 +45,19 @@ class Session {
   }
 }
 
+/** A refusal the caller shows as is (gRPC status + message). */
+export class ReceiverError extends Error {
+  readonly code: grpc.status;
+  constructor(code: grpc.status, message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
 export class Receiver {
   readonly images = new Map<string, Image>();
+  /** Images received into an explicit directory ("source/set" → path), set by MapImage. */
+  private mappings = new Map<string, string>();
   private readonly sessions = new Map<string, Session>();
   private readonly opening = new Map<string, Promise<Image>>();
   private readonly opts: ReceiverOptions;
@@ -53,6 +66,61 @@ export class Receiver {
   constructor(opts: ReceiverOptions) {
     this.opts = opts;
     this.log = opts.log;
+  }
+
+  private get mappingsFile(): string {
+    return path.join(this.opts.stateDir, "mappings.json");
+  }
+
+  async load(): Promise<void> {
+    await mkdir(this.opts.stateDir, { recursive: true, mode: 0o700 });
+    try {
+      this.mappings = new Map(Object.entries(JSON.parse(await readFile(this.mappingsFile, "utf8")) as Record<string, string>));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+    }
+  }
+
+  /** Receive (source, set) into `dir` (an absolute path) from now on; undefined unmaps. */
+  async mapImage(source: string, set: string, dir: string | undefined): Promise<string> {
+    if (!NAME.test(source) || !NAME.test(set)) throw new ReceiverError(grpc.status.INVALID_ARGUMENT, `invalid source or set name ${JSON.stringify(source)}/${JSON.stringify(set)}`);
+    if (dir !== undefined && !path.isAbsolute(dir)) throw new ReceiverError(grpc.status.INVALID_ARGUMENT, `image path must be absolute, not ${JSON.stringify(dir)}`);
+    const key = `${source}/${set}`;
+    const open = this.images.get(key);
+    if (open && open.dir !== (dir ?? this.defaultPath(source, set))) {
+      // The image moves: close it so the next stream opens it at its new place.
+      this.sessions.get(key)?.fail(grpc.status.UNAVAILABLE, "image moved; reconnect");
+      await open.exclusive(() => open.close());
+      this.images.delete(key);
+    }
+    if (dir === undefined) this.mappings.delete(key);
+    else this.mappings.set(key, path.resolve(dir));
+    const tmp = `${this.mappingsFile}.tmp`;
+    await writeFile(tmp, JSON.stringify(Object.fromEntries(this.mappings)), { mode: 0o600 });
+    await rename(tmp, this.mappingsFile);
+    return this.mappings.get(key) ?? this.defaultPath(source, set) ?? "";
+  }
+
+  /**
+   * Failover: make the image of (source, set) the primary copy at `epoch`.
+   * The source's stream is cut, what was applied is made durable, and from now
+   * on any stream of an epoch up to this one is refused (fenced).
+   */
+  async promote(source: string, set: string, epoch: number): Promise<Image> {
+    if (!NAME.test(source) || !NAME.test(set)) throw new ReceiverError(grpc.status.INVALID_ARGUMENT, `invalid source or set name ${JSON.stringify(source)}/${JSON.stringify(set)}`);
+    const img = await this.image(source, set);
+    return img.exclusive(async () => {
+      if (epoch <= img.meta.epoch && !(img.meta.promoted && epoch === img.meta.epoch)) throw new ReceiverError(grpc.status.FAILED_PRECONDITION, `cannot promote ${source}/${set} at epoch ${epoch}: it is already at epoch ${img.meta.epoch}`);
+      this.sessions.get(`${source}/${set}`)?.fail(grpc.status.FAILED_PRECONDITION, `fenced: the replica on ${this.opts.name} was promoted to primary at epoch ${epoch}`);
+      await img.makeDurable();
+      await img.saveMeta({ epoch, promoted: true });
+      this.log.warn({ source, set, epoch, appliedSeq: img.appliedSeq, path: img.dir }, "replica promoted to primary; its source is fenced");
+      return img;
+    });
+  }
+
+  private defaultPath(source: string, set: string): string | undefined {
+    return this.opts.root === undefined ? undefined : path.join(this.opts.root, source, set);
   }
 
   readonly service: ReplicationServer = {
@@ -82,6 +150,7 @@ export class Receiver {
       return await fn(this.imagePath(source, set));
     } catch (e) {
       if (e instanceof PathError) throw err(grpc.status.INVALID_ARGUMENT, e.message);
+      if (e instanceof ReceiverError) throw err(e.code, e.message);
       throw err(grpc.status.INTERNAL, (e as Error).message);
     }
   }
@@ -92,7 +161,8 @@ export class Receiver {
     if (have) return have;
     let p = this.opening.get(key);
     if (!p) {
-      p = Image.open(this.opts.root, this.opts.stateDir, source, set);
+      const dir = this.imagePath(source, set);
+      p = Image.open(dir, this.opts.stateDir, source, set);
       this.opening.set(key, p);
     }
     const img = await p;
@@ -119,12 +189,29 @@ export class Receiver {
       if (cn !== hello.source) return session.fail(grpc.status.PERMISSION_DENIED, `source ${JSON.stringify(hello.source)} presented a certificate for ${JSON.stringify(cn)}; a source may only write its own image`);
     }
     const key = `${hello.source}/${hello.set}`;
-    const img = await this.image(hello.source, hello.set);
+    let img: Image;
+    try {
+      img = await this.image(hello.source, hello.set);
+    } catch (e) {
+      if (e instanceof ReceiverError) return session.fail(e.code, e.message);
+      throw e;
+    }
+    const fenced = await img.exclusive(async () => {
+      if (img.meta.promoted && hello.epoch <= img.meta.epoch) return `fenced: the replica of ${hello.source}/${hello.set} on ${this.opts.name} was promoted to primary at epoch ${img.meta.epoch}; source epoch ${hello.epoch} may not write it`;
+      if (hello.epoch < img.meta.epoch) return `fenced: the replica of ${hello.source}/${hello.set} on ${this.opts.name} is at epoch ${img.meta.epoch}; source epoch ${hello.epoch} is older`;
+      if (hello.epoch > img.meta.epoch) await img.saveMeta({ epoch: hello.epoch, promoted: false });
+      return undefined;
+    });
+    if (fenced) {
+      this.log.warn({ source: hello.source, set: hello.set, sourceEpoch: hello.epoch, imageEpoch: img.meta.epoch }, "refused a fenced source");
+      return session.fail(grpc.status.FAILED_PRECONDITION, fenced);
+    }
     // Newest stream wins: an older one for the same image is a dead connection the source gave up on.
     const old = this.sessions.get(key);
     if (old) old.fail(grpc.status.ABORTED, "superseded by a newer stream from the same source and set");
     this.sessions.set(key, session);
     img.connected = true;
+    img.disconnectedAt = 0;
     const log = this.log.child({ source: hello.source, set: hello.set });
     log.info({ appliedSeq: img.appliedSeq, peer: call.getPeer() }, "source connected");
     session.send({ msg: { $case: "welcome", value: { protocolVersion: PROTOCOL_VERSION, agentVersion: AGENT_VERSION, target: this.opts.name, appliedSeq: img.appliedSeq, journalId: img.meta.journalId, mirrorId: img.meta.mirrorId, mirrorDoneThrough: img.meta.mirrorDoneThrough } } });
@@ -182,6 +269,7 @@ export class Receiver {
       if (this.sessions.get(key) === session) {
         this.sessions.delete(key);
         img.connected = false;
+        img.disconnectedAt = Date.now();
       }
       if (!session.ended) {
         session.ended = true;
@@ -260,7 +348,9 @@ export class Receiver {
   }
 
   imagePath(source: string, set: string): string {
-    return path.join(this.opts.root, source, set);
+    const dir = this.mappings.get(`${source}/${set}`) ?? this.defaultPath(source, set);
+    if (dir === undefined) throw new ReceiverError(grpc.status.FAILED_PRECONDITION, `agent ${this.opts.name} is not a target (no target.root in its config) and has no image mapped for ${source}/${set}`);
+    return dir;
   }
 
   async close(): Promise<void> {

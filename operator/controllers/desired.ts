@@ -33,5 +33,6 @@ export function desiredSetSpec(pair: ReplicationPair): SetSpec {
     queueMemory: parseSize(s.queueMemory ?? "32MiB"),
     verifyIntervalMs: parseDuration(s.verify?.interval ?? "0s"),
     verifyRepair: s.verify?.repair ?? false,
+    epoch: pair.status?.epoch ?? 0,
   };
 }

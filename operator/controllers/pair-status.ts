@@ -69,7 +69,9 @@ function mirrorStatus(m: MirrorProgress | undefined, prev: MirrorStatus | undefi
 }
 
 function verifyResult(targetName: string, r: VerifyReport | undefined, running: boolean, prev: VerifyResult | undefined): VerifyResult | undefined {
-  if (running) return { ...(prev ?? {}), target: targetName, result: "Running" };
+  // Per target this is always the last *finished* verify (the gate relies on
+  // it); one that is running shows as TargetStatus.verifying instead.
+  void running;
   if (!r || r.finishedAt === 0) return prev;
   return {
     target: targetName,
@@ -89,8 +91,9 @@ function verifyResult(targetName: string, r: VerifyReport | undefined, running: 
  * A running verify keeps the last finished result for the Verified condition:
  * the one the agent still reports, else the one recorded before the run.
  */
-function finished(name: string, v: VerifyResult | undefined, agentLast: VerifyReport | undefined, prev: VerifyResult | undefined): VerifyResult | undefined {
-  return v?.result === "Running" ? verifyResult(name, agentLast, false, prev?.result !== "Running" ? prev : undefined) : v;
+/** A record from before verifying was kept apart (result Running) says nothing finished. */
+function finished(v: VerifyResult | undefined): VerifyResult | undefined {
+  return v?.result === "Running" ? undefined : v;
 }
 
 export function computeStatus(pair: ReplicationPair, obs: Observation): { status: ReplicationPairStatus; transitions: Transition[] } {
@@ -119,7 +122,8 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
       lagSeconds: st?.lagSeconds ?? p?.lagSeconds,
       lastError: errors.length ? errors.join("; ") : undefined,
       mirror: mirrorStatus(st?.mirror, p?.mirror),
-      lastVerify: verifyResult(spec.name, st?.lastVerify, st?.verifying ?? false, p?.lastVerify),
+      lastVerify: verifyResult(spec.name, st?.lastVerify, false, finished(p?.lastVerify)),
+      verifying: st?.verifying || undefined,
     };
   });
 
@@ -178,7 +182,7 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
   } else set1(ConditionType.Mirrored, "True", Reason.MirrorComplete, `every target holds a complete copy (last mirror finished ${targets.map((t) => t.mirror?.finishedAt).filter(Boolean).sort().at(-1) ?? "earlier"})`);
 
   // Verified: the last finished verify of every target passed.
-  const lastFinished = targets.map((t) => finished(t.name, t.lastVerify, set?.targets.find((s) => s.address === t.address)?.lastVerify, prevTargets.get(t.name)?.lastVerify));
+  const lastFinished = targets.map((t) => finished(t.lastVerify));
   const vFailed = targets.filter((_, i) => lastFinished[i]?.result === "Failed");
   const vError = targets.filter((_, i) => lastFinished[i]?.result === "Error");
   const vNone = targets.filter((_, i) => !lastFinished[i]);
@@ -198,7 +202,10 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
   const lag = Math.max(0, ...targets.map((t) => t.lagSeconds ?? 0));
   const queued = Math.max(0, ...targets.map((t) => t.queuedBytes ?? 0));
   const verifies = targets.map((t) => t.lastVerify).filter((v): v is VerifyResult => !!v);
-  const lastVerify = verifies.find((v) => v.result === "Running") ?? verifies.sort((a, b) => (a.finishedAt ?? "").localeCompare(b.finishedAt ?? "")).at(-1) ?? prev.lastVerify;
+  const newest = verifies.filter((v) => v.result !== "Running").sort((a, b) => (a.finishedAt ?? "").localeCompare(b.finishedAt ?? "")).at(-1) ?? finished(prev.lastVerify);
+  const verifying = targets.filter((t) => t.verifying);
+  // The pair's summary shows a running verify; per target, the finished one stays.
+  const lastVerify = verifying.length ? { ...(newest ?? {}), target: verifying.map((t) => t.name).join(","), result: "Running" as const } : newest;
   const phase: ReplicationPairStatus["phase"] = pair.metadata.deletionTimestamp
     ? "Deleting"
     : degradedFinal

@@ -9,6 +9,10 @@ import type { AgentDirectory } from "../agents.ts";
 import { MIRROR_ANNOTATION, MIRROR_MODE_ANNOTATION, PAIR_FINALIZER, Reason, VERIFY_ANNOTATION, VERIFY_REPAIR_ANNOTATION, type ReplicationPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
 import { computeStatus, type AgentView } from "./pair-status.ts";
 import { desiredSetSpec, setNameFor } from "./desired.ts";
+import { FailoverFlow } from "./failover.ts";
+import { knownGood, pickTarget } from "./known-good.ts";
+import { parseDuration } from "../../common/config.ts";
+import { setCondition, type Condition, type FailoverPolicy } from "../api/v1alpha1/index.ts";
 import * as grpc from "@grpc/grpc-js";
 
 /** Writes to the API server (the real one is operator/kube.ts; tests may fake it). */
@@ -17,6 +21,13 @@ export interface PairWriter {
   addFinalizer(pair: ReplicationPair): Promise<string | undefined>;
   removeFinalizer(pair: ReplicationPair): Promise<void>;
   patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void>;
+  /** Automatic failover declares its decision in spec.activeSide. */
+  setActiveSide(pair: ReplicationPair, side: string): Promise<void>;
+}
+
+/** Moves the service identity to the active side (operator/kube.ts: an EndpointSlice). */
+export interface IdentityMover {
+  pointService(namespace: string, service: string, port: number | undefined, address: string): Promise<void>;
 }
 
 export interface EventRecorder {
@@ -35,7 +46,16 @@ export interface PairReconcilerOptions {
   log: Logger;
   /** How often a healthy pair's status is refreshed. */
   statusIntervalMs: number;
+  /** The FailoverPolicy selecting a pair, if any. */
+  policyFor?: (pair: ReplicationPair) => FailoverPolicy | undefined;
+  identity?: IdentityMover;
   now?: () => Date;
+}
+
+/** Consecutive failed checks of a pair's source, from the operator's side. */
+interface Health {
+  missed: number;
+  firstMissAt?: number;
 }
 
 const FAST_MS = 2000;
@@ -44,8 +64,15 @@ const WARNING_REASONS = new Set<string>([Reason.SourceUnreachable, Reason.Target
 
 export class ReplicationPairReconciler {
   private readonly o: PairReconcilerOptions;
+  private readonly flow: FailoverFlow;
+  private readonly health = new Map<string, Health>();
   constructor(o: PairReconcilerOptions) {
     this.o = o;
+    this.flow = new FailoverFlow({ agents: o.agents, writer: o.writer, events: o.events, identity: o.identity ?? { pointService: async () => undefined }, log: o.log, now: () => this.now() });
+  }
+
+  private now(): Date {
+    return this.o.now?.() ?? new Date();
   }
 
   async reconcile(key: string): Promise<Result> {
@@ -61,6 +88,13 @@ export class ReplicationPairReconciler {
     if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) {
       const rv = await this.o.writer.addFinalizer(pair);
       pair.metadata = { ...pair.metadata, resourceVersion: rv ?? pair.metadata.resourceVersion, finalizers: [...(pair.metadata.finalizers ?? []), PAIR_FINALIZER] };
+    }
+    const policy = this.o.policyFor?.(pair);
+    const active = pair.status?.activeSide ?? "source";
+    const want = pair.spec.activeSide ?? "source";
+    if (active !== "source" || want !== "source") {
+      this.health.delete(key);
+      return this.flow.reconcile(pair, policy, active, want);
     }
 
     // 1. The source agent runs the desired set.
@@ -141,8 +175,14 @@ export class ReplicationPairReconciler {
     }));
 
     // 4. Status, and an Event for each condition that flipped.
-    const { status, transitions } = computeStatus(pair, { now: this.o.now?.() ?? new Date(), setName, source: view, configError, targets });
+    const { status, transitions } = computeStatus(pair, { now: this.now(), setName, source: view, configError, targets });
     Object.assign(status, handled);
+    status.activeSide = "source";
+
+    // 5. With a FailoverPolicy: is the source alive, which targets could take over, and should one now?
+    let decision: string | undefined;
+    if (policy) decision = this.watchHealth(key, pair, policy, status, view, targets);
+    else this.health.delete(key);
     if (JSON.stringify(status) !== JSON.stringify(pair.status ?? {})) await this.o.writer.patchStatus(pair, status);
     const had = new Set((pair.status?.conditions ?? []).map((c) => c.type));
     for (const t of transitions) {
@@ -154,8 +194,72 @@ export class ReplicationPairReconciler {
       this.o.events.event(pair, warn ? "Warning" : "Normal", reason, `${t.type}=${t.status}: ${t.message}`);
     }
 
+    if (decision) {
+      log.warn({ target: decision }, "source down: failing over automatically");
+      await this.o.writer.setActiveSide({ ...pair, metadata: { ...pair.metadata, resourceVersion: undefined } }, decision);
+      return { requeueAfterMs: 0 };
+    }
     const busy = status.phase !== "Replicating" || status.targets?.some((t) => t.mirror?.active || t.lastVerify?.result === "Running");
-    return { requeueAfterMs: busy ? FAST_MS : this.o.statusIntervalMs };
+    const interval = policy ? parseDuration(policy.spec.healthCheck?.interval ?? "1s") : this.o.statusIntervalMs;
+    return { requeueAfterMs: Math.min(interval, busy ? FAST_MS : this.o.statusIntervalMs) };
+  }
+
+  /**
+   * Health and the known-good gate, written into `status`. The source counts
+   * as down only when the operator missed `missedBeats` checks in a row AND no
+   * target hears from it either: one cut link (operator ↔ source, or source ↔
+   * one target) is not a dead server. Returns the target to fail over to when
+   * the policy is automatic and one is known good.
+   */
+  private watchHealth(key: string, pair: ReplicationPair, policy: FailoverPolicy, status: ReplicationPairStatus, source: AgentView, targets: Map<string, AgentView>): string | undefined {
+    const now = this.now();
+    const h = this.health.get(key) ?? { missed: 0 };
+    if (source.error) {
+      h.missed++;
+      h.firstMissAt ??= now.getTime();
+    } else {
+      h.missed = 0;
+      h.firstMissAt = undefined;
+    }
+    this.health.set(key, h);
+    const srcName = status.sourceAgent?.name ?? pair.status?.sourceAgent?.name;
+    const setName = setNameFor(pair);
+    const images = new Map(pair.spec.targets.map((t) => [t.name, targets.get(t.agent.address)?.status?.images.find((i) => i.source === srcName && i.set === setName)]));
+    const targetsHearSource = [...images.values()].some((i) => i?.connected);
+    const beats = policy.spec.healthCheck?.missedBeats ?? 3;
+    const down = h.missed >= beats && !targetsHearSource;
+    status.health = {
+      policy: policy.metadata.name,
+      sourceReachable: !source.error,
+      missedBeats: h.missed,
+      sourceDown: down,
+      sourceDownSince: h.firstMissAt && down ? new Date(h.firstMissAt).toISOString() : undefined,
+    };
+    const gates = new Map(pair.spec.targets.map((t) => {
+      const v = targets.get(t.agent.address);
+      return [t.name, { gate: knownGood({ recorded: status.targets?.find((x) => x.name === t.name), image: images.get(t.name), imageError: v?.error, policy, now }), image: images.get(t.name) }];
+    }));
+    status.knownGood = pair.spec.targets.map((t) => ({ target: t.name, ok: gates.get(t.name)!.gate.ok, failed: gates.get(t.name)!.gate.failed }));
+    if (!down) {
+      const conds = (status.conditions ?? []) as Condition[];
+      if (conds.some((c) => c.type === "FailoverPending")) setCondition(conds, { type: "FailoverPending", status: "False", reason: "SourceUp", message: "the source is up" }, pair.metadata.generation ?? 0, now);
+      return undefined;
+    }
+    const best = pickTarget(pair, gates);
+    const why = `source ${pair.spec.source.agent.address} down: ${h.missed} missed checks from the operator and no target hears from it`;
+    const conds = (status.conditions ?? []) as Condition[];
+    if (!best) {
+      const msg = `${why}; failover refused: no target is known good (${status.knownGood.map((k) => `${k.target}: ${k.failed?.join(", ")}`).join("; ")})`;
+      if (setCondition(conds, { type: "FailedOver", status: "False", reason: "FailoverRefused", message: msg }, pair.metadata.generation ?? 0, now)) this.o.events.event(pair, "Warning", "FailoverRefused", msg);
+      return undefined;
+    }
+    if ((policy.spec.approval ?? "manual") === "manual") {
+      const msg = `${why}; ${best} is known good: approve with \`kubectl understudy failover ${pair.metadata.name} -n ${pair.metadata.namespace}\``;
+      if (setCondition(conds, { type: "FailoverPending", status: "True", reason: "AwaitingApproval", message: msg }, pair.metadata.generation ?? 0, now)) this.o.events.event(pair, "Warning", "FailoverPending", msg);
+      return undefined;
+    }
+    this.o.events.event(pair, "Warning", "SourceDown", `${why}; failing over to ${best}`);
+    return best;
   }
 
   /** The pair is being deleted: stop replication on the source, then let it go. */

@@ -71,15 +71,18 @@ export class AgentProc {
   proc?: ChildProcess;
   private exited?: Promise<number | null>;
 
-  constructor(name: string, configPath: string, port: number, logPath: string) {
+  readonly listenHost: string;
+
+  constructor(name: string, configPath: string, port: number, logPath: string, host = "127.0.0.1") {
     this.name = name;
     this.configPath = configPath;
     this.port = port;
     this.logPath = logPath;
+    this.listenHost = host;
   }
 
   get address(): string {
-    return `127.0.0.1:${this.port}`;
+    return `${this.listenHost}:${this.port}`;
   }
 
   /** Start the agent and wait until its Control service answers (over mTLS when `tls` is given). */

@@ -23,8 +23,8 @@ export class Pki {
     await createCA(dir);
     return new Pki(dir);
   }
-  async tlsFor(name: string): Promise<TlsConfig & { ca: string; cert: string; key: string }> {
-    const r = await issueCert({ caDir: this.dir, name, hosts: ["127.0.0.1", "localhost"], outDir: this.dir });
+  async tlsFor(name: string, hosts: string[] = []): Promise<TlsConfig & { ca: string; cert: string; key: string }> {
+    const r = await issueCert({ caDir: this.dir, name, hosts: ["127.0.0.1", "localhost", ...hosts], outDir: this.dir });
     return { ca: r.caPath, cert: r.certPath, key: r.keyPath };
   }
   /** The operator's --agent-tls-dir (the layout of a kubernetes.io/tls Secret plus ca.crt). */
@@ -39,15 +39,20 @@ export class Pki {
   }
 }
 
-/** An agent with mTLS, a data dir under `dir`, and optionally a target root. */
-export async function tlsAgent(pki: Pki, dir: string, name: string, o: { targetRoot?: string } = {}): Promise<{ agent: AgentProc; tls: TlsConfig }> {
+/**
+ * An agent with mTLS, a data dir under `dir`, and optionally a target root.
+ * `host`: another loopback address (127.0.0.2 …) so sides have distinct addresses.
+ */
+export async function tlsAgent(pki: Pki, dir: string, name: string, o: { targetRoot?: string; host?: string; allowCommands?: boolean } = {}): Promise<{ agent: AgentProc; tls: TlsConfig }> {
   const port = await freePort();
-  const tls = await pki.tlsFor(name);
-  const cfg: Record<string, unknown> = { name, listen: `127.0.0.1:${port}`, dataDir: path.join(dir, `state-${name}`), tls };
+  const host = o.host ?? "127.0.0.1";
+  const tls = await pki.tlsFor(name, [host]);
+  const cfg: Record<string, unknown> = { name, listen: `${host}:${port}`, dataDir: path.join(dir, `state-${name}`), tls };
   if (o.targetRoot) cfg.target = { root: o.targetRoot };
+  if (o.allowCommands) cfg.control = { allowCommands: true };
   const file = path.join(dir, `${name}.yaml`);
   await writeFile(file, YAML.stringify(cfg));
-  return { agent: new AgentProc(name, file, port, path.join(dir, `${name}.log`)), tls };
+  return { agent: new AgentProc(name, file, port, path.join(dir, `${name}.log`), host), tls };
 }
 
 /** The operator as a process, the way the chart's Deployment runs it. */

@@ -94,6 +94,7 @@ test("desiredSetSpec fills in the documented defaults", () => {
     queueMemory: 32 * 1024 * 1024,
     verifyIntervalMs: 0,
     verifyRepair: false,
+    epoch: 0,
   } satisfies SetSpec);
 });
 
@@ -112,7 +113,7 @@ test("desiredSetSpec parses sizes and durations with the agent's syntax", () => 
   );
   assert.deepEqual(
     { ...s, name: undefined },
-    { name: undefined, path: "/data", include: ["*.db"], exclude: ["tmp/**"], targets: ["10.0.0.2:7702", "backup.example.com:7702"], mode: "scheduled", intervalMs: 300_000, compression: "max", bandwidthLimit: 10_485_760, blockSize: 1_048_576, queueMemory: 1.5 * 1024 ** 3, verifyIntervalMs: 86_400_000, verifyRepair: true },
+    { name: undefined, path: "/data", include: ["*.db"], exclude: ["tmp/**"], targets: ["10.0.0.2:7702", "backup.example.com:7702"], mode: "scheduled", intervalMs: 300_000, compression: "max", bandwidthLimit: 10_485_760, blockSize: 1_048_576, queueMemory: 1.5 * 1024 ** 3, verifyIntervalMs: 86_400_000, verifyRepair: true, epoch: 0 },
   );
   assert.equal(desiredSetSpec(pair({ bandwidthLimit: "64KB", queueMemory: "4096", verify: { interval: "250ms" } })).bandwidthLimit, 64_000);
   assert.equal(desiredSetSpec(pair({ queueMemory: "4096" })).queueMemory, 4096);

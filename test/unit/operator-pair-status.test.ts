@@ -45,7 +45,7 @@ function source(targets: TargetStatus[] = [target()], p: Partial<SourceSetStatus
 }
 
 function targetAgent(name: string, p: Partial<ImageStatus> = {}): AgentView {
-  const image: ImageStatus = { source: "web1", set: SET, path: `/replicas/web1/${SET}`, appliedSeq: 42, connected: true, lastError: "", ...p };
+  const image: ImageStatus = { source: "web1", set: SET, path: `/replicas/web1/${SET}`, appliedSeq: 42, durableSeq: 42, connected: true, lastError: "", epoch: 0, promoted: false, disconnectedAt: 0, mirroring: false, journalId: "j1", ...p };
   return { status: { name, agentVersion: "0.1.0", protocolVersion: 1, sets: [], images: [image], uptimeSeconds: 100 } };
 }
 
@@ -247,7 +247,8 @@ test("a running verify shows Running but keeps the last finished result's Verifi
     assert.deepEqual(summary(status).Verified, ["True", "VerifyPassed"], `observation ${i + 1} of the running verify`);
     assert.equal(cond(status, "Verified").lastTransitionTime, verifiedAt);
     assert.equal(status.lastVerify?.result, "Running");
-    assert.equal(status.targets![0]!.lastVerify?.result, "Running");
+    assert.equal(status.targets![0]!.lastVerify?.result, "Passed", "per target: the last finished verify");
+    assert.equal(status.targets![0]!.verifying, true);
     assert.deepEqual(transitions, []);
     s = status;
   }

@@ -59,6 +59,10 @@ async function startServer(creds: grpc.ServerCredentials): Promise<Running> {
     verify: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
     configureSet: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
     removeSet: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
+    promote: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
+    mapImage: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
+    drain: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
+    runCommand: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED, details: "probe only", name: "", message: "probe only", metadata: new grpc.Metadata() }),
   };
   server.addService(ControlService, impl);
   const port = await new Promise<number>((resolve, reject) => server.bindAsync("127.0.0.1:0", creds, (e, p) => (e ? reject(e) : resolve(p))));

@@ -12,6 +12,10 @@ export interface ReplicationPairSpec {
   targets: TargetEndpoint[];
   replicationSet: ReplicationSetSpec;
   /**
+   * Which side serves: source, or the name of a target. Setting a target fails over (or, with the source alive, cuts over) to it; setting source again fails back. Only a target whose copy is known to be good is ever made active.
+   */
+  activeSide?: string;
+  /**
    * continuous ships every change at once; scheduled ships what accumulated every interval.
    */
   mode?: "continuous" | "scheduled";
@@ -95,7 +99,35 @@ export interface VerifySpec {
 
 export interface ReplicationPairStatus {
   observedGeneration?: number;
-  phase?: "Pending" | "Configuring" | "Mirroring" | "Replicating" | "Degraded" | "Deleting";
+  phase?:
+    | "Pending"
+    | "Configuring"
+    | "Mirroring"
+    | "Replicating"
+    | "Degraded"
+    | "Deleting"
+    | "FailingOver"
+    | "FailedOver"
+    | "FailingBack";
+  /**
+   * The side serving now: source or a target's name.
+   */
+  activeSide?: string;
+  /**
+   * Where the FailoverPolicy's Service identity points now (empty: not moved yet, or no Service).
+   */
+  serviceAddress?: string;
+  /**
+   * Fencing epoch: raised at every failover and failback; older epochs are refused by the replicas.
+   */
+  epoch?: number;
+  failover?: FailoverStatus;
+  reverse?: ReverseStatus;
+  health?: HealthStatus;
+  /**
+   * The failover gate, per target, checked all the time.
+   */
+  knownGood?: KnownGoodStatus[];
   sourceAgent?: {
     name?: string;
     version?: string;
@@ -129,6 +161,51 @@ export interface ReplicationPairStatus {
   lastHandledMirrorRequest?: string;
   targets?: TargetStatus[];
   conditions?: Condition[];
+}
+export interface FailoverStatus {
+  target?: string;
+  reason?: string;
+  sourceDownSince?: string;
+  startedAt?: string;
+  finishedAt?: string;
+  /**
+   * Source found down (or failover requested) to the target serving.
+   */
+  recoverySeconds?: number;
+  /**
+   * Last change the promoted replica holds.
+   */
+  appliedSeq?: number;
+  actions?: string[];
+}
+/**
+ * Replication from the active target back to the original source (after a failover or cutover, before failback).
+ */
+export interface ReverseStatus {
+  state?: string;
+  mirrored?: boolean;
+  lagSeconds?: number;
+  lastAckedSeq?: number;
+  lastSeq?: number;
+  lastError?: string;
+}
+export interface HealthStatus {
+  /**
+   * The FailoverPolicy that selects this pair.
+   */
+  policy?: string;
+  sourceReachable?: boolean;
+  missedBeats?: number;
+  sourceDown?: boolean;
+  sourceDownSince?: string;
+}
+export interface KnownGoodStatus {
+  target: string;
+  ok: boolean;
+  /**
+   * Checks that failed (empty when ok).
+   */
+  failed?: string[];
 }
 export interface VerifyResult {
   /**
@@ -165,6 +242,10 @@ export interface TargetStatus {
   queuedBytes?: number;
   lagSeconds?: number;
   lastError?: string;
+  /**
+   * A verify of this target is running (lastVerify is the last finished one).
+   */
+  verifying?: boolean;
   mirror?: MirrorStatus;
   lastVerify?: VerifyResult;
 }

@@ -30,6 +30,50 @@ export const protobufFileName = "understudy/v1/control.proto";
  * whose CN is in the agent's `control.admins`.
  */
 
+export interface DrainRequest {
+  set: string;
+}
+
+export interface DrainResponse {
+  lastSeq: number;
+}
+
+export interface PromoteRequest {
+  source: string;
+  set: string;
+  /** The new epoch; must be above the image's. */
+  epoch: number;
+}
+
+export interface PromoteResponse {
+  appliedSeq: number;
+  durableSeq: number;
+  path: string;
+  epoch: number;
+}
+
+export interface MapImageRequest {
+  source: string;
+  set: string;
+  path: string;
+  remove: boolean;
+}
+
+export interface MapImageResponse {
+  path: string;
+}
+
+export interface RunCommandRequest {
+  command: string[];
+  timeoutMs: number;
+}
+
+export interface RunCommandResponse {
+  exitCode: number;
+  /** The end of stdout and stderr together (at most 16 KiB). */
+  output: string;
+}
+
 /**
  * A replication set as the operator asks for it (the agent config's `sets[]`
  * entry, with sizes in bytes and durations in milliseconds).
@@ -51,6 +95,7 @@ export interface SetSpec {
   queueMemory: number;
   verifyIntervalMs: number;
   verifyRepair: boolean;
+  epoch: number;
 }
 
 export interface ConfigureSetRequest {
@@ -187,6 +232,16 @@ export interface ImageStatus {
   appliedSeq: number;
   connected: boolean;
   lastError: string;
+  durableSeq: number;
+  epoch: number;
+  /** Promoted to primary (failover): its source is refused. */
+  promoted: boolean;
+  /** When the source's stream last ended (unix seconds; 0 while connected or never). */
+  disconnectedAt: number;
+  /** A mirror into this image is unfinished: it is not a consistent copy. */
+  mirroring: boolean;
+  /** The journal the applied sequence numbers belong to. */
+  journalId: string;
 }
 
 export interface StatusResponse {
@@ -197,6 +252,484 @@ export interface StatusResponse {
   images: ImageStatus[];
   uptimeSeconds: number;
 }
+
+function createBaseDrainRequest(): DrainRequest {
+  return { set: "" };
+}
+
+export const DrainRequest: MessageFns<DrainRequest> = {
+  encode(message: DrainRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.set !== "") {
+      writer.uint32(10).string(message.set);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DrainRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDrainRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseDrainResponse(): DrainResponse {
+  return { lastSeq: 0 };
+}
+
+export const DrainResponse: MessageFns<DrainResponse> = {
+  encode(message: DrainResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.lastSeq !== 0) {
+      writer.uint32(8).uint64(message.lastSeq);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DrainResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDrainResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.lastSeq = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBasePromoteRequest(): PromoteRequest {
+  return { source: "", set: "", epoch: 0 };
+}
+
+export const PromoteRequest: MessageFns<PromoteRequest> = {
+  encode(message: PromoteRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.source !== "") {
+      writer.uint32(10).string(message.source);
+    }
+    if (message.set !== "") {
+      writer.uint32(18).string(message.set);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(24).uint64(message.epoch);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PromoteRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePromoteRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBasePromoteResponse(): PromoteResponse {
+  return { appliedSeq: 0, durableSeq: 0, path: "", epoch: 0 };
+}
+
+export const PromoteResponse: MessageFns<PromoteResponse> = {
+  encode(message: PromoteResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.appliedSeq !== 0) {
+      writer.uint32(8).uint64(message.appliedSeq);
+    }
+    if (message.durableSeq !== 0) {
+      writer.uint32(16).uint64(message.durableSeq);
+    }
+    if (message.path !== "") {
+      writer.uint32(26).string(message.path);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(32).uint64(message.epoch);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PromoteResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePromoteResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.appliedSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.durableSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMapImageRequest(): MapImageRequest {
+  return { source: "", set: "", path: "", remove: false };
+}
+
+export const MapImageRequest: MessageFns<MapImageRequest> = {
+  encode(message: MapImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.source !== "") {
+      writer.uint32(10).string(message.source);
+    }
+    if (message.set !== "") {
+      writer.uint32(18).string(message.set);
+    }
+    if (message.path !== "") {
+      writer.uint32(26).string(message.path);
+    }
+    if (message.remove !== false) {
+      writer.uint32(32).bool(message.remove);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.remove = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMapImageResponse(): MapImageResponse {
+  return { path: "" };
+}
+
+export const MapImageResponse: MessageFns<MapImageResponse> = {
+  encode(message: MapImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.path !== "") {
+      writer.uint32(10).string(message.path);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MapImageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMapImageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseRunCommandRequest(): RunCommandRequest {
+  return { command: [], timeoutMs: 0 };
+}
+
+export const RunCommandRequest: MessageFns<RunCommandRequest> = {
+  encode(message: RunCommandRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.command) {
+      writer.uint32(10).string(v!);
+    }
+    if (message.timeoutMs !== 0) {
+      writer.uint32(16).uint32(message.timeoutMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RunCommandRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRunCommandRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.command.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.timeoutMs = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseRunCommandResponse(): RunCommandResponse {
+  return { exitCode: 0, output: "" };
+}
+
+export const RunCommandResponse: MessageFns<RunCommandResponse> = {
+  encode(message: RunCommandResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.exitCode !== 0) {
+      writer.uint32(8).int32(message.exitCode);
+    }
+    if (message.output !== "") {
+      writer.uint32(18).string(message.output);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RunCommandResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRunCommandResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.exitCode = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.output = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
 
 function createBaseSetSpec(): SetSpec {
   return {
@@ -213,6 +746,7 @@ function createBaseSetSpec(): SetSpec {
     queueMemory: 0,
     verifyIntervalMs: 0,
     verifyRepair: false,
+    epoch: 0,
   };
 }
 
@@ -256,6 +790,9 @@ export const SetSpec: MessageFns<SetSpec> = {
     }
     if (message.verifyRepair !== false) {
       writer.uint32(104).bool(message.verifyRepair);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(112).uint64(message.epoch);
     }
     return writer;
   },
@@ -375,6 +912,14 @@ export const SetSpec: MessageFns<SetSpec> = {
             }
 
             message.verifyRepair = reader.bool();
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.uint64());
             continue;
           }
         }
@@ -1681,7 +2226,20 @@ export const SourceSetStatus: MessageFns<SourceSetStatus> = {
 };
 
 function createBaseImageStatus(): ImageStatus {
-  return { source: "", set: "", path: "", appliedSeq: 0, connected: false, lastError: "" };
+  return {
+    source: "",
+    set: "",
+    path: "",
+    appliedSeq: 0,
+    connected: false,
+    lastError: "",
+    durableSeq: 0,
+    epoch: 0,
+    promoted: false,
+    disconnectedAt: 0,
+    mirroring: false,
+    journalId: "",
+  };
 }
 
 export const ImageStatus: MessageFns<ImageStatus> = {
@@ -1703,6 +2261,24 @@ export const ImageStatus: MessageFns<ImageStatus> = {
     }
     if (message.lastError !== "") {
       writer.uint32(50).string(message.lastError);
+    }
+    if (message.durableSeq !== 0) {
+      writer.uint32(56).uint64(message.durableSeq);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(64).uint64(message.epoch);
+    }
+    if (message.promoted !== false) {
+      writer.uint32(72).bool(message.promoted);
+    }
+    if (message.disconnectedAt !== 0) {
+      writer.uint32(81).double(message.disconnectedAt);
+    }
+    if (message.mirroring !== false) {
+      writer.uint32(88).bool(message.mirroring);
+    }
+    if (message.journalId !== "") {
+      writer.uint32(98).string(message.journalId);
     }
     return writer;
   },
@@ -1766,6 +2342,54 @@ export const ImageStatus: MessageFns<ImageStatus> = {
             }
 
             message.lastError = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.durableSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.promoted = reader.bool();
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.disconnectedAt = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.mirroring = reader.bool();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.journalId = reader.string();
             continue;
           }
         }
@@ -1937,6 +2561,59 @@ export const ControlService = {
     responseSerialize: (value: RemoveSetResponse): Buffer => Buffer.from(RemoveSetResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RemoveSetResponse => RemoveSetResponse.decode(value),
   },
+  /**
+   * Make a replica the primary copy (failover): stop applying, make what was
+   * applied durable, and refuse its source from now on (fencing by epoch).
+   */
+  promote: {
+    path: "/understudy.v1.Control/Promote" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PromoteRequest): Buffer => Buffer.from(PromoteRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PromoteRequest => PromoteRequest.decode(value),
+    responseSerialize: (value: PromoteResponse): Buffer => Buffer.from(PromoteResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PromoteResponse => PromoteResponse.decode(value),
+  },
+  /**
+   * Receive the image of (source, set) into an explicit directory instead of
+   * <root>/<source>/<set> (failback into the original path). remove = unmap.
+   */
+  mapImage: {
+    path: "/understudy.v1.Control/MapImage" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MapImageRequest): Buffer => Buffer.from(MapImageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MapImageRequest => MapImageRequest.decode(value),
+    responseSerialize: (value: MapImageResponse): Buffer => Buffer.from(MapImageResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MapImageResponse => MapImageResponse.decode(value),
+  },
+  /**
+   * Run a command on this host (failover actions). Refused unless the agent's
+   * config sets control.allowCommands.
+   */
+  runCommand: {
+    path: "/understudy.v1.Control/RunCommand" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RunCommandRequest): Buffer => Buffer.from(RunCommandRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RunCommandRequest => RunCommandRequest.decode(value),
+    responseSerialize: (value: RunCommandResponse): Buffer => Buffer.from(RunCommandResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RunCommandResponse => RunCommandResponse.decode(value),
+  },
+  /**
+   * Capture everything changed so far into the set's journal and return the
+   * last sequence number: once every target acknowledged it, they hold every
+   * write made before the call (a planned cutover's final sync).
+   */
+  drain: {
+    path: "/understudy.v1.Control/Drain" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DrainRequest): Buffer => Buffer.from(DrainRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DrainRequest => DrainRequest.decode(value),
+    responseSerialize: (value: DrainResponse): Buffer => Buffer.from(DrainResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DrainResponse => DrainResponse.decode(value),
+  },
 } as const;
 
 export interface ControlServer extends UntypedServiceImplementation {
@@ -1952,6 +2629,27 @@ export interface ControlServer extends UntypedServiceImplementation {
   configureSet: handleUnaryCall<ConfigureSetRequest, ConfigureSetResponse>;
   /** Stop a managed set; with purge, also delete its journal and index. */
   removeSet: handleUnaryCall<RemoveSetRequest, RemoveSetResponse>;
+  /**
+   * Make a replica the primary copy (failover): stop applying, make what was
+   * applied durable, and refuse its source from now on (fencing by epoch).
+   */
+  promote: handleUnaryCall<PromoteRequest, PromoteResponse>;
+  /**
+   * Receive the image of (source, set) into an explicit directory instead of
+   * <root>/<source>/<set> (failback into the original path). remove = unmap.
+   */
+  mapImage: handleUnaryCall<MapImageRequest, MapImageResponse>;
+  /**
+   * Run a command on this host (failover actions). Refused unless the agent's
+   * config sets control.allowCommands.
+   */
+  runCommand: handleUnaryCall<RunCommandRequest, RunCommandResponse>;
+  /**
+   * Capture everything changed so far into the set's journal and return the
+   * last sequence number: once every target acknowledged it, they hold every
+   * write made before the call (a planned cutover's final sync).
+   */
+  drain: handleUnaryCall<DrainRequest, DrainResponse>;
 }
 
 export interface ControlClient extends Client {
@@ -2036,6 +2734,83 @@ export interface ControlClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: RemoveSetResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Make a replica the primary copy (failover): stop applying, make what was
+   * applied durable, and refuse its source from now on (fencing by epoch).
+   */
+  promote(
+    request: PromoteRequest,
+    callback: (error: ServiceError | null, response: PromoteResponse) => void,
+  ): ClientUnaryCall;
+  promote(
+    request: PromoteRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: PromoteResponse) => void,
+  ): ClientUnaryCall;
+  promote(
+    request: PromoteRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PromoteResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Receive the image of (source, set) into an explicit directory instead of
+   * <root>/<source>/<set> (failback into the original path). remove = unmap.
+   */
+  mapImage(
+    request: MapImageRequest,
+    callback: (error: ServiceError | null, response: MapImageResponse) => void,
+  ): ClientUnaryCall;
+  mapImage(
+    request: MapImageRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MapImageResponse) => void,
+  ): ClientUnaryCall;
+  mapImage(
+    request: MapImageRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MapImageResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Run a command on this host (failover actions). Refused unless the agent's
+   * config sets control.allowCommands.
+   */
+  runCommand(
+    request: RunCommandRequest,
+    callback: (error: ServiceError | null, response: RunCommandResponse) => void,
+  ): ClientUnaryCall;
+  runCommand(
+    request: RunCommandRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RunCommandResponse) => void,
+  ): ClientUnaryCall;
+  runCommand(
+    request: RunCommandRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RunCommandResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Capture everything changed so far into the set's journal and return the
+   * last sequence number: once every target acknowledged it, they hold every
+   * write made before the call (a planned cutover's final sync).
+   */
+  drain(
+    request: DrainRequest,
+    callback: (error: ServiceError | null, response: DrainResponse) => void,
+  ): ClientUnaryCall;
+  drain(
+    request: DrainRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DrainResponse) => void,
+  ): ClientUnaryCall;
+  drain(
+    request: DrainRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DrainResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -79,6 +79,13 @@ export interface Hello {
    * (one that was lost and re-created) mean nothing, and force a mirror.
    */
   journalId: string;
+  /**
+   * The source's epoch (set by the operator, raised at every failover and
+   * failback). A target whose image was promoted at epoch E, or has seen an
+   * epoch above this one, refuses the stream: a fenced old primary can never
+   * overwrite the copy that took over.
+   */
+  epoch: number;
 }
 
 export interface Welcome {
@@ -443,7 +450,7 @@ export const TargetMessage: MessageFns<TargetMessage> = {
 };
 
 function createBaseHello(): Hello {
-  return { protocolVersion: 0, agentVersion: "", source: "", set: "", journalFirstSeq: 0, journalId: "" };
+  return { protocolVersion: 0, agentVersion: "", source: "", set: "", journalFirstSeq: 0, journalId: "", epoch: 0 };
 }
 
 export const Hello: MessageFns<Hello> = {
@@ -465,6 +472,9 @@ export const Hello: MessageFns<Hello> = {
     }
     if (message.journalId !== "") {
       writer.uint32(50).string(message.journalId);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(56).uint64(message.epoch);
     }
     return writer;
   },
@@ -528,6 +538,14 @@ export const Hello: MessageFns<Hello> = {
             }
 
             message.journalId = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.uint64());
             continue;
           }
         }

@@ -1,0 +1,257 @@
+// Failover, cutover and failback of a ReplicationPair: the moves between
+// status.activeSide (what serves now) and spec.activeSide (what should).
+// Every step is idempotent and re-derived from what the agents report, so a
+// reconcile cut short (operator killed) simply carries on next time:
+//   failover/cutover  source → T: known-good gate on live data, (cutover: drain
+//                     the source), promote T's replica at epoch+1 (its source
+//                     is fenced from then on), actions, identity, record.
+//   failed over       T serves; when the old source is reachable its set is
+//                     removed and T replicates back into its original path
+//                     (checksum mirror: only what changed during the outage).
+//   failback          T → source: drain the reverse set, promote the source's
+//                     copy at epoch+1, identity back, forward replication
+//                     resumes (its checksum mirror finds nothing to send).
+import { parseDuration, splitHostPort } from "../../common/config.ts";
+import type { Logger } from "../../common/log.ts";
+import type { ImageStatus, StatusResponse } from "../../agent/wire.ts";
+import type { AgentDirectory } from "../agents.ts";
+import { ConditionType, setCondition, type Condition, type FailoverPolicy, type ReplicationPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
+import { knownGood } from "./known-good.ts";
+import { desiredSetSpec, setNameFor } from "./desired.ts";
+import { dropUndefined } from "./pair-status.ts";
+import type { EventRecorder, IdentityMover, PairWriter, Result } from "./replicationpair.ts";
+
+export interface FailoverOptions {
+  agents: AgentDirectory;
+  writer: PairWriter;
+  events: EventRecorder;
+  identity: IdentityMover;
+  log: Logger;
+  now: () => Date;
+}
+
+const iso = (d: Date) => d.toISOString().replace(/\.\d+Z$/, "Z");
+
+/** The host part of an agent address: where the service lives when that side is active. */
+export function hostOf(address: string): string {
+  return splitHostPort(address)?.host ?? address;
+}
+
+export class FailoverFlow {
+  private readonly o: FailoverOptions;
+  constructor(o: FailoverOptions) {
+    this.o = o;
+  }
+
+  async reconcile(pair: ReplicationPair, policy: FailoverPolicy | undefined, active: string, want: string): Promise<Result> {
+    if (active === "source" && want !== "source") return this.takeOver(pair, policy, want);
+    if (active !== "source" && want === active) return this.failedOver(pair, policy, active);
+    if (active !== "source" && want === "source") return this.failBack(pair, policy, active);
+    return this.refuse(pair, "UnsupportedMove", `${active} serves now; fail back to source before making ${want} active`, 30_000);
+  }
+
+  private target(pair: ReplicationPair, name: string) {
+    const t = pair.spec.targets.find((x) => x.name === name);
+    if (!t) throw new Error(`no target named ${name}`);
+    return t;
+  }
+
+  private async agentStatus(address: string): Promise<{ status?: StatusResponse; error?: string }> {
+    try {
+      return { status: await this.o.agents.status(address) };
+    } catch (e) {
+      return { error: (e as Error).message };
+    }
+  }
+
+  private async write(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void> {
+    const s = dropUndefined({ ...status, observedGeneration: pair.metadata.generation });
+    if (JSON.stringify(s) !== JSON.stringify(pair.status ?? {})) await this.o.writer.patchStatus(pair, s);
+  }
+
+  private cond(status: ReplicationPairStatus, pair: ReplicationPair, type: string, st: "True" | "False" | "Unknown", reason: string, message: string): void {
+    status.conditions = (status.conditions ?? []).map((c) => ({ ...c }));
+    if (setCondition(status.conditions as Condition[], { type, status: st, reason, message }, pair.metadata.generation ?? 0, this.o.now())) {
+      this.o.events.event(pair, st === "False" && type !== ConditionType.Degraded ? "Warning" : st === "True" && type === ConditionType.Degraded ? "Warning" : "Normal", reason, `${type}=${st}: ${message}`);
+    }
+  }
+
+  private async refuse(pair: ReplicationPair, reason: string, message: string, retryMs = 2000): Promise<Result> {
+    const status: ReplicationPairStatus = { ...(pair.status ?? {}) };
+    this.cond(status, pair, "FailedOver", "False", reason, message);
+    this.cond(status, pair, ConditionType.Ready, "False", reason, message);
+    await this.write(pair, status);
+    return { requeueAfterMs: retryMs };
+  }
+
+  /** Make target `name` the active side (failover when the source is down, cutover when it is alive). */
+  private async takeOver(pair: ReplicationPair, policy: FailoverPolicy | undefined, name: string): Promise<Result> {
+    const now = this.o.now();
+    const setName = setNameFor(pair);
+    const t = this.target(pair, name);
+    const src = await this.agentStatus(pair.spec.source.agent.address);
+    const tv = await this.agentStatus(t.agent.address);
+    const image = src.status ? tv.status?.images.find((i) => i.source === src.status!.name && i.set === setName) : tv.status?.images.find((i) => i.set === setName && i.source === pair.status?.sourceAgent?.name);
+    const recorded = pair.status?.targets?.find((x) => x.name === name);
+    const set = src.status?.sets.find((s) => s.name === setName);
+    const live = set?.targets.find((x) => x.address === t.agent.address);
+    // With the source alive this is a planned cutover: the target must first hold every write made so far.
+    if (src.status && set && live) {
+      const { lastSeq } = await this.o.agents.drain(pair.spec.source.agent.address, setName);
+      const acked = (await this.agentStatus(pair.spec.source.agent.address)).status?.sets.find((s) => s.name === setName)?.targets.find((x) => x.address === t.agent.address)?.lastAckedSeq ?? 0;
+      if (acked < lastSeq) {
+        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: { ...(pair.status?.failover ?? {}), target: name, reason: "cutover", startedAt: pair.status?.failover?.startedAt ?? iso(now) } };
+        this.cond(status, pair, "FailedOver", "False", "Draining", `cutover to ${name}: waiting for ${lastSeq - acked} change(s) to be acknowledged`);
+        await this.write(pair, status);
+        return { requeueAfterMs: 250 };
+      }
+    }
+    const gate = knownGood({ recorded: recorded && live ? { ...recorded, lastAckedSeq: Math.max(recorded.lastAckedSeq ?? 0, live.lastAckedSeq), lagSeconds: live.lagSeconds } : recorded, image, imageError: tv.error, policy, now });
+    if (!gate.ok) return this.refuse(pair, "FailoverRefused", `${name} is not known good: ${gate.failed.join("; ")}`);
+
+    const epoch = (pair.status?.epoch ?? 0) + 1;
+    const promoted = await this.o.agents.promote(t.agent.address, { source: image!.source, set: setName, epoch });
+    const actions: string[] = [];
+    for (const a of policy?.spec.actions ?? []) {
+      const r = await this.o.agents.runCommand(t.agent.address, a.command, parseDuration(a.timeout ?? "60s")).catch((e: Error) => ({ exitCode: -1, output: e.message }));
+      actions.push(`${a.name}: exit ${r.exitCode}${r.exitCode ? ` (${r.output.trim().split("\n").slice(-1)[0] ?? ""})` : ""}`);
+      this.o.events.event(pair, r.exitCode === 0 ? "Normal" : "Warning", r.exitCode === 0 ? "ActionDone" : "ActionFailed", `action ${a.name} on ${name}: exit ${r.exitCode}${r.output ? `: ${r.output.slice(-300)}` : ""}`);
+    }
+    const serviceAddress = await this.moveIdentity(pair, policy, t.agent.address, name);
+    // The old source is fenced by the epoch already; stop its set too when it is there to ask.
+    if (src.status) await this.o.agents.removeSet(pair.spec.source.agent.address, setName, true).catch(() => undefined);
+    const downSince = pair.status?.health?.sourceDownSince;
+    const startedAt = pair.status?.failover?.startedAt && pair.status.failover.target === name ? pair.status.failover.startedAt : iso(now);
+    const from = downSince ? Date.parse(downSince) : Date.parse(startedAt);
+    const status: ReplicationPairStatus = {
+      ...(pair.status ?? {}),
+      phase: "FailedOver",
+      activeSide: name,
+      serviceAddress,
+      epoch,
+      failover: { target: name, reason: src.status ? "cutover" : "source down", sourceDownSince: downSince, startedAt, finishedAt: iso(this.o.now()), recoverySeconds: Math.round((this.o.now().getTime() - from) / 100) / 10, appliedSeq: promoted.durableSeq, actions },
+    };
+    this.cond(status, pair, "FailedOver", "True", src.status ? "CutOver" : "FailedOver", `${name} serves at epoch ${epoch} with every change up to ${promoted.durableSeq}; the source is fenced`);
+    this.cond(status, pair, ConditionType.Ready, "False", "FailedOver", `${name} serves; no copy until the source returns and is brought up to date`);
+    this.o.log.warn({ pair: `${pair.metadata.namespace}/${pair.metadata.name}`, target: name, epoch, appliedSeq: promoted.durableSeq }, "failed over");
+    await this.write(pair, status);
+    return { requeueAfterMs: 1000 };
+  }
+
+  /** T serves: keep the old source fenced and, once reachable, brought up to date from T. */
+  private async failedOver(pair: ReplicationPair, policy: FailoverPolicy | undefined, name: string, failingBack = false): Promise<Result> {
+    const setName = setNameFor(pair);
+    const t = this.target(pair, name);
+    const srcAddr = pair.spec.source.agent.address;
+    const src = await this.agentStatus(srcAddr);
+    const tv = await this.agentStatus(t.agent.address);
+    const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: failingBack ? "FailingBack" : "FailedOver" };
+    if (!failingBack && policy?.spec.serviceIdentity && status.serviceAddress !== hostOf(t.agent.address)) status.serviceAddress = await this.moveIdentity(pair, policy, t.agent.address, name);
+    if (failingBack) this.cond(status, pair, "FailedOver", "True", "FailbackWaiting", `failback waits until the source is reachable and brought up to date from ${name}`);
+    if (!tv.status) {
+      this.cond(status, pair, ConditionType.Degraded, "True", "TargetUnreachable", `the active side ${name} (${t.agent.address}) is unreachable: ${tv.error}`);
+      await this.write(pair, status);
+      return { requeueAfterMs: 2000 };
+    }
+    const srcName = pair.status?.sourceAgent?.name;
+    const image = tv.status.images.find((i) => i.set === setName && (!srcName || i.source === srcName));
+    if (!src.status) {
+      status.reverse = { ...(status.reverse ?? {}), state: "source unreachable", mirrored: false };
+      this.cond(status, pair, ConditionType.Degraded, "True", "SourceUnreachable", `${name} serves without a copy: the original source ${srcAddr} is unreachable (${src.error})`);
+      this.cond(status, pair, ConditionType.Ready, "False", "FailedOver", `${name} serves; no copy until the source returns`);
+      await this.write(pair, status);
+      return { requeueAfterMs: 2000 };
+    }
+    // The old source is back: its forward set (restarted from its own state) must not run.
+    if (src.status.sets.some((s) => s.name === setName)) {
+      await this.o.agents.removeSet(srcAddr, setName, true);
+      this.o.events.event(pair, "Normal", "SourceFenced", `the returning source ${srcAddr} no longer replicates ${setName}; it will receive ${name}'s changes instead`);
+    }
+    // Reverse replication: T's replica → the source's original path.
+    const back = reverseSpec(pair, image, srcAddr, status.epoch ?? 0);
+    await this.o.agents.mapImage(srcAddr, { source: tv.status.name, set: setName, path: pair.spec.replicationSet.path, remove: false });
+    const cur = tv.status.sets.find((s) => s.name === setName);
+    if (!cur) {
+      await this.o.agents.configureSet(t.agent.address, back);
+      this.o.events.event(pair, "Normal", "ReverseStarted", `${name} replicates back to ${srcAddr} (checksum mirror first: only what changed while it was away travels)`);
+    }
+    const rt = cur?.targets.find((x) => x.address === srcAddr);
+    const mirrored = !!rt && !rt.mirror?.active && (rt.mirror?.result === "ok" || (rt.mirror?.startedAt === 0 && (rt.state === "idle" || rt.state === "replicating")));
+    status.reverse = { state: rt?.state ?? "configuring", mirrored, lagSeconds: rt?.lagSeconds, lastAckedSeq: rt?.lastAckedSeq, lastSeq: cur?.lastSeq, lastError: rt?.lastError || undefined };
+    this.cond(status, pair, ConditionType.Degraded, "False", "Recovered", `${name} serves and the original source is reachable`);
+    if (mirrored) this.cond(status, pair, ConditionType.Ready, "True", "FailedOverProtected", `${name} serves and replicates back to the original source; set spec.activeSide=source to fail back`);
+    else this.cond(status, pair, ConditionType.Ready, "False", "ReverseMirroring", `${name} serves; bringing the original source up to date (${rt?.mirror?.active ? `${rt.mirror.filesDone}/${rt.mirror.filesTotal} files` : rt?.state ?? "starting"})`);
+    await this.write(pair, status);
+    return { requeueAfterMs: mirrored ? 5000 : 1000 };
+  }
+
+  /** source becomes active again: final sync from T, promote the source's copy, identity back. */
+  private async failBack(pair: ReplicationPair, policy: FailoverPolicy | undefined, name: string): Promise<Result> {
+    const setName = setNameFor(pair);
+    const t = this.target(pair, name);
+    const srcAddr = pair.spec.source.agent.address;
+    const src = await this.agentStatus(srcAddr);
+    const tv = await this.agentStatus(t.agent.address);
+    if (!src.status || !tv.status) {
+      await this.failedOver(pair, policy, name, true);
+      return { requeueAfterMs: 2000 };
+    }
+    const rev = tv.status.sets.find((s) => s.name === setName);
+    const rt = rev?.targets.find((x) => x.address === srcAddr);
+    const mirrored = !!rt && !rt.mirror?.active && (rt.mirror?.result === "ok" || rt.state === "idle" || rt.state === "replicating");
+    const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingBack" };
+    if (!rev || !rt || !mirrored) {
+      // Not brought up to date yet: the failed-over state does that; it reports, and we look again soon.
+      await this.failedOver(pair, policy, name, true);
+      return { requeueAfterMs: 1000 };
+    }
+    const { lastSeq } = await this.o.agents.drain(t.agent.address, setName);
+    const acked = (await this.agentStatus(t.agent.address)).status?.sets.find((s) => s.name === setName)?.targets.find((x) => x.address === srcAddr)?.lastAckedSeq ?? 0;
+    if (acked < lastSeq) {
+      this.cond(status, pair, "FailedOver", "True", "Draining", `failback: waiting for ${lastSeq - acked} change(s) from ${name} to reach the source`);
+      await this.write(pair, status);
+      return { requeueAfterMs: 250 };
+    }
+    const epoch = (pair.status?.epoch ?? 0) + 1;
+    await this.o.agents.promote(srcAddr, { source: tv.status.name, set: setName, epoch });
+    await this.o.agents.removeSet(t.agent.address, setName, true);
+    await this.o.agents.mapImage(srcAddr, { source: tv.status.name, set: setName, path: "", remove: true });
+    const serviceAddress = await this.moveIdentity(pair, policy, srcAddr, "source");
+    const next: ReplicationPairStatus = { ...status, phase: "Configuring", activeSide: "source", serviceAddress, epoch, reverse: undefined, health: { ...(status.health ?? {}), sourceDown: false, missedBeats: 0, sourceDownSince: undefined } };
+    this.cond(next, pair, "FailedOver", "False", "FailedBack", `the source serves again at epoch ${epoch}; replication to ${name} resumes`);
+    this.o.events.event(pair, "Normal", "FailedBack", `failed back from ${name} to the source at epoch ${epoch}`);
+    await this.write(pair, next);
+    return { requeueAfterMs: 500 };
+  }
+
+  /**
+   * Point the service identity at `address`'s host. Never fails the move it is
+   * part of (the new side serves either way): a failure is an event, and
+   * status.serviceAddress stays unset so the next reconcile tries again.
+   */
+  private async moveIdentity(pair: ReplicationPair, policy: FailoverPolicy | undefined, address: string, side: string): Promise<string | undefined> {
+    const id = policy?.spec.serviceIdentity;
+    const host = hostOf(address);
+    try {
+      if (id?.service) {
+        await this.o.identity.pointService(pair.metadata.namespace!, id.service.name, id.service.port, host);
+        this.o.events.event(pair, "Normal", "IdentityMoved", `Service ${id.service.name} now points at ${side} (${host})`);
+        return host;
+      }
+      if (id?.hook) {
+        const r = await this.o.agents.runCommand(address, id.hook.command, 60_000);
+        this.o.events.event(pair, r.exitCode === 0 ? "Normal" : "Warning", r.exitCode === 0 ? "IdentityMoved" : "IdentityHookFailed", `identity hook on ${side}: exit ${r.exitCode}${r.output ? `: ${r.output.slice(-300)}` : ""}`);
+        return r.exitCode === 0 ? host : undefined;
+      }
+    } catch (e) {
+      this.o.events.event(pair, "Warning", "IdentityMoveFailed", `could not point the service identity at ${side} (${host}): ${(e as Error).message}; retrying`);
+    }
+    return undefined;
+  }
+}
+
+/** The set T runs to replicate its (promoted) replica back into the source's original path. */
+export function reverseSpec(pair: ReplicationPair, image: ImageStatus | undefined, sourceAddress: string, epoch: number) {
+  const fwd = desiredSetSpec(pair);
+  return { ...fwd, path: image?.path ?? "", targets: [sourceAddress], epoch, verifyIntervalMs: 0 };
+}
