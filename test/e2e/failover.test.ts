@@ -11,6 +11,7 @@ import YAML from "yaml";
 import { startCluster, type Cluster } from "../env/cluster.ts";
 import { CLI, REPO, compareTrees, snapshotTree, tmpDir, waitFor, type AgentProc } from "./harness.ts";
 import { OperatorProc, Pki, condition, getPair, kubectlOk, pairYaml, tlsAgent } from "./k8s-harness.ts";
+import { createLab, type Host, type Lab } from "./netns.ts";
 import { fetchStatus } from "../../agent/control-client.ts";
 import type { TlsConfig } from "../../common/config.ts";
 import type { ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
@@ -31,6 +32,8 @@ describe("failover and failback", { timeout: 900_000 }, () => {
   let tls: TlsConfig;
   let op: OperatorProc;
   let srcDir: string;
+  let lab: Lab;
+  let hosts: Record<"src" | "a" | "b", Host>;
   const imageOn = (t: "a" | "b") => path.join(dir, `dst-${t}`, "src-agent", `${NS}.db`);
   const pair = () => getPair(cluster, NS, "db");
 
@@ -70,9 +73,12 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     srcDir = path.join(dir, "src");
     await mkdir(srcDir, { recursive: true });
     for (let i = 0; i < 30; i++) await writeFile(path.join(srcDir, `row-${i}.dat`), `row ${i}\n`.repeat(200 + i));
-    ({ agent: source, tls } = await tlsAgent(pki, dir, "src-agent", { host: "127.0.0.2", allowCommands: true }));
-    ({ agent: a } = await tlsAgent(pki, dir, "dst-a", { host: "127.0.0.3", targetRoot: path.join(dir, "dst-a"), allowCommands: true }));
-    ({ agent: b } = await tlsAgent(pki, dir, "dst-b", { host: "127.0.0.4", targetRoot: path.join(dir, "dst-b"), allowCommands: true }));
+    // Each agent on a host of its own (network namespaces on a bridge): the operator reaches them over the lab network.
+    lab = await createLab();
+    hosts = { src: await lab.addHost("src"), a: await lab.addHost("a"), b: await lab.addHost("b") };
+    ({ agent: source, tls } = await tlsAgent(pki, dir, "src-agent", { netHost: hosts.src, allowCommands: true }));
+    ({ agent: a } = await tlsAgent(pki, dir, "dst-a", { netHost: hosts.a, targetRoot: path.join(dir, "dst-a"), allowCommands: true }));
+    ({ agent: b } = await tlsAgent(pki, dir, "dst-b", { netHost: hosts.b, targetRoot: path.join(dir, "dst-b"), allowCommands: true }));
     for (const x of [a, b, source]) await x.start(tls);
     // The chart, and the operator with only the chart's RBAC.
     await kubectlOk(cluster, ["create", "namespace", NS]);
@@ -89,6 +95,7 @@ describe("failover and failback", { timeout: 900_000 }, () => {
   after(async () => {
     await op?.stop().catch(() => undefined);
     for (const x of [source, a, b]) await x?.stop().catch(() => undefined);
+    await lab?.dispose();
     await cluster?.stop();
     if (!process.env.KEEP_TEST_DIRS) await rm(dir, { recursive: true, force: true });
   });
@@ -149,7 +156,7 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     // Every acknowledged write is on a (the source directory is exactly what was acknowledged).
     assert.deepEqual(await treesEqual(srcDir, imageOn("a")), []);
     const es = await slice();
-    assert.deepEqual(es.endpoints[0]?.addresses, ["127.0.0.3"]);
+    assert.deepEqual(es.endpoints[0]?.addresses, [hosts.a.ip]);
     assert.equal(es.ports[0]?.port, 5432);
     assert.equal((await readFile(path.join(dir, "action-ran"), "utf8")).trim(), "started");
     const aStatus = await fetchStatus(a.address, tls);
@@ -184,7 +191,7 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     assert.equal(r.code, 0, r.out);
     const p = await waitPair("source active and Ready", (x) => x.status?.activeSide === "source" && condition(x, "Ready").status === "True", 90_000);
     assert.equal(p.status?.epoch, 2);
-    assert.deepEqual((await slice()).endpoints[0]?.addresses, ["127.0.0.2"]);
+    assert.deepEqual((await slice()).endpoints[0]?.addresses, [hosts.src.ip]);
     await writeFile(path.join(srcDir, "after-failback.dat"), "back home\n");
     await waitTreesEqual(srcDir, imageOn("a"), "a is a replica again");
     await waitTreesEqual(srcDir, imageOn("b"), "b (whose copy was bad) is repaired by its mirror");

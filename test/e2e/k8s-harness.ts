@@ -11,6 +11,7 @@ import type { TlsConfig } from "../../common/config.ts";
 import type { Cluster } from "../env/cluster.ts";
 import type { ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
 import { AgentProc, CLI, REPO, freePort, waitFor } from "./harness.ts";
+import { NetnsAgentProc, type Host } from "./netns.ts";
 
 /** A CA and certificates for agents and the operator (CN understudy-operator). */
 export class Pki {
@@ -43,16 +44,18 @@ export class Pki {
  * An agent with mTLS, a data dir under `dir`, and optionally a target root.
  * `host`: another loopback address (127.0.0.2 …) so sides have distinct addresses.
  */
-export async function tlsAgent(pki: Pki, dir: string, name: string, o: { targetRoot?: string; host?: string; allowCommands?: boolean } = {}): Promise<{ agent: AgentProc; tls: TlsConfig }> {
-  const port = await freePort();
-  const host = o.host ?? "127.0.0.1";
+export async function tlsAgent(pki: Pki, dir: string, name: string, o: { targetRoot?: string; host?: string; netHost?: Host; allowCommands?: boolean } = {}): Promise<{ agent: AgentProc; tls: TlsConfig }> {
+  // In a network namespace every host has its own stack, so one well-known port does.
+  const port = o.netHost ? 7702 : await freePort();
+  const host = o.netHost?.ip ?? o.host ?? "127.0.0.1";
   const tls = await pki.tlsFor(name, [host]);
   const cfg: Record<string, unknown> = { name, listen: `${host}:${port}`, dataDir: path.join(dir, `state-${name}`), tls };
   if (o.targetRoot) cfg.target = { root: o.targetRoot };
   if (o.allowCommands) cfg.control = { allowCommands: true };
   const file = path.join(dir, `${name}.yaml`);
   await writeFile(file, YAML.stringify(cfg));
-  return { agent: new AgentProc(name, file, port, path.join(dir, `${name}.log`), host), tls };
+  const log = path.join(dir, `${name}.log`);
+  return { agent: o.netHost ? new NetnsAgentProc(o.netHost, name, file, port, log, tls) : new AgentProc(name, file, port, log, host), tls };
 }
 
 /** The operator as a process, the way the chart's Deployment runs it. */
