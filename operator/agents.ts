@@ -8,7 +8,8 @@ import type { SetSpec, StatusResponse, VerifyReport } from "../agent/wire.ts";
 
 /** What reconcilers need from agents (a fake implements it in unit tests). */
 export interface AgentDirectory {
-  status(address: string): Promise<StatusResponse>;
+  /** timeoutMs: a shorter deadline for health checks (a black-holed agent must count as missed quickly). */
+  status(address: string, timeoutMs?: number): Promise<StatusResponse>;
   configureSet(address: string, spec: SetSpec): Promise<{ result: string; specHash: string }>;
   removeSet(address: string, name: string, purge: boolean): Promise<{ existed: boolean }>;
   mirror(address: string, req: { set: string; target: string; mode: string }): Promise<{ started: string[] }>;
@@ -57,11 +58,11 @@ export class AgentPool implements AgentDirectory {
     }
   }
 
-  status(address: string): Promise<StatusResponse> {
+  status(address: string, timeoutMs?: number): Promise<StatusResponse> {
     const hit = this.cache.get(address);
     if (hit && Date.now() - hit.at < this.o.statusTtlMs) return hit.value;
     // Single flight: concurrent readers share one call; a failure is not cached.
-    const value = this.timed("status", () => this.conn(address).status(this.o.timeoutMs));
+    const value = this.timed("status", () => this.conn(address).status(Math.min(timeoutMs ?? this.o.timeoutMs, this.o.timeoutMs)));
     this.cache.set(address, { at: Date.now(), value });
     value.catch(() => {
       if (this.cache.get(address)?.value === value) this.cache.delete(address);

@@ -97,10 +97,19 @@ export class FailoverFlow {
     const live = set?.targets.find((x) => x.address === t.agent.address);
     // With the source alive this is a planned cutover: the target must first hold every write made so far.
     if (src.status && set && live) {
+      const fo = pair.status?.failover;
+      if (policy?.spec.quiesce?.length && !(fo?.quiesced && fo.reason === "cutover" && fo.target === name && !fo.finishedAt)) {
+        // Stop the application on the source first: nothing it writes afterwards could reach the target.
+        const done = await this.runActions(pair, policy.spec.quiesce, pair.spec.source.agent.address, "source");
+        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: { target: name, reason: "cutover", startedAt: iso(now), quiesced: true, actions: done } };
+        this.cond(status, pair, "FailedOver", "False", "Quiesced", `cutover to ${name}: the source's application was stopped (${done.join(", ")}); final sync next`);
+        await this.write(pair, status);
+        return { requeueAfterMs: 100 };
+      }
       const { lastSeq } = await this.o.agents.drain(pair.spec.source.agent.address, setName);
       const acked = (await this.agentStatus(pair.spec.source.agent.address)).status?.sets.find((s) => s.name === setName)?.targets.find((x) => x.address === t.agent.address)?.lastAckedSeq ?? 0;
       if (acked < lastSeq) {
-        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: { ...(pair.status?.failover ?? {}), target: name, reason: "cutover", startedAt: pair.status?.failover?.startedAt ?? iso(now) } };
+        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: fo && !fo.finishedAt && fo.target === name ? { ...fo, reason: "cutover" } : { target: name, reason: "cutover", startedAt: iso(now) } };
         this.cond(status, pair, "FailedOver", "False", "Draining", `cutover to ${name}: waiting for ${lastSeq - acked} change(s) to be acknowledged`);
         await this.write(pair, status);
         return { requeueAfterMs: 250 };
@@ -111,17 +120,13 @@ export class FailoverFlow {
 
     const epoch = (pair.status?.epoch ?? 0) + 1;
     const promoted = await this.o.agents.promote(t.agent.address, { source: image!.source, set: setName, epoch });
-    const actions: string[] = [];
-    for (const a of policy?.spec.actions ?? []) {
-      const r = await this.o.agents.runCommand(t.agent.address, a.command, parseDuration(a.timeout ?? "60s")).catch((e: Error) => ({ exitCode: -1, output: e.message }));
-      actions.push(`${a.name}: exit ${r.exitCode}${r.exitCode ? ` (${r.output.trim().split("\n").slice(-1)[0] ?? ""})` : ""}`);
-      this.o.events.event(pair, r.exitCode === 0 ? "Normal" : "Warning", r.exitCode === 0 ? "ActionDone" : "ActionFailed", `action ${a.name} on ${name}: exit ${r.exitCode}${r.output ? `: ${r.output.slice(-300)}` : ""}`);
-    }
+    const actions = await this.runActions(pair, policy?.spec.actions ?? [], t.agent.address, name);
     const serviceAddress = await this.moveIdentity(pair, policy, t.agent.address, name);
     // The old source is fenced by the epoch already; stop its set too when it is there to ask.
     if (src.status) await this.o.agents.removeSet(pair.spec.source.agent.address, setName, true).catch(() => undefined);
     const downSince = pair.status?.health?.sourceDownSince;
-    const startedAt = pair.status?.failover?.startedAt && pair.status.failover.target === name ? pair.status.failover.startedAt : iso(now);
+    const prevFo = pair.status?.failover;
+    const startedAt = prevFo?.startedAt && prevFo.target === name && !prevFo.finishedAt ? prevFo.startedAt : iso(now);
     const from = downSince ? Date.parse(downSince) : Date.parse(startedAt);
     const status: ReplicationPairStatus = {
       ...(pair.status ?? {}),
@@ -129,7 +134,7 @@ export class FailoverFlow {
       activeSide: name,
       serviceAddress,
       epoch,
-      failover: { target: name, reason: src.status ? "cutover" : "source down", sourceDownSince: downSince, startedAt, finishedAt: iso(this.o.now()), recoverySeconds: Math.round((this.o.now().getTime() - from) / 100) / 10, appliedSeq: promoted.durableSeq, actions },
+      failover: { target: name, reason: src.status ? "cutover" : "source down", sourceDownSince: downSince, startedAt, finishedAt: iso(this.o.now()), recoverySeconds: Math.round((this.o.now().getTime() - from) / 100) / 10, appliedSeq: promoted.durableSeq, actions: [...(prevFo?.target === name && !prevFo.finishedAt ? (prevFo.actions ?? []) : []), ...actions], quiesced: prevFo?.quiesced && !prevFo.finishedAt ? true : undefined },
     };
     this.cond(status, pair, "FailedOver", "True", src.status ? "CutOver" : "FailedOver", `${name} serves at epoch ${epoch} with every change up to ${promoted.durableSeq}; the source is fenced`);
     this.cond(status, pair, ConditionType.Ready, "False", "FailedOver", `${name} serves; no copy until the source returns and is brought up to date`);
@@ -205,6 +210,13 @@ export class FailoverFlow {
       await this.failedOver(pair, policy, name, true);
       return { requeueAfterMs: 1000 };
     }
+    if (policy?.spec.quiesce?.length && !(pair.status?.failover?.quiesced && pair.status.failover.reason === "failback")) {
+      const done = await this.runActions(pair, policy.spec.quiesce, t.agent.address, name);
+      status.failover = { ...(pair.status?.failover ?? {}), reason: "failback", quiesced: true, actions: done };
+      this.cond(status, pair, "FailedOver", "True", "Quiesced", `failback: the application on ${name} was stopped (${done.join(", ")}); final sync next`);
+      await this.write(pair, status);
+      return { requeueAfterMs: 100 };
+    }
     const { lastSeq } = await this.o.agents.drain(t.agent.address, setName);
     const acked = (await this.agentStatus(t.agent.address)).status?.sets.find((s) => s.name === setName)?.targets.find((x) => x.address === srcAddr)?.lastAckedSeq ?? 0;
     if (acked < lastSeq) {
@@ -217,11 +229,22 @@ export class FailoverFlow {
     await this.o.agents.removeSet(t.agent.address, setName, true);
     await this.o.agents.mapImage(srcAddr, { source: tv.status.name, set: setName, path: "", remove: true });
     const serviceAddress = await this.moveIdentity(pair, policy, srcAddr, "source");
-    const next: ReplicationPairStatus = { ...status, phase: "Configuring", activeSide: "source", serviceAddress, epoch, reverse: undefined, health: { ...(status.health ?? {}), sourceDown: false, missedBeats: 0, sourceDownSince: undefined } };
+    const next: ReplicationPairStatus = { ...status, failover: { ...(status.failover ?? {}), quiesced: false }, phase: "Configuring", activeSide: "source", serviceAddress, epoch, reverse: undefined, health: { ...(status.health ?? {}), sourceDown: false, missedBeats: 0, sourceDownSince: undefined } };
     this.cond(next, pair, "FailedOver", "False", "FailedBack", `the source serves again at epoch ${epoch}; replication to ${name} resumes`);
     this.o.events.event(pair, "Normal", "FailedBack", `failed back from ${name} to the source at epoch ${epoch}`);
     await this.write(pair, next);
     return { requeueAfterMs: 500 };
+  }
+
+  /** Run a policy's action list on an agent; one line per action for status. */
+  private async runActions(pair: ReplicationPair, list: { name: string; command: string[]; timeout?: string }[], address: string, side: string): Promise<string[]> {
+    const done: string[] = [];
+    for (const a of list) {
+      const r = await this.o.agents.runCommand(address, a.command, parseDuration(a.timeout ?? "60s")).catch((e: Error) => ({ exitCode: -1, output: e.message }));
+      done.push(`${a.name}: exit ${r.exitCode}${r.exitCode ? ` (${r.output.trim().split("\n").slice(-1)[0] ?? ""})` : ""}`);
+      this.o.events.event(pair, r.exitCode === 0 ? "Normal" : "Warning", r.exitCode === 0 ? "ActionDone" : "ActionFailed", `${a.name} on ${side}: exit ${r.exitCode}${r.output ? `: ${r.output.slice(-300)}` : ""}`);
+    }
+    return done;
   }
 
   /**

@@ -76,6 +76,7 @@ export class ReplicationPairReconciler {
   }
 
   async reconcile(key: string): Promise<Result> {
+    const t0 = Date.now();
     const [namespace, name] = key.split("/") as [string, string];
     const cached = this.o.get(namespace, name);
     if (!cached) return {}; // deleted, and its finalizer already done
@@ -108,8 +109,10 @@ export class ReplicationPairReconciler {
     } catch (e) {
       configError = `spec cannot be turned into a replication set: ${(e as Error).message}`;
     }
+    // Under a FailoverPolicy a check must not take longer than the health interval.
+    const checkMs = policy ? Math.max(1000, parseDuration(policy.spec.healthCheck?.interval ?? "1s")) : undefined;
     try {
-      view.status = await this.o.agents.status(source);
+      view.status = await this.o.agents.status(source, checkMs);
     } catch (e) {
       view.error = (e as Error).message;
     }
@@ -168,7 +171,7 @@ export class ReplicationPairReconciler {
     const targets = new Map<string, AgentView>();
     await Promise.all(pair.spec.targets.map(async (t) => {
       try {
-        targets.set(t.agent.address, { status: await this.o.agents.status(t.agent.address) });
+        targets.set(t.agent.address, { status: await this.o.agents.status(t.agent.address, checkMs) });
       } catch (e) {
         targets.set(t.agent.address, { error: (e as Error).message });
       }
@@ -201,7 +204,9 @@ export class ReplicationPairReconciler {
     }
     const busy = status.phase !== "Replicating" || status.targets?.some((t) => t.mirror?.active || t.lastVerify?.result === "Running");
     const interval = policy ? parseDuration(policy.spec.healthCheck?.interval ?? "1s") : this.o.statusIntervalMs;
-    return { requeueAfterMs: Math.min(interval, busy ? FAST_MS : this.o.statusIntervalMs) };
+    // Health checks keep their rhythm: a check that waited out its deadline is followed by the next at once.
+    const next = Math.min(interval, busy ? FAST_MS : this.o.statusIntervalMs);
+    return { requeueAfterMs: policy ? Math.max(50, next - (Date.now() - t0)) : next };
   }
 
   /**

@@ -46,6 +46,20 @@ export interface FailoverPolicySpec {
     timeout?: string;
   }[];
   /**
+   * For planned moves (cutover, failback): run on the side that stops serving, in order, before the final sync, so the application writes nothing after it (e.g. stop the service). Not run when that side is down.
+   *
+   * @maxItems 32
+   */
+  quiesce?: {
+    name: string;
+    /**
+     * @minItems 1
+     * @maxItems 64
+     */
+    command: string[];
+    timeout?: string;
+  }[];
+  /**
    * What moves to the new primary so clients follow it.
    */
   serviceIdentity?: {

@@ -176,6 +176,10 @@ export interface FailoverStatus {
    * Last change the promoted replica holds.
    */
   appliedSeq?: number;
+  /**
+   * The side being left ran the policy's quiesce actions (planned moves).
+   */
+  quiesced?: boolean;
   actions?: string[];
 }
 /**
