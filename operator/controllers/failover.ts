@@ -56,9 +56,10 @@ export class FailoverFlow {
     return t;
   }
 
-  private async agentStatus(address: string): Promise<{ status?: StatusResponse; error?: string }> {
+  /** Short deadline: a failover must not wait on an agent that may be gone. */
+  private async agentStatus(address: string, timeoutMs = 2000): Promise<{ status?: StatusResponse; error?: string }> {
     try {
-      return { status: await this.o.agents.status(address) };
+      return { status: await this.o.agents.status(address, timeoutMs) };
     } catch (e) {
       return { error: (e as Error).message };
     }
@@ -89,7 +90,8 @@ export class FailoverFlow {
     const now = this.o.now();
     const setName = setNameFor(pair);
     const t = this.target(pair, name);
-    const src = await this.agentStatus(pair.spec.source.agent.address);
+    // A source the health checks found down is not asked again (it may be a black hole).
+    const src = pair.status?.health?.sourceDown ? { error: "source down (health checks)" } : await this.agentStatus(pair.spec.source.agent.address);
     const tv = await this.agentStatus(t.agent.address);
     const image = src.status ? tv.status?.images.find((i) => i.source === src.status!.name && i.set === setName) : tv.status?.images.find((i) => i.set === setName && i.source === pair.status?.sourceAgent?.name);
     const recorded = pair.status?.targets?.find((x) => x.name === name);

@@ -272,6 +272,15 @@ export class ReplicationPairReconciler {
     if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) return {};
     const source = pair.spec.source.agent.address;
     try {
+      // Failed over (or cut over) and not failed back: the active target replicates back to
+      // the source; deleting the pair finalises the move, and the data stays on both sides.
+      const active = pair.status?.activeSide ?? "source";
+      const t = pair.spec.targets.find((x) => x.name === active);
+      if (active !== "source" && t) {
+        await this.o.agents.removeSet(t.agent.address, setName, true);
+        const targetName = (await this.o.agents.status(t.agent.address)).name;
+        await this.o.agents.mapImage(source, { source: targetName, set: setName, path: "", remove: true }).catch((e: Error) => log.warn({ err: e.message }, "could not unmap the reverse image on the source"));
+      }
       const r = await this.o.agents.removeSet(source, setName, true);
       log.info({ existed: r.existed }, "replication stopped on the source agent");
     } catch (e) {

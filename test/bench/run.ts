@@ -20,6 +20,7 @@ import { benchThroughput } from "./throughput.ts";
 import { benchVerify } from "./verify.ts";
 import { benchWireBytes } from "./wire-bytes.ts";
 import { benchOperatorScale } from "./operator-scale.ts";
+import { benchFailoverRecovery } from "./failover-recovery.ts";
 import { cpuSnapshot, nowMs, outsideCores, progress, type BenchContext } from "./util.ts";
 
 const BENCHMARKS: [string, (ctx: BenchContext) => Promise<BenchResult>][] = [
@@ -31,6 +32,7 @@ const BENCHMARKS: [string, (ctx: BenchContext) => Promise<BenchResult>][] = [
   ["6", benchChecksumMirror],
   ["7", benchVerify],
   ["8", benchOperatorScale],
+  ["9", benchFailoverRecovery],
 ];
 
 const METHODOLOGY = [
