@@ -281,8 +281,13 @@ export class ReplicationPairReconciler {
         const targetName = (await this.o.agents.status(t.agent.address)).name;
         await this.o.agents.mapImage(source, { source: targetName, set: setName, path: "", remove: true }).catch((e: Error) => log.warn({ err: e.message }, "could not unmap the reverse image on the source"));
       }
-      const r = await this.o.agents.removeSet(source, setName, true);
-      log.info({ existed: r.existed }, "replication stopped on the source agent");
+      if (active !== "source") {
+        // The old source was fenced at failover; it may be gone for good, so it does not hold up the deletion.
+        await this.o.agents.removeSet(source, setName, true).catch((e: Error) => log.warn({ err: e.message }, "old source not reachable; its set (if any) stays fenced"));
+      } else {
+        const r = await this.o.agents.removeSet(source, setName, true);
+        log.info({ existed: r.existed }, "replication stopped on the source agent");
+      }
     } catch (e) {
       const msg = `cannot stop replication on source agent ${source}: ${(e as Error).message}; retrying (to give up, remove the finalizer ${PAIR_FINALIZER} — the agent would then go on replicating until its set is removed)`;
       this.o.events.event(pair, "Warning", "CleanupPending", msg);
