@@ -30,6 +30,9 @@ export interface FailoverOptions {
   now: () => Date;
 }
 
+/** Reasons a person should look at (everything else in a move is progress). */
+const WARNINGS = new Set(["FailoverRefused", "UnsupportedMove", "SourceUnreachable", "TargetUnreachable"]);
+
 const iso = (d: Date) => d.toISOString().replace(/\.\d+Z$/, "Z");
 
 /** The host part of an agent address: where the service lives when that side is active. */
@@ -73,7 +76,7 @@ export class FailoverFlow {
   private cond(status: ReplicationPairStatus, pair: ReplicationPair, type: string, st: "True" | "False" | "Unknown", reason: string, message: string): void {
     status.conditions = (status.conditions ?? []).map((c) => ({ ...c }));
     if (setCondition(status.conditions as Condition[], { type, status: st, reason, message }, pair.metadata.generation ?? 0, this.o.now())) {
-      this.o.events.event(pair, st === "False" && type !== ConditionType.Degraded ? "Warning" : st === "True" && type === ConditionType.Degraded ? "Warning" : "Normal", reason, `${type}=${st}: ${message}`);
+      this.o.events.event(pair, WARNINGS.has(reason) || (type === ConditionType.Degraded && st === "True") ? "Warning" : "Normal", reason, `${type}=${st}: ${message}`);
     }
   }
 
@@ -233,7 +236,6 @@ export class FailoverFlow {
     const serviceAddress = await this.moveIdentity(pair, policy, srcAddr, "source");
     const next: ReplicationPairStatus = { ...status, failover: { ...(status.failover ?? {}), quiesced: false }, phase: "Configuring", activeSide: "source", serviceAddress, epoch, reverse: undefined, health: { ...(status.health ?? {}), sourceDown: false, missedBeats: 0, sourceDownSince: undefined } };
     this.cond(next, pair, "FailedOver", "False", "FailedBack", `the source serves again at epoch ${epoch}; replication to ${name} resumes`);
-    this.o.events.event(pair, "Normal", "FailedBack", `failed back from ${name} to the source at epoch ${epoch}`);
     await this.write(pair, next);
     return { requeueAfterMs: 500 };
   }

@@ -123,8 +123,8 @@ describe("operator on a real API server", { timeout: 900_000 }, () => {
     assert.equal(p?.status?.targets?.[0]?.mirror?.result, "ok");
     assert.equal(p?.status?.sourceAgent?.name, "src-agent");
     const get = await kubectlOk(cluster, ["get", "rp", "-n", NS]);
-    assert.match(get, /^NAME\s+PHASE\s+LAG\s+QUEUED\s+VERIFIED\s+LAST VERIFY\s+AGE/m);
-    assert.match(get, /^web\s+Replicating\s+0s\s+0B\s/m);
+    assert.match(get, /^NAME\s+PHASE\s+ACTIVE\s+LAG\s+QUEUED\s+VERIFIED\s+LAST VERIFY\s+AGE/m);
+    assert.match(get, /^web\s+Replicating\s+source\s+0s\s+0B\s/m);
     const describe = await kubectlOk(cluster, ["describe", "rp", "web", "-n", NS]);
     assert.match(describe, /SetCreated .*replication set apps\.web created on source agent/);
     // Live changes keep flowing.
