@@ -83,29 +83,60 @@ function privateKeyPem(key: wc.CryptoKey): string {
   return KeyObject.from(key).export({ type: "pkcs8", format: "pem" }) as string;
 }
 
-/**
- * Create a CA in `dir` (mkdir -p, mode 0700): `ca.crt` and `ca.key` (mode 0600).
- * Refuses to overwrite an existing ca.key: every certificate issued by it would become useless.
- */
-export async function createCA(dir: string, opts: { commonName?: string; days?: number } = {}): Promise<{ certPath: string; keyPath: string }> {
-  const days = validDays("createCA", opts.days, CA_DAYS);
-  const x509 = await loadX509();
-  const certPath = path.join(dir, "ca.crt");
-  const keyPath = path.join(dir, "ca.key");
-  const refuse = () => new Error(`createCA: ${keyPath} already exists; refusing to overwrite a CA key (certificates issued by it would stop working). Remove it first if you really mean to start a new CA.`);
-  await mkdir(dir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
-    throw new Error(`createCA: cannot create directory ${dir}: ${errCode(e)}`);
-  });
-  if (await exists(keyPath)) throw refuse();
+/** A CA in memory: what signLeaf needs to sign with it. */
+export interface CaSigner {
+  /** the CA certificate, PEM */
+  certPem: string;
+  /** the CA's private key (ECDSA P-256, P-384 or P-521), usable for "sign" */
+  signingKey: wc.CryptoKey;
+}
 
+/** A new CA in memory: its certificate and key as PEM (what createCA writes to ca.crt and ca.key), and the key to sign with. */
+export interface NewCA extends CaSigner {
+  /** the private key, PKCS#8 PEM */
+  keyPem: string;
+}
+
+/** A certificate and its private key (PKCS#8), both PEM. */
+export interface IssuedPem {
+  certPem: string;
+  keyPem: string;
+}
+
+/** A subject alternative name: an IP address or a DNS name. */
+export interface San {
+  type: "ip" | "dns";
+  value: string;
+}
+
+export interface LeafOptions {
+  /** the subject's CN (Kubernetes: the user name; understudy: the agent name) */
+  commonName: string;
+  /** the subject's O values, one RDN each (Kubernetes: the user's groups) */
+  organizations?: readonly string[];
+  /** the extended key usage: TLS server, TLS client, or both */
+  usage: "server" | "client" | "both";
+  /** subject alternative names, in this order */
+  sans?: readonly San[];
+  /** validity; capped at the CA's own expiry */
+  days: number;
+}
+
+/**
+ * Generate a self-signed CA in memory: ECDSA P-256, CA:true with pathlen 0 (it signs
+ * leaves only), keyCertSign + cRLSign + digitalSignature, valid `days` (from BACKDATE_MS ago).
+ */
+export async function newCA(commonName: string, days: number): Promise<NewCA> {
+  const validity = validDays("newCA", days, CA_DAYS);
+  const x509 = await loadX509();
   const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
   const now = Date.now();
   const cert = await x509.X509CertificateGenerator.createSelfSigned(
     {
       serialNumber: serialNumber(),
-      name: [{ CN: [opts.commonName ?? "understudy CA"] }],
+      name: [{ CN: [commonName] }],
       notBefore: new Date(now - BACKDATE_MS),
-      notAfter: new Date(now + days * DAY_MS),
+      notAfter: new Date(now + validity * DAY_MS),
       signingAlgorithm: SIGN,
       keys,
       extensions: [
@@ -116,19 +147,82 @@ export async function createCA(dir: string, opts: { commonName?: string; days?: 
     },
     webcrypto,
   );
+  return { certPem: cert.toString("pem") + "\n", keyPem: privateKeyPem(keys.privateKey), signingKey: keys.privateKey };
+}
+
+/**
+ * Sign a new leaf certificate (fresh ECDSA P-256 key) with `ca`: CA:false, digitalSignature,
+ * the extended key usage(s) of `usage`, subject and authority key identifiers, the SANs given.
+ * A certificate cannot outlive its CA: notAfter is at most the CA's.
+ */
+export async function signLeaf(ca: CaSigner, o: LeafOptions): Promise<IssuedPem> {
+  const days = validDays("signLeaf", o.days, CERT_DAYS);
+  const x509 = await loadX509();
+  const alg = ca.signingKey.algorithm as { name: string; namedCurve?: string };
+  const hash = alg.name === "ECDSA" ? Object.values(CURVES).find((c) => c.namedCurve === alg.namedCurve)?.hash : undefined;
+  if (!hash) throw new Error(`signLeaf: unsupported CA key (need an ECDSA P-256/P-384/P-521 key)`);
+  const caCert = new x509.X509Certificate(ca.certPem);
+  const now = Date.now();
+  if (caCert.notAfter.getTime() <= now) throw new Error(`signLeaf: the CA certificate expired on ${caCert.notAfter.toISOString()}`);
+  const notAfter = new Date(Math.min(now + days * DAY_MS, caCert.notAfter.getTime()));
+
+  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
+  const caSki = caCert.getExtension(x509.SubjectKeyIdentifierExtension);
+  const ekus = { server: [x509.ExtendedKeyUsage.serverAuth], client: [x509.ExtendedKeyUsage.clientAuth], both: [x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth] }[o.usage];
+  const extensions: X509.Extension[] = [
+    new x509.BasicConstraintsExtension(false, undefined, true),
+    new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+    new x509.ExtendedKeyUsageExtension(ekus),
+    await x509.SubjectKeyIdentifierExtension.create(keys.publicKey, false, webcrypto),
+    caSki ? new x509.AuthorityKeyIdentifierExtension(caSki.keyId) : await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey, false, webcrypto),
+  ];
+  const sans = o.sans ?? [];
+  if (sans.length > 0) extensions.push(new x509.SubjectAlternativeNameExtension(sans.map((s) => ({ type: s.type, value: s.value }))));
+  const cert = await x509.X509CertificateGenerator.create(
+    {
+      serialNumber: serialNumber(),
+      subject: [...(o.organizations ?? []).map((org) => ({ O: [org] })), { CN: [o.commonName] }],
+      issuer: caCert.subjectName,
+      notBefore: new Date(now - BACKDATE_MS),
+      notAfter,
+      signingAlgorithm: { name: "ECDSA", hash },
+      publicKey: keys.publicKey,
+      signingKey: ca.signingKey,
+      extensions,
+    },
+    webcrypto,
+  );
+  return { certPem: cert.toString("pem") + "\n", keyPem: privateKeyPem(keys.privateKey) };
+}
+
+/**
+ * Create a CA in `dir` (mkdir -p, mode 0700): `ca.crt` and `ca.key` (mode 0600).
+ * Refuses to overwrite an existing ca.key: every certificate issued by it would become useless.
+ */
+export async function createCA(dir: string, opts: { commonName?: string; days?: number } = {}): Promise<{ certPath: string; keyPath: string }> {
+  const days = validDays("createCA", opts.days, CA_DAYS);
+  const certPath = path.join(dir, "ca.crt");
+  const keyPath = path.join(dir, "ca.key");
+  const refuse = () => new Error(`createCA: ${keyPath} already exists; refusing to overwrite a CA key (certificates issued by it would stop working). Remove it first if you really mean to start a new CA.`);
+  await mkdir(dir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
+    throw new Error(`createCA: cannot create directory ${dir}: ${errCode(e)}`);
+  });
+  if (await exists(keyPath)) throw refuse();
+
+  const ca = await newCA(opts.commonName ?? "understudy CA", days);
   // "wx": if another process created ca.key meanwhile, fail instead of replacing it
   try {
-    await writeFile(keyPath, privateKeyPem(keys.privateKey), { mode: 0o600, flag: "wx" });
+    await writeFile(keyPath, ca.keyPem, { mode: 0o600, flag: "wx" });
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === "EEXIST") throw refuse();
     throw new Error(`createCA: cannot write ${keyPath}: ${errCode(e)}`);
   }
-  await writeAtomic(certPath, cert.toString("pem") + "\n", 0o644);
+  await writeAtomic(certPath, ca.certPem, 0o644);
   return { certPath, keyPath };
 }
 
 /** "[::1]" → "::1", "Host.Example." → "host.example"; throws on anything that is neither an IP nor a DNS name. */
-function normalizeHost(h: string): { type: "ip" | "dns"; value: string } {
+function normalizeHost(h: string): San {
   let v = h.trim();
   if (v.startsWith("[") && v.endsWith("]")) v = v.slice(1, -1);
   if (isIP(v)) return { type: "ip", value: v };
@@ -155,8 +249,7 @@ export async function issueCert(opts: { caDir: string; name: string; hosts: stri
   if (!AGENT_NAME.test(name)) throw new Error(`issueCert: invalid name ${JSON.stringify(name)}: expected an agent name (lowercase letters, digits, '.', '_' or '-', at most 63)`);
   if (name === "ca") throw new Error(`issueCert: the name "ca" is reserved (ca.crt/ca.key are the CA's files)`);
   const days = validDays("issueCert", opts.days, CERT_DAYS);
-  const x509 = await loadX509();
-  const sans: { type: "ip" | "dns"; value: string }[] = [];
+  const sans: San[] = [];
   for (const h of hosts) {
     const n = normalizeHost(h);
     if (!sans.some((s) => s.type === n.type && s.value === n.value)) sans.push(n);
@@ -182,38 +275,9 @@ export async function issueCert(opts: { caDir: string; name: string; hosts: stri
   if (!caNode.checkPrivateKey(caKeyObj)) throw new Error(`issueCert: ${caKeyFile} does not belong to ${caCertFile}`);
   const curve = caKeyObj.asymmetricKeyType === "ec" ? CURVES[caKeyObj.asymmetricKeyDetails?.namedCurve ?? ""] : undefined;
   if (!curve) throw new Error(`issueCert: ${caKeyFile}: unsupported CA key type (need an ECDSA P-256/P-384/P-521 key)`);
-  const caSigningKey = await webcrypto.subtle.importKey("pkcs8", caKeyObj.export({ type: "pkcs8", format: "der" }), { name: "ECDSA", namedCurve: curve.namedCurve }, false, ["sign"]);
-  const caCert = new x509.X509Certificate(caPem);
-
-  const now = Date.now();
-  if (caCert.notAfter.getTime() <= now) throw new Error(`issueCert: the CA certificate ${caCertFile} expired on ${caCert.notAfter.toISOString()}`);
-  // a certificate cannot outlive its CA
-  const notAfter = new Date(Math.min(now + days * DAY_MS, caCert.notAfter.getTime()));
-
-  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
-  const caSki = caCert.getExtension(x509.SubjectKeyIdentifierExtension);
-  const extensions: X509.Extension[] = [
-    new x509.BasicConstraintsExtension(false, undefined, true),
-    new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-    new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
-    await x509.SubjectKeyIdentifierExtension.create(keys.publicKey, false, webcrypto),
-    caSki ? new x509.AuthorityKeyIdentifierExtension(caSki.keyId) : await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey, false, webcrypto),
-  ];
-  if (sans.length > 0) extensions.push(new x509.SubjectAlternativeNameExtension(sans));
-  const cert = await x509.X509CertificateGenerator.create(
-    {
-      serialNumber: serialNumber(),
-      subject: [{ CN: [name] }],
-      issuer: caCert.subjectName,
-      notBefore: new Date(now - BACKDATE_MS),
-      notAfter,
-      signingAlgorithm: { name: "ECDSA", hash: curve.hash },
-      publicKey: keys.publicKey,
-      signingKey: caSigningKey,
-      extensions,
-    },
-    webcrypto,
-  );
+  const signingKey = await webcrypto.subtle.importKey("pkcs8", caKeyObj.export({ type: "pkcs8", format: "der" }), { name: "ECDSA", namedCurve: curve.namedCurve }, false, ["sign"]);
+  if (caNode.validToDate.getTime() <= Date.now()) throw new Error(`issueCert: the CA certificate ${caCertFile} expired on ${caNode.validToDate.toISOString()}`);
+  const leaf = await signLeaf({ certPem: caPem, signingKey }, { commonName: name, usage: "both", sans, days });
 
   await mkdir(outDir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
     throw new Error(`issueCert: cannot create directory ${outDir}: ${errCode(e)}`);
@@ -221,8 +285,8 @@ export async function issueCert(opts: { caDir: string; name: string; hosts: stri
   const certPath = path.join(outDir, `${name}.crt`);
   const keyPath = path.join(outDir, `${name}.key`);
   const caPath = path.join(outDir, "ca.crt");
-  await writeAtomic(keyPath, privateKeyPem(keys.privateKey), 0o600);
-  await writeAtomic(certPath, cert.toString("pem") + "\n", 0o644);
+  await writeAtomic(keyPath, leaf.keyPem, 0o600);
+  await writeAtomic(certPath, leaf.certPem, 0o644);
   await writeAtomic(caPath, caPem, 0o644);
   return { certPath, keyPath, caPath };
 }

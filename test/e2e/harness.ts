@@ -2,9 +2,9 @@
 // and kill -9, polling assertions that re-read the truth with a deadline, and
 // byte-for-byte tree comparison (content, modes, owners, mtimes, link targets,
 // hard-link groups).
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn, type ChildProcess, type SpawnOptions } from "node:child_process";
 import { createHash } from "node:crypto";
-import { createReadStream } from "node:fs";
+import { closeSync, createReadStream, openSync } from "node:fs";
 import { lstat, mkdtemp, readdir, readlink, rm, writeFile, mkdir, readFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import os from "node:os";
@@ -63,21 +63,79 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | undefine
   }
 }
 
-export class AgentProc {
-  readonly name: string;
-  readonly configPath: string;
-  readonly port: number;
+/** How ChildProc starts a process: child_process.spawn, or e.g. a netns host's exec. */
+export type Spawner = (cmd: string, args: readonly string[], opts: SpawnOptions) => ChildProcess;
+
+/**
+ * A child process with stdout and stderr appended to a log file, and the
+ * lifecycle agents and the operator share: log(), pid, kill9(), and stop()
+ * (SIGTERM, then SIGKILL if it is still running after a grace period).
+ */
+export class ChildProc {
   readonly logPath: string;
   proc?: ChildProcess;
   private exited?: Promise<number | null>;
+  private readonly stopGraceMs: number;
+
+  constructor(logPath: string, stopGraceMs: number) {
+    this.logPath = logPath;
+    this.stopGraceMs = stopGraceMs;
+  }
+
+  /** Spawn (with `via`, child_process.spawn by default), output appended to the log; becomes `proc`. */
+  protected spawnLogged(cmd: string, args: readonly string[], env: NodeJS.ProcessEnv, via: Spawner = spawn): ChildProcess {
+    const fd = openSync(this.logPath, "a");
+    let p: ChildProcess;
+    try {
+      p = via(cmd, args, { stdio: ["ignore", fd, fd], env });
+    } finally {
+      closeSync(fd); // the child has its own copy
+    }
+    this.proc = p;
+    this.exited = new Promise((r) => p.once("exit", (code) => r(code)));
+    return p;
+  }
+
+  async log(): Promise<string> {
+    return readFile(this.logPath, "utf8").catch(() => "");
+  }
+
+  get pid(): number {
+    return this.proc!.pid!;
+  }
+
+  /** Started, and neither exited nor killed by a signal. */
+  get alive(): boolean {
+    return !!this.proc && this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+
+  async kill9(): Promise<void> {
+    if (!this.alive) return;
+    this.proc!.kill("SIGKILL");
+    await this.exited;
+  }
+
+  async stop(): Promise<void> {
+    if (!this.alive) return;
+    this.proc!.kill("SIGTERM");
+    const t = setTimeout(() => this.proc?.kill("SIGKILL"), this.stopGraceMs);
+    await this.exited;
+    clearTimeout(t);
+  }
+}
+
+export class AgentProc extends ChildProc {
+  readonly name: string;
+  readonly configPath: string;
+  readonly port: number;
 
   readonly listenHost: string;
 
   constructor(name: string, configPath: string, port: number, logPath: string, host = "127.0.0.1") {
+    super(logPath, 10_000);
     this.name = name;
     this.configPath = configPath;
     this.port = port;
-    this.logPath = logPath;
     this.listenHost = host;
   }
 
@@ -87,41 +145,15 @@ export class AgentProc {
 
   /** Start the agent and wait until its Control service answers (over mTLS when `tls` is given). */
   async start(tls: TlsConfig = { insecure: true }): Promise<void> {
-    const { openSync } = await import("node:fs");
-    const fd = openSync(this.logPath, "a");
-    this.proc = spawn(process.execPath, [CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
-    const p = this.proc;
-    this.exited = new Promise((r) => p.once("exit", (code) => r(code)));
+    const p = this.spawnLogged(process.execPath, [CLI, "agent", "--config", this.configPath], { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" });
     await waitFor(`agent ${this.name} to answer on ${this.address}`, async () => {
       if (p.exitCode !== null) throw new Error(`agent ${this.name} exited with ${p.exitCode}; log:\n${await this.log()}`);
       return (await fetchStatus(this.address, tls, 1000).catch(() => undefined)) ?? false;
     }, 20_000);
   }
 
-  async log(): Promise<string> {
-    return readFile(this.logPath, "utf8").catch(() => "");
-  }
-
   status(): Promise<StatusResponse> {
     return fetchStatus(this.address, { insecure: true });
-  }
-
-  get pid(): number {
-    return this.proc!.pid!;
-  }
-
-  async kill9(): Promise<void> {
-    if (!this.proc || this.proc.exitCode !== null) return;
-    this.proc.kill("SIGKILL");
-    await this.exited;
-  }
-
-  async stop(): Promise<void> {
-    if (!this.proc || this.proc.exitCode !== null) return;
-    this.proc.kill("SIGTERM");
-    const t = setTimeout(() => this.proc?.kill("SIGKILL"), 10_000);
-    await this.exited;
-    clearTimeout(t);
   }
 
   /** Resident memory of the agent process, from /proc. */

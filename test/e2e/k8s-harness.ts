@@ -1,16 +1,14 @@
 // Helpers for operator tests on the real control plane (test/env/cluster.ts):
 // agents with mTLS certificates from one CA, the operator as a process with a
 // given kubeconfig, and reading ReplicationPairs back through kubectl.
-import { spawn, type ChildProcess } from "node:child_process";
-import { copyFile, mkdir, readFile, writeFile } from "node:fs/promises";
-import { openSync } from "node:fs";
+import { copyFile, mkdir, writeFile } from "node:fs/promises";
 import path from "node:path";
 import YAML from "yaml";
 import { createCA, issueCert } from "../../common/tls.ts";
 import type { TlsConfig } from "../../common/config.ts";
 import type { Cluster } from "../env/cluster.ts";
 import type { ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
-import { AgentProc, CLI, REPO, freePort, waitFor } from "./harness.ts";
+import { AgentProc, ChildProc, CLI, REPO, freePort, waitFor } from "./harness.ts";
 import { NetnsAgentProc, type Host } from "./netns.ts";
 
 /** A CA and certificates for agents and the operator (CN understudy-operator). */
@@ -59,17 +57,14 @@ export async function tlsAgent(pki: Pki, dir: string, name: string, o: { targetR
 }
 
 /** The operator as a process, the way the chart's Deployment runs it. */
-export class OperatorProc {
-  proc?: ChildProcess;
-  readonly logPath: string;
+export class OperatorProc extends ChildProc {
   readonly healthPort: number;
   readonly metricsPort: number;
   private readonly args: string[];
-  private exited?: Promise<number | null>;
 
   private constructor(args: string[], logPath: string, healthPort: number, metricsPort: number) {
+    super(logPath, 15_000);
     this.args = args;
-    this.logPath = logPath;
     this.healthPort = healthPort;
     this.metricsPort = metricsPort;
   }
@@ -83,10 +78,7 @@ export class OperatorProc {
   }
 
   async start(): Promise<void> {
-    const fd = openSync(this.logPath, "a");
-    this.proc = spawn(process.execPath, this.args, { stdio: ["ignore", fd, fd], env: { ...process.env, KUBECONFIG: "" } });
-    const p = this.proc;
-    this.exited = new Promise((r) => p.once("exit", (code) => r(code)));
+    const p = this.spawnLogged(process.execPath, this.args, { ...process.env, KUBECONFIG: "" });
     await waitFor("operator /readyz", async () => {
       if (p.exitCode !== null) throw new Error(`operator exited with ${p.exitCode}; log:\n${await this.log()}`);
       const r = await fetch(`http://127.0.0.1:${this.healthPort}/readyz`).catch(() => undefined);
@@ -96,28 +88,6 @@ export class OperatorProc {
 
   async metrics(): Promise<string> {
     return (await fetch(`http://127.0.0.1:${this.metricsPort}/metrics`)).text();
-  }
-
-  async log(): Promise<string> {
-    return readFile(this.logPath, "utf8").catch(() => "");
-  }
-
-  get pid(): number {
-    return this.proc!.pid!;
-  }
-
-  async kill9(): Promise<void> {
-    if (!this.proc || this.proc.exitCode !== null) return;
-    this.proc.kill("SIGKILL");
-    await this.exited;
-  }
-
-  async stop(): Promise<void> {
-    if (!this.proc || this.proc.exitCode !== null) return;
-    this.proc.kill("SIGTERM");
-    const t = setTimeout(() => this.proc?.kill("SIGKILL"), 15_000);
-    await this.exited;
-    clearTimeout(t);
   }
 }
 

@@ -21,7 +21,7 @@
 // by the next createLab() on the machine (state files in /run/understudy-netns).
 import { execFile, execFileSync, spawn, type ChildProcess, type SpawnOptions } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
 import path from "node:path";
 import { fetchStatus } from "../../agent/control-client.ts";
@@ -552,7 +552,6 @@ export async function createLab(opts: { prefix?: string } = {}): Promise<Lab> {
 export class NetnsAgentProc extends AgentProc {
   readonly host: Host;
   readonly tls: TlsConfig;
-  private done?: Promise<number | null>;
 
   constructor(host: Host, name: string, configPath: string, port: number, logPath: string, tls: TlsConfig) {
     super(name, configPath, port, logPath);
@@ -565,15 +564,8 @@ export class NetnsAgentProc extends AgentProc {
   }
 
   override async start(tls: TlsConfig = this.tls): Promise<void> {
-    const fd = openSync(this.logPath, "a");
-    let p: ChildProcess;
-    try {
-      p = this.host.exec(process.execPath, [CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
-    } finally {
-      closeSync(fd);
-    }
-    this.proc = p;
-    this.done = new Promise((r) => p.once("exit", (code) => r(code)));
+    const env = { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" };
+    const p = this.spawnLogged(process.execPath, [CLI, "agent", "--config", this.configPath], env, (cmd, args, opts) => this.host.exec(cmd, args, opts));
     await waitFor(`agent ${this.name} to answer on ${this.address} (host ${this.host.name})`, async () => {
       if (p.exitCode !== null) throw new Error(`agent ${this.name} exited with ${p.exitCode}; log:\n${await this.log()}`);
       return (await fetchStatus(this.address, tls, 1000).catch(() => undefined)) ?? false;
@@ -583,23 +575,5 @@ export class NetnsAgentProc extends AgentProc {
   /** Status over mTLS, from the root namespace. */
   override status(timeoutMs = 5000): Promise<StatusResponse> {
     return fetchStatus(this.address, this.tls, timeoutMs);
-  }
-
-  get alive(): boolean {
-    return !!this.proc && this.proc.exitCode === null && this.proc.signalCode === null;
-  }
-
-  override async kill9(): Promise<void> {
-    if (!this.alive) return;
-    this.proc!.kill("SIGKILL");
-    await this.done;
-  }
-
-  override async stop(): Promise<void> {
-    if (!this.alive) return;
-    this.proc!.kill("SIGTERM");
-    const t = setTimeout(() => this.proc?.kill("SIGKILL"), 10_000);
-    await this.done;
-    clearTimeout(t);
   }
 }

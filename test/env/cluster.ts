@@ -4,7 +4,7 @@
 // real ServiceAccount tokens, so a test can prove that a chart's RBAC is enough
 // by running the operator with its ServiceAccount's token.
 import { spawn, type ChildProcess } from "node:child_process";
-import { generateKeyPair as generateKeyPairCb, KeyObject, type webcrypto as wc } from "node:crypto";
+import { generateKeyPair as generateKeyPairCb } from "node:crypto";
 import { accessSync, constants as fsConstants, openSync, closeSync, rmSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
@@ -14,8 +14,8 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import type * as X509 from "@peculiar/x509";
 import YAML from "yaml";
+import { newCA, signLeaf } from "../../common/tls.ts";
 
 const BUILD_SCRIPT = fileURLToPath(new URL("./build-k8s.sh", import.meta.url));
 const BINARIES = ["etcd", "kube-apiserver", "kubectl", "helm"] as const;
@@ -23,12 +23,8 @@ const BINARIES = ["etcd", "kube-apiserver", "kubectl", "helm"] as const;
 const START_TIMEOUT_MS = 120_000;
 const STOP_TIMEOUT_MS = 15_000;
 const RUN_TIMEOUT_MS = 120_000;
-const DAY_MS = 86_400_000;
-/** certificates start in the past, so a second of clock granularity never makes them "not yet valid" */
-const BACKDATE_MS = 5 * 60_000;
-const EC = { name: "ECDSA", namedCurve: "P-256" } as const;
-const SIGN = { name: "ECDSA", hash: "SHA-256" } as const;
-const webcrypto = globalThis.crypto;
+/** validity of the cluster's CAs and certificates (they start 5 minutes in the past: see common/tls.ts) */
+const CERT_DAYS = 365;
 const generateKeyPair = promisify(generateKeyPairCb);
 
 export interface RunResult {
@@ -308,84 +304,6 @@ async function waitUntil(what: string, d: Daemon, deadline: number, probe: () =>
 // ---------------------------------------------------------------------------
 // certificates and keys
 
-/** @peculiar/x509 needs the reflect-metadata polyfill loaded before it (see common/tls.ts). */
-let x509Module: Promise<typeof X509> | undefined;
-function loadX509(): Promise<typeof X509> {
-  return (x509Module ??= import("reflect-metadata").then(() => import("@peculiar/x509")));
-}
-
-interface Pem {
-  cert: string;
-  key: string;
-}
-interface CA extends Pem {
-  x509: X509.X509Certificate;
-  keys: wc.CryptoKeyPair;
-}
-
-function keyPem(key: wc.CryptoKey): string {
-  return KeyObject.from(key).export({ type: "pkcs8", format: "pem" }) as string;
-}
-
-function serial(): string {
-  const b = webcrypto.getRandomValues(new Uint8Array(16));
-  b[0] = (b[0]! & 0x7f) | 0x40; // positive, no leading zero byte
-  return Buffer.from(b).toString("hex");
-}
-
-async function makeCA(commonName: string): Promise<CA> {
-  const x509 = await loadX509();
-  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
-  const now = Date.now();
-  const cert = await x509.X509CertificateGenerator.createSelfSigned(
-    {
-      serialNumber: serial(),
-      name: [{ CN: [commonName] }],
-      notBefore: new Date(now - BACKDATE_MS),
-      notAfter: new Date(now + 365 * DAY_MS),
-      signingAlgorithm: SIGN,
-      keys,
-      extensions: [
-        new x509.BasicConstraintsExtension(true, 0, true),
-        new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign | x509.KeyUsageFlags.digitalSignature, true),
-        await x509.SubjectKeyIdentifierExtension.create(keys.publicKey, false, webcrypto),
-      ],
-    },
-    webcrypto,
-  );
-  return { cert: cert.toString("pem") + "\n", key: keyPem(keys.privateKey), x509: cert, keys };
-}
-
-/** Kubernetes maps a client certificate's CN to the user name and each O to a group. */
-async function issue(ca: CA, o: { cn: string; org?: string; usage: "server" | "client"; ips?: string[]; dns?: string[] }): Promise<Pem> {
-  const x509 = await loadX509();
-  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
-  const now = Date.now();
-  const sans = [...(o.ips ?? []).map((value) => ({ type: "ip" as const, value })), ...(o.dns ?? []).map((value) => ({ type: "dns" as const, value }))];
-  const extensions: X509.Extension[] = [
-    new x509.BasicConstraintsExtension(false, undefined, true),
-    new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment, true),
-    new x509.ExtendedKeyUsageExtension([o.usage === "server" ? x509.ExtendedKeyUsage.serverAuth : x509.ExtendedKeyUsage.clientAuth]),
-    await x509.AuthorityKeyIdentifierExtension.create(ca.keys.publicKey, false, webcrypto),
-  ];
-  if (sans.length > 0) extensions.push(new x509.SubjectAlternativeNameExtension(sans));
-  const cert = await x509.X509CertificateGenerator.create(
-    {
-      serialNumber: serial(),
-      subject: [...(o.org ? [{ O: [o.org] }] : []), { CN: [o.cn] }],
-      issuer: ca.x509.subjectName,
-      notBefore: new Date(now - BACKDATE_MS),
-      notAfter: new Date(now + 365 * DAY_MS),
-      signingAlgorithm: SIGN,
-      publicKey: keys.publicKey,
-      signingKey: ca.keys.privateKey,
-      extensions,
-    },
-    webcrypto,
-  );
-  return { cert: cert.toString("pem") + "\n", key: keyPem(keys.privateKey) };
-}
-
 interface Pki {
   ca: string;
   servingCert: string;
@@ -413,21 +331,22 @@ async function writePki(dir: string): Promise<Pki> {
     saKey: f("sa.key"),
   };
   const [ca, clientCA, sa] = await Promise.all([
-    makeCA("understudy-k8s CA"),
-    makeCA("understudy-k8s client CA"),
+    newCA("understudy-k8s CA", CERT_DAYS),
+    newCA("understudy-k8s client CA", CERT_DAYS),
     // RSA: what every Kubernetes version and every JWT library accepts for ServiceAccount tokens
     generateKeyPair("rsa", { modulusLength: 2048, publicKeyEncoding: { type: "spki", format: "pem" }, privateKeyEncoding: { type: "pkcs8", format: "pem" } }),
   ]);
-  const serving = await issue(ca, { cn: "kube-apiserver", usage: "server", ips: ["127.0.0.1"], dns: ["localhost"] });
-  const admin = await issue(clientCA, { cn: "understudy-admin", org: "system:masters", usage: "client" });
+  const serving = await signLeaf(ca, { commonName: "kube-apiserver", usage: "server", sans: [{ type: "ip", value: "127.0.0.1" }, { type: "dns", value: "localhost" }], days: CERT_DAYS });
+  // Kubernetes maps a client certificate's CN to the user name and each O to a group
+  const admin = await signLeaf(clientCA, { commonName: "understudy-admin", organizations: ["system:masters"], usage: "client", days: CERT_DAYS });
   const w = (file: string, data: string, mode = 0o600) => writeFile(file, data, { mode });
   await Promise.all([
-    w(files.ca, ca.cert, 0o644),
-    w(files.servingCert, serving.cert, 0o644),
-    w(files.servingKey, serving.key),
-    w(files.clientCA, clientCA.cert, 0o644),
-    w(files.adminCert, admin.cert, 0o644),
-    w(files.adminKey, admin.key),
+    w(files.ca, ca.certPem, 0o644),
+    w(files.servingCert, serving.certPem, 0o644),
+    w(files.servingKey, serving.keyPem),
+    w(files.clientCA, clientCA.certPem, 0o644),
+    w(files.adminCert, admin.certPem, 0o644),
+    w(files.adminKey, admin.keyPem),
     w(files.saPub, sa.publicKey, 0o644),
     w(files.saKey, sa.privateKey),
   ]);
