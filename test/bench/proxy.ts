@@ -70,17 +70,20 @@ export class CountingProxy {
   }
 }
 
-/** Wait until the proxy's counters have not moved for `quietMs` . */
-export async function quiet(proxy: CountingProxy, quietMs: number, timeoutMs: number): Promise<void> {
-  let last = proxy.snapshot();
-  let since = nowMs();
+/**
+ * Wait until the wire is quiet: less than `idleBytes` moved in the last
+ * `quietMs`. Not "nothing at all": agents ping idle connections every second
+ * (gRPC keepalive, so a cut link is noticed within seconds), a few dozen bytes.
+ */
+export async function quiet(proxy: CountingProxy, quietMs: number, timeoutMs: number, idleBytes = 1024): Promise<void> {
+  const samples: { at: number; total: number }[] = [];
+  const start = nowMs();
   await pollUntil("the wire to go quiet", async () => {
-    const now = proxy.snapshot();
-    if (now.up !== last.up || now.down !== last.down) {
-      last = now;
-      since = nowMs();
-    }
-    return nowMs() - since >= quietMs;
+    const s = proxy.snapshot();
+    const now = nowMs();
+    samples.push({ at: now, total: s.up + s.down });
+    while (samples.length > 1 && samples[1]!.at <= now - quietMs) samples.shift();
+    return now - start >= quietMs && samples[0]!.at <= now - quietMs + 100 && samples.at(-1)!.total - samples[0]!.total < idleBytes;
   }, timeoutMs, 100);
 }
 
