@@ -183,7 +183,9 @@ export class FailoverFlow {
     const cur = tv.status.sets.find((s) => s.name === setName);
     if (!cur) {
       await this.o.agents.configureSet(t.agent.address, back);
-      this.o.events.event(pair, "Normal", "ReverseStarted", `${name} replicates back to ${srcAddr} (checksum mirror first: only what changed while it was away travels)`);
+      // The new reverse set mirrors by itself with checksums; the policy may ask for a full copy instead.
+      const full = policy?.spec.failback?.mirrorMode === "full" && (await this.o.agents.mirror(t.agent.address, { set: setName, target: srcAddr, mode: "full" }).then(() => true, (e: Error) => (this.o.log.warn({ err: e.message }, "full reverse mirror not started; the checksum mirror runs"), false)));
+      this.o.events.event(pair, "Normal", "ReverseStarted", `${name} replicates back to ${srcAddr} (${full ? "full mirror first" : "checksum mirror first: only what changed while it was away travels"})`);
     }
     const rt = cur?.targets.find((x) => x.address === srcAddr);
     const mirrored = !!rt && !rt.mirror?.active && (rt.mirror?.result === "ok" || (rt.mirror?.startedAt === 0 && (rt.state === "idle" || rt.state === "replicating")));

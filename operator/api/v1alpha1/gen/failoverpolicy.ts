@@ -86,10 +86,6 @@ export interface FailoverPolicySpec {
      * How the returning server is brought up to date before the cut back.
      */
     mirrorMode?: "checksum" | "full";
-    /**
-     * How long a cut back (or planned cutover) waits for the last changes to arrive before it gives up.
-     */
-    maxWait?: string;
   };
 }
 /**

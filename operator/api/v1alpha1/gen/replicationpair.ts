@@ -77,7 +77,7 @@ export interface ReplicationSetSpec {
 }
 export interface MirrorSpec {
   /**
-   * checksum sends only blocks that differ; full sends everything.
+   * Mode of mirrors requested with the understudy.dev/mirror annotation: checksum sends only blocks that differ, full sends everything. Automatic mirrors (a new or out-of-step target) compare checksums.
    */
   mode?: "checksum" | "full";
   /**
