@@ -5,7 +5,7 @@
 // by running the operator with its ServiceAccount's token.
 import { spawn, type ChildProcess } from "node:child_process";
 import { generateKeyPair as generateKeyPairCb } from "node:crypto";
-import { accessSync, constants as fsConstants, openSync, closeSync, rmSync } from "node:fs";
+import { accessSync, constants as fsConstants, openSync, closeSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
 import { request as httpsRequest } from "node:https";
@@ -16,6 +16,7 @@ import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import YAML from "yaml";
 import { newCA, signLeaf } from "../../common/tls.ts";
+import { SETPRIV, installExitHook, live, removeOnExit } from "./exit-cleanup.ts";
 
 const BUILD_SCRIPT = fileURLToPath(new URL("./build-k8s.sh", import.meta.url));
 const BINARIES = ["etcd", "kube-apiserver", "kubectl", "helm"] as const;
@@ -159,26 +160,6 @@ interface Daemon {
   exited: Promise<void>;
 }
 
-const SETPRIV = ["/usr/bin/setpriv", "/bin/setpriv"].find(isExecutable);
-const live = new Set<ChildProcess>();
-const removeOnExit = new Set<string>();
-let exitHookInstalled = false;
-
-/** Last resort when the test forgets stop() or throws: 'exit' handlers must be synchronous, hence kill + rmSync. */
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  process.on("exit", () => {
-    for (const c of live) c.kill("SIGKILL");
-    for (const d of removeOnExit) {
-      try {
-        rmSync(d, { recursive: true, force: true, maxRetries: 3 });
-      } catch {
-        // best effort: the process is going away
-      }
-    }
-  });
-}
 
 function startDaemon(name: string, bin: string, args: string[], logFile: string): Daemon {
   installExitHook();

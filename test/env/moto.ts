@@ -12,11 +12,12 @@
 //   npx node test/env/moto.ts [--host ADDR]   run a server until Ctrl-C
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { accessSync, closeSync, constants as fsConstants, existsSync, openSync, rmSync } from "node:fs";
+import { closeSync, existsSync, openSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { SETPRIV, installExitHook, live, removeOnExit } from "./exit-cleanup.ts";
 
 export const MOTO_VERSION = "5.2.5";
 /** marker written last into a complete venv */
@@ -177,33 +178,6 @@ function lastLine(s: string): string {
 // ---------------------------------------------------------------------------
 // the server
 
-const SETPRIV = ["/usr/bin/setpriv", "/bin/setpriv"].find((f) => {
-  try {
-    accessSync(f, fsConstants.X_OK);
-    return true;
-  } catch {
-    return false;
-  }
-});
-const live = new Set<ChildProcess>();
-const removeOnExit = new Set<string>();
-let exitHookInstalled = false;
-
-/** 'exit' handlers must be synchronous; setpriv's pdeathsig covers the deaths that run no handler (kill -9). */
-function installExitHook(): void {
-  if (exitHookInstalled) return;
-  exitHookInstalled = true;
-  process.on("exit", () => {
-    for (const c of live) c.kill("SIGKILL");
-    for (const d of removeOnExit) {
-      try {
-        rmSync(d, { recursive: true, force: true });
-      } catch {
-        // best effort: the process is going away
-      }
-    }
-  });
-}
 
 /** A port free on `host` right now (moto binds it a moment later; a lost race shows as an early exit and is retried). */
 async function freePort(host: string): Promise<number> {
