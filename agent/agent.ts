@@ -298,6 +298,7 @@ export class Agent {
         s = this.set(call.request.set);
         // A background verify reports only through status: a bad target must fail the call.
         if (call.request.target && !s.cfg.targets.includes(call.request.target)) throw Object.assign(new Error(`set ${s.cfg.name} has no target ${call.request.target} (targets: ${s.cfg.targets.join(", ")})`), { code: grpc.status.NOT_FOUND });
+        s.assertStarted();
       } catch (e) {
         return cb(Object.assign(e as Error, { details: (e as Error).message }));
       }

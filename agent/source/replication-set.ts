@@ -200,6 +200,7 @@ export class SourceSet {
 
   /** Start a mirror to one target (or all); resolves when it completes. */
   mirror(target: string | undefined, mode: MirrorMode): string[] {
+    this.assertStarted();
     const chosen = this.senders.filter((s, i) => !target || this.cfg.targets[i] === target);
     if (target && chosen.length === 0) throw new Error(`set ${this.cfg.name} has no target ${target} (targets: ${this.cfg.targets.join(", ")})`);
     for (const s of chosen) void s.requestMirror(mode, "requested").catch((e) => this.log.warn({ err: (e as Error).message }, "mirror did not complete"));
@@ -208,6 +209,7 @@ export class SourceSet {
 
   /** Compare a target's image with the source; with repair, fix what differs. */
   async verify(target: string | undefined, repair: boolean): Promise<VerifyResult> {
+    this.assertStarted();
     const i = target ? this.cfg.targets.indexOf(target) : 0;
     if (i < 0) throw new Error(`set ${this.cfg.name} has no target ${target} (targets: ${this.cfg.targets.join(", ")})`);
     const address = this.cfg.targets[i]!;
@@ -234,6 +236,12 @@ export class SourceSet {
     }).finally(() => this.verifying.delete(address));
     this.verifying.set(address, run);
     return run;
+  }
+
+  /** Its senders exist once start() has opened the journal; before that there is nothing to mirror or compare. */
+  assertStarted(): void {
+    if (this.state === "starting" || this.senders.length < this.cfg.targets.length) throw Object.assign(new Error(`set ${this.cfg.name} is still starting (opening its journal and scanning ${this.cfg.path}); try again shortly`), { code: 9 /* FAILED_PRECONDITION */ });
+    if (this.state === "failed") throw Object.assign(new Error(`set ${this.cfg.name} failed to start: ${this.lastError}`), { code: 9 });
   }
 
   /** Capture everything dirty now; the journal position that covers it. */
