@@ -209,109 +209,61 @@ export class Agent {
     throw Object.assign(new Error(`client ${cn ?? "(no certificate CN)"} may not change agent ${this.cfg.name}; allowed: ${[this.cfg.name, ...this.cfg.control.admins].join(", ")} (agent config control.admins)`), { code: grpc.status.PERMISSION_DENIED });
   }
 
+  /**
+   * A changing control call: authorize, run, and answer. A refusal keeps the
+   * gRPC code it was thrown with; otherwise a ConfigError (bad input) gets
+   * `configError` and anything else `fallback`.
+   */
+  private changing<Q, R>(fn: (req: Q) => R | Promise<R>, fallback: grpc.status, configError?: grpc.status): grpc.handleUnaryCall<Q, R> {
+    return (call, cb) => {
+      const fail = (e: unknown) => {
+        const err = e as Error & { code?: number };
+        cb(Object.assign(err, { code: err instanceof ConfigError && configError !== undefined ? configError : (err.code ?? fallback), details: err.message }));
+      };
+      try {
+        this.authorize(call);
+        Promise.resolve(fn(call.request)).then((r) => cb(null, r), fail);
+      } catch (e) {
+        fail(e);
+      }
+    };
+  }
+
   private readonly control: ControlServer = {
     status: (_call, cb) => cb(null, this.status()),
-    configureSet: (call, cb) => {
-      try {
-        this.authorize(call);
-        if (!call.request.spec) throw Object.assign(new Error("ConfigureSet needs a spec"), { code: grpc.status.INVALID_ARGUMENT });
-      } catch (e) {
-        return cb(Object.assign(e as Error, { details: (e as Error).message }));
-      }
-      this.configureSet(call.request.spec).then(
-        (r) => cb(null, r),
-        (e: Error) => cb(Object.assign(e, { code: e instanceof ConfigError ? grpc.status.INVALID_ARGUMENT : grpc.status.INTERNAL, details: e.message })),
-      );
-    },
-    removeSet: (call, cb) => {
-      try {
-        this.authorize(call);
-      } catch (e) {
-        return cb(Object.assign(e as Error, { details: (e as Error).message }));
-      }
-      this.removeSet(call.request.name, call.request.purge).then(
-        (existed) => cb(null, { existed }),
-        (e: Error) => cb(Object.assign(e, { code: e instanceof ConfigError ? grpc.status.FAILED_PRECONDITION : ((e as { code?: number }).code ?? grpc.status.INTERNAL), details: e.message })),
-      );
-    },
-    promote: (call, cb) => {
-      try {
-        this.authorize(call);
-      } catch (e) {
-        return cb(Object.assign(e as Error, { details: (e as Error).message }));
-      }
-      const r = call.request;
-      this.receiver!.promote(r.source, r.set, r.epoch).then(
-        (img) => cb(null, { appliedSeq: img.appliedSeq, durableSeq: img.durableSeq, path: img.dir, epoch: img.meta.epoch }),
-        (e: Error) => cb(Object.assign(e, { code: (e as { code?: number }).code ?? grpc.status.INTERNAL, details: e.message })),
-      );
-    },
-    drain: (call, cb) => {
-      let s: SourceSet;
-      try {
-        this.authorize(call);
-        s = this.set(call.request.set);
-      } catch (e) {
-        return cb(Object.assign(e as Error, { details: (e as Error).message }));
-      }
-      s.drain().then((lastSeq) => cb(null, { lastSeq }), (e: Error) => cb(Object.assign(e, { code: grpc.status.INTERNAL, details: e.message })));
-    },
-    mapImage: (call, cb) => {
-      try {
-        this.authorize(call);
-      } catch (e) {
-        return cb(Object.assign(e as Error, { details: (e as Error).message }));
-      }
-      const r = call.request;
-      this.receiver!.mapImage(r.source, r.set, r.remove ? undefined : r.path).then(
-        (p) => cb(null, { path: p }),
-        (e: Error) => cb(Object.assign(e, { code: (e as { code?: number }).code ?? grpc.status.INTERNAL, details: e.message })),
-      );
-    },
-    runCommand: (call, cb) => {
-      try {
-        this.authorize(call);
-        if (!this.cfg.control.allowCommands) throw Object.assign(new Error(`agent ${this.cfg.name} does not run commands (set control.allowCommands: true in its config to allow failover actions)`), { code: grpc.status.PERMISSION_DENIED });
-        if (!call.request.command.length) throw Object.assign(new Error("RunCommand needs a command"), { code: grpc.status.INVALID_ARGUMENT });
-      } catch (e) {
-        return cb(Object.assign(e as Error, { details: (e as Error).message }));
-      }
-      runCommand(call.request.command, call.request.timeoutMs || 60_000, this.log).then((r) => cb(null, r));
-    },
-    mirror: (call, cb) => {
-      try {
-        this.authorize(call);
-        const r = call.request;
-        const mode = r.mode || "checksum";
-        if (mode !== "full" && mode !== "checksum") throw Object.assign(new Error(`mode must be full or checksum, not ${JSON.stringify(r.mode)}`), { code: grpc.status.INVALID_ARGUMENT });
-        const s = this.set(r.set);
-        if (r.blockSize && r.blockSize !== s.cfg.blockSize) throw Object.assign(new Error(`set ${s.cfg.name} uses ${s.cfg.blockSize}-byte blocks; change blockSize in the agent config to mirror with ${r.blockSize}`), { code: grpc.status.INVALID_ARGUMENT });
-        cb(null, { started: s.mirror(r.target || undefined, mode) });
-      } catch (e) {
-        cb(Object.assign(e as Error, { code: (e as { code?: number }).code ?? grpc.status.FAILED_PRECONDITION, details: (e as Error).message }));
-      }
-    },
-    verify: (call, cb) => {
-      let s: SourceSet;
-      try {
-        this.authorize(call);
-        s = this.set(call.request.set);
-        // A background verify reports only through status: a bad target must fail the call.
-        if (call.request.target && !s.cfg.targets.includes(call.request.target)) throw Object.assign(new Error(`set ${s.cfg.name} has no target ${call.request.target} (targets: ${s.cfg.targets.join(", ")})`), { code: grpc.status.NOT_FOUND });
-        s.assertStarted();
-      } catch (e) {
-        return cb(Object.assign(e as Error, { details: (e as Error).message }));
-      }
-      const run = s.verify(call.request.target || undefined, call.request.repair);
-      if (call.request.background) {
-        run.catch((e: Error) => this.log.warn({ set: s.cfg.name, err: e.message }, "verify failed"));
-        return cb(null, { set: s.cfg.name, target: call.request.target, startedAt: Date.now() / 1000, finishedAt: 0, ok: false, filesCompared: 0, bytesCompared: 0, differences: [], repaired: 0, error: "", inFlight: 0 });
-      }
-      run.then(
-        (r) => cb(null, r),
-        (e: Error) => cb(Object.assign(e, { code: grpc.status.FAILED_PRECONDITION, details: e.message })),
-      );
-    },
+    configureSet: this.changing((req) => {
+      if (!req.spec) throw Object.assign(new Error("ConfigureSet needs a spec"), { code: grpc.status.INVALID_ARGUMENT });
+      return this.configureSet(req.spec);
+    }, grpc.status.INTERNAL, grpc.status.INVALID_ARGUMENT),
+    removeSet: this.changing(async (req) => ({ existed: await this.removeSet(req.name, req.purge) }), grpc.status.INTERNAL, grpc.status.FAILED_PRECONDITION),
+    promote: this.changing(async (req) => {
+      const img = await this.receiver!.promote(req.source, req.set, req.epoch);
+      return { appliedSeq: img.appliedSeq, durableSeq: img.durableSeq, path: img.dir, epoch: img.meta.epoch };
+    }, grpc.status.INTERNAL),
+    drain: this.changing(async (req) => ({ lastSeq: await this.set(req.set).drain() }), grpc.status.INTERNAL),
+    mapImage: this.changing(async (req) => ({ path: await this.receiver!.mapImage(req.source, req.set, req.remove ? undefined : req.path) }), grpc.status.INTERNAL),
+    runCommand: this.changing((req) => {
+      if (!this.cfg.control.allowCommands) throw Object.assign(new Error(`agent ${this.cfg.name} does not run commands (set control.allowCommands: true in its config to allow failover actions)`), { code: grpc.status.PERMISSION_DENIED });
+      if (!req.command.length) throw Object.assign(new Error("RunCommand needs a command"), { code: grpc.status.INVALID_ARGUMENT });
+      return runCommand(req.command, req.timeoutMs || 60_000, this.log);
+    }, grpc.status.INTERNAL),
+    mirror: this.changing((r) => {
+      const mode = r.mode || "checksum";
+      if (mode !== "full" && mode !== "checksum") throw Object.assign(new Error(`mode must be full or checksum, not ${JSON.stringify(r.mode)}`), { code: grpc.status.INVALID_ARGUMENT });
+      const s = this.set(r.set);
+      if (r.blockSize && r.blockSize !== s.cfg.blockSize) throw Object.assign(new Error(`set ${s.cfg.name} uses ${s.cfg.blockSize}-byte blocks; change blockSize in the agent config to mirror with ${r.blockSize}`), { code: grpc.status.INVALID_ARGUMENT });
+      return { started: s.mirror(r.target || undefined, mode) };
+    }, grpc.status.FAILED_PRECONDITION),
+    verify: this.changing((req) => {
+      const s = this.set(req.set);
+      // A background verify reports only through status: a bad target must fail the call.
+      if (req.target && !s.cfg.targets.includes(req.target)) throw Object.assign(new Error(`set ${s.cfg.name} has no target ${req.target} (targets: ${s.cfg.targets.join(", ")})`), { code: grpc.status.NOT_FOUND });
+      s.assertStarted();
+      const run = s.verify(req.target || undefined, req.repair);
+      if (!req.background) return run;
+      run.catch((e: Error) => this.log.warn({ set: s.cfg.name, err: e.message }, "verify failed"));
+      return { set: s.cfg.name, target: req.target, startedAt: Date.now() / 1000, finishedAt: 0, ok: false, filesCompared: 0, bytesCompared: 0, differences: [], repaired: 0, error: "", inFlight: 0 };
+    }, grpc.status.FAILED_PRECONDITION),
   };
 
   async stop(): Promise<void> {
