@@ -4,6 +4,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 import type { AgentConfig } from "../common/config.ts";
 import type { Logger } from "../common/log.ts";
 import { ConfigError } from "../common/config.ts";
@@ -11,8 +12,12 @@ import { clientCredentials, peerCommonName, serverCredentials } from "../common/
 import { AGENT_VERSION, ControlService, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ReplicationService, type ControlServer, type StatusResponse } from "./wire.ts";
 import { loadManagedSpecs, managedSet, saveManagedSpecs, SET_NAME, type ManagedSet } from "./control/managed-sets.ts";
 import { runCommand } from "./control/run-command.ts";
+import { xattrUnavailable } from "./fs/xattr.ts";
 import { Receiver } from "./target/receiver.ts";
 import { SourceSet } from "./source/replication-set.ts";
+
+/** Where this agent's code is installed (the bundle's or the checkout's root): whole-server sets leave it out. */
+const INSTALL_PREFIX = fileURLToPath(new URL("..", import.meta.url));
 
 export class Agent {
   readonly cfg: AgentConfig;
@@ -59,6 +64,8 @@ export class Agent {
     );
     this.server = server;
     this.log.info({ listen: this.cfg.listen, tls: !this.cfg.tls.insecure, version: AGENT_VERSION, protocol: PROTOCOL_VERSION }, "agent listening");
+    const noXattrs = xattrUnavailable();
+    if (noXattrs) this.log.warn(noXattrs);
     for (const sc of this.cfg.source?.sets ?? []) this.sets.push(this.newSet(sc));
     for (const spec of await loadManagedSpecs(this.cfg.dataDir)) {
       try {
@@ -76,7 +83,7 @@ export class Agent {
   }
 
   private newSet(sc: SourceSet["cfg"]): SourceSet {
-    return new SourceSet(sc, { agentName: this.cfg.name, dataDir: this.cfg.dataDir, credentials: clientCredentials(this.cfg.tls), log: this.log.child({ role: "source" }) });
+    return new SourceSet(sc, { agentName: this.cfg.name, dataDir: this.cfg.dataDir, credentials: clientCredentials(this.cfg.tls), log: this.log.child({ role: "source" }), ownPaths: [...(this.cfg.target ? [this.cfg.target.root] : []), INSTALL_PREFIX] });
   }
 
   private startSet(s: SourceSet): Promise<void> {

@@ -1,5 +1,7 @@
 // The `understudy` command line: run an agent, ask one for its status, make
-// certificates, or run the embedded demo (two agents on loopback).
+// certificates, enroll with an operator, or run the embedded demo (two agents on loopback).
+import { readFile } from "node:fs/promises";
+import { hostname } from "node:os";
 import { Command, Option } from "commander";
 import { ConfigError, loadAgentConfig, type TlsConfig } from "../common/config.ts";
 import { createLogger } from "../common/log.ts";
@@ -7,7 +9,8 @@ import { createCA, issueCert } from "../common/tls.ts";
 import { Agent } from "./agent.ts";
 import type { StatusResponse } from "./wire.ts";
 import { fetchStatus, runVerify, startMirror } from "./control-client.ts";
-import { parseSize } from "../common/config.ts";
+import { parseDuration, parseSize } from "../common/config.ts";
+import { ENROLL_TOKEN_ENV, EnrollRefusedError, enroll } from "./enroll.ts";
 import { runDemo } from "./demo.ts";
 import { bytes, formatStatus, progressLine } from "./status-format.ts";
 
@@ -186,6 +189,86 @@ certs
       process.stdout.write(`certificate for ${opts.name}: ${r.certPath}\nkey: ${r.keyPath}\nCA: ${r.caPath}\nagent config:\n  tls: { ca: ${r.caPath}, cert: ${r.certPath}, key: ${r.keyPath} }\n`);
     } catch (e) {
       fail((e as Error).message);
+    }
+  });
+
+program
+  .command("enroll")
+  .description("join this host to an operator with a one-time token: make a key, get a certificate, write agent.yaml")
+  .requiredOption("--url <url>", "the operator's enrollment endpoint, e.g. https://10.0.0.1:7443")
+  .option("--token <token>", `the one-time enrollment token (better: the environment variable ${ENROLL_TOKEN_ENV}, which ps does not show)`)
+  .option("--ca-file <file>", "the understudy CA certificate; the operator's certificate is verified against it")
+  .option("--ca-pem <pem>", "the CA certificate inline (PEM text) instead of --ca-file")
+  .option("-d, --dir <dir>", "config directory: agent.yaml and tls/{agent.crt,agent.key,ca.crt}", "/etc/understudy")
+  .option("--listen <host:port>", "the agent's listen address (listen in agent.yaml)", "0.0.0.0:7701")
+  .option("--data-dir <dir>", "the agent's dataDir", "/var/lib/understudy")
+  .option("--target-root <dir>", "make the agent a target, keeping images under this directory (target.root)")
+  .option("--hostname <name>", "this host's name, as told to the operator", hostname())
+  .option("--timeout <duration>", "keep trying to reach the operator this long (network errors only)", "2m")
+  .option("--force", "replace an existing agent.yaml (and tls/agent.*)")
+  .addHelpText(
+    "after",
+    `
+The private key is made on this host and never leaves it. The operator chooses
+the agent's name, its certificate's addresses and its admins. A token works once.
+Pass the token in ${ENROLL_TOKEN_ENV} rather than --token: command lines are
+visible to every user of the host (ps, /proc).
+
+Exit status: 0 enrolled; 2 the operator refused (the message says why, e.g. the
+token was used already); 1 anything else (unreachable, TLS verification failed,
+agent.yaml exists without --force, ...).
+
+  ${ENROLL_TOKEN_ENV}=ust1.... understudy enroll --url https://10.0.0.1:7443 \\
+      --ca-file ca.crt --target-root /var/lib/understudy/replicas
+  systemctl enable --now understudy-agent`,
+  )
+  .action(async (opts: { url: string; token?: string; caFile?: string; caPem?: string; dir: string; listen: string; dataDir: string; targetRoot?: string; hostname: string; timeout: string; force?: boolean }) => {
+    const die = (code: number, msg: string): never => {
+      process.stderr.write(`understudy: enroll: ${msg}\n`);
+      process.exit(code);
+    };
+    const token = opts.token ?? process.env[ENROLL_TOKEN_ENV];
+    if (!token) die(1, `no enrollment token: set ${ENROLL_TOKEN_ENV} (or pass --token)`);
+    if (opts.caFile && opts.caPem) die(1, "--ca-file and --ca-pem are alternatives: give one");
+    if (!opts.caFile && !opts.caPem) die(1, "the CA certificate is needed to verify the operator: --ca-file <ca.crt> or --ca-pem <PEM>");
+    let caPem: string;
+    if (opts.caFile) {
+      try {
+        caPem = await readFile(opts.caFile, "utf8");
+      } catch (e) {
+        die(1, `--ca-file: cannot read ${opts.caFile}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      }
+    } else caPem = opts.caPem!.replace(/\\n/g, "\n");
+    let timeoutMs: number;
+    try {
+      timeoutMs = parseDuration(opts.timeout);
+    } catch (e) {
+      die(1, `--timeout: ${(e as Error).message}`);
+    }
+    try {
+      const r = await enroll({
+        url: opts.url,
+        token: token!,
+        caPem: caPem!,
+        caSource: opts.caFile ?? "--ca-pem",
+        dir: opts.dir,
+        listen: opts.listen,
+        dataDir: opts.dataDir,
+        targetRoot: opts.targetRoot,
+        hostname: opts.hostname,
+        agentVersion: (await import("./wire.ts")).AGENT_VERSION,
+        force: opts.force,
+        timeoutMs: timeoutMs!,
+        progress: (line) => process.stderr.write(`understudy: enroll: ${line}\n`),
+      });
+      process.stdout.write(
+        `enrolled as ${r.agentName} (certificate valid until ${r.validTo.toISOString()}; admins: ${r.admins.join(", ") || "none"})\n` +
+          `wrote ${r.configPath}${r.replacedPlaceholder ? " (replacing the unedited example)" : ""}, ${r.certPath}, ${r.keyPath}, ${r.caPath}\n` +
+          `start the agent: systemctl enable --now understudy-agent   (or: understudy agent --config ${r.configPath})\n`,
+      );
+    } catch (e) {
+      if (e instanceof EnrollRefusedError) die(2, `the operator refused the enrollment (${e.reason}): ${e.message}`);
+      die(1, (e as Error).message);
     }
   });
 

@@ -14,6 +14,7 @@ import {
   Nack_Reason,
   type Attr,
   type Op,
+  type Xattr,
   type ReplicationServer,
   type ManifestEntry as ManifestEntryMsg,
   type ManifestResponse,
@@ -25,15 +26,18 @@ import { createHash } from "node:crypto";
 import type { CompressionLevel } from "../common/config.ts";
 import pkg from "../package.json" with { type: "json" };
 
-/** Bumped when a peer of the previous version would misread the stream. */
-export const PROTOCOL_VERSION = 1;
+/**
+ * Bumped when a peer of the previous version would misread the stream.
+ * 2: special files (Mknod), extended attributes (Attr.xattrs), device numbers in listings.
+ */
+export const PROTOCOL_VERSION = 2;
 export const AGENT_VERSION: string = pkg.version;
 
 /** Largest gRPC message either side accepts (a packet holds at most ~4 MiB of data). */
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
 export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet, SetSpec };
-export type { Attr, Op, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, Welcome, MirrorProgress, VerifyReport, Difference };
+export type { Attr, Op, Xattr, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, Welcome, MirrorProgress, VerifyReport, Difference };
 export type OpKind = NonNullable<Op["kind"]>["$case"];
 
 /**

@@ -88,6 +88,12 @@ const SetSchema = z
     verifyRepair: z.boolean().default(false),
     /** fencing epoch sent to targets (the operator raises it at failover/failback) */
     epoch: z.number().int().nonnegative().default(0),
+    /**
+     * whole-server preset (docs/whole-server.md): /proc, /sys, /dev, /run,
+     * /tmp, /var/tmp, /mnt, /media kept as empty directories, lost+found, swap
+     * files and the agent's own state left out, other file systems not entered
+     */
+    wholeServer: z.boolean().default(false),
   })
   .strict()
   .refine((s) => s.mode !== "scheduled" || (s.interval ?? 0) > 0, { message: "scheduled mode needs `interval` (e.g. 5m)", path: ["interval"] });

@@ -1,7 +1,7 @@
 // mTLS for the agents: a small private CA (`understudy certs`), agent certificates
 // that both serve and dial with one identity (serverAuth + clientAuth), and grpc
 // credentials that require and verify the peer. A verified peer's CN is its agent name.
-import { KeyObject, X509Certificate as NodeX509, createPrivateKey, randomBytes, type webcrypto as wc } from "node:crypto";
+import { KeyObject, X509Certificate as NodeX509, createHash, createPrivateKey, createPublicKey, randomBytes, type webcrypto as wc } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { mkdir, readFile, rename, stat, unlink, writeFile } from "node:fs/promises";
 import { isIP } from "node:net";
@@ -17,7 +17,7 @@ const CERT_DAYS = 825;
 const BACKDATE_MS = 5 * 60_000;
 const DAY_MS = 86_400_000;
 /** same rule as agent names in config.ts: also safe as a file name */
-const AGENT_NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
+export const AGENT_NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 const DNS_NAME = /^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$/;
 const EC = { name: "ECDSA", namedCurve: "P-256" } as const;
 const SIGN = { name: "ECDSA", hash: "SHA-256" } as const;
@@ -68,7 +68,7 @@ async function exists(p: string): Promise<boolean> {
 }
 
 /** Write via a temp file + rename, so readers never see half a file and a key is never briefly world-readable. */
-async function writeAtomic(file: string, data: string, mode: number): Promise<void> {
+export async function writeAtomic(file: string, data: string, mode: number): Promise<void> {
   const tmp = `${file}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
   try {
     await writeFile(tmp, data, { mode, flag: "wx" });
@@ -151,29 +151,28 @@ export async function newCA(commonName: string, days: number): Promise<NewCA> {
 }
 
 /**
- * Sign a new leaf certificate (fresh ECDSA P-256 key) with `ca`: CA:false, digitalSignature,
- * the extended key usage(s) of `usage`, subject and authority key identifiers, the SANs given.
- * A certificate cannot outlive its CA: notAfter is at most the CA's.
+ * The one place certificates are built: a leaf for `publicKey`, signed by `ca`: CA:false,
+ * digitalSignature, the extended key usage(s) of `o.usage`, subject and authority key
+ * identifiers, the SANs given. A certificate cannot outlive its CA: notAfter is at most the CA's.
  */
-export async function signLeaf(ca: CaSigner, o: LeafOptions): Promise<IssuedPem> {
-  const days = validDays("signLeaf", o.days, CERT_DAYS);
+async function buildLeaf(what: string, ca: CaSigner, publicKey: wc.CryptoKey | X509.PublicKey, o: LeafOptions): Promise<string> {
+  const days = validDays(what, o.days, CERT_DAYS);
   const x509 = await loadX509();
   const alg = ca.signingKey.algorithm as { name: string; namedCurve?: string };
   const hash = alg.name === "ECDSA" ? Object.values(CURVES).find((c) => c.namedCurve === alg.namedCurve)?.hash : undefined;
-  if (!hash) throw new Error(`signLeaf: unsupported CA key (need an ECDSA P-256/P-384/P-521 key)`);
+  if (!hash) throw new Error(`${what}: unsupported CA key (need an ECDSA P-256/P-384/P-521 key)`);
   const caCert = new x509.X509Certificate(ca.certPem);
   const now = Date.now();
-  if (caCert.notAfter.getTime() <= now) throw new Error(`signLeaf: the CA certificate expired on ${caCert.notAfter.toISOString()}`);
+  if (caCert.notAfter.getTime() <= now) throw new Error(`${what}: the CA certificate expired on ${caCert.notAfter.toISOString()}`);
   const notAfter = new Date(Math.min(now + days * DAY_MS, caCert.notAfter.getTime()));
 
-  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
   const caSki = caCert.getExtension(x509.SubjectKeyIdentifierExtension);
   const ekus = { server: [x509.ExtendedKeyUsage.serverAuth], client: [x509.ExtendedKeyUsage.clientAuth], both: [x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth] }[o.usage];
   const extensions: X509.Extension[] = [
     new x509.BasicConstraintsExtension(false, undefined, true),
     new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
     new x509.ExtendedKeyUsageExtension(ekus),
-    await x509.SubjectKeyIdentifierExtension.create(keys.publicKey, false, webcrypto),
+    await x509.SubjectKeyIdentifierExtension.create(publicKey, false, webcrypto),
     caSki ? new x509.AuthorityKeyIdentifierExtension(caSki.keyId) : await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey, false, webcrypto),
   ];
   const sans = o.sans ?? [];
@@ -186,13 +185,120 @@ export async function signLeaf(ca: CaSigner, o: LeafOptions): Promise<IssuedPem>
       notBefore: new Date(now - BACKDATE_MS),
       notAfter,
       signingAlgorithm: { name: "ECDSA", hash },
-      publicKey: keys.publicKey,
+      publicKey,
       signingKey: ca.signingKey,
       extensions,
     },
     webcrypto,
   );
-  return { certPem: cert.toString("pem") + "\n", keyPem: privateKeyPem(keys.privateKey) };
+  return cert.toString("pem") + "\n";
+}
+
+/**
+ * Sign a new leaf certificate (fresh ECDSA P-256 key) with `ca`: CA:false, digitalSignature,
+ * the extended key usage(s) of `usage`, subject and authority key identifiers, the SANs given.
+ * A certificate cannot outlive its CA: notAfter is at most the CA's.
+ */
+export async function signLeaf(ca: CaSigner, o: LeafOptions): Promise<IssuedPem> {
+  validDays("signLeaf", o.days, CERT_DAYS);
+  const keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
+  const certPem = await buildLeaf("signLeaf", ca, keys.publicKey, o);
+  return { certPem, keyPem: privateKeyPem(keys.privateKey) };
+}
+
+/** A CSR, or what signCsr/inspectCsr were given instead, was refused: not PEM, bad self-signature, unsupported key. */
+export class CsrError extends Error {
+  override name = "CsrError";
+}
+
+/** What a verified CSR tells: its subject (informational only: signCsr ignores it) and its key. */
+export interface CsrInfo {
+  /** the subject the requester asked for, e.g. "CN=web1" */
+  subject: string;
+  /** SHA-256 of the public key's SubjectPublicKeyInfo (DER), hex */
+  publicKeySha256: string;
+}
+
+/** Parse a PEM CSR, check its self-signature (proof the requester holds the private key) and its key type. */
+async function readCsr(csrPem: string): Promise<X509.Pkcs10CertificateRequest> {
+  const x509 = await loadX509();
+  if (typeof csrPem !== "string" || !/-----BEGIN CERTIFICATE REQUEST-----[\s\S]+-----END CERTIFICATE REQUEST-----/.test(csrPem)) {
+    throw new CsrError("not a PEM certificate request (expected -----BEGIN CERTIFICATE REQUEST-----)");
+  }
+  let csr: X509.Pkcs10CertificateRequest;
+  try {
+    csr = new x509.Pkcs10CertificateRequest(csrPem);
+  } catch (e) {
+    throw new CsrError(`the certificate request cannot be parsed: ${(e as Error).message}`);
+  }
+  let key: KeyObject;
+  try {
+    key = createPublicKey({ key: Buffer.from(csr.publicKey.rawData), format: "der", type: "spki" });
+  } catch (e) {
+    throw new CsrError(`the certificate request's public key cannot be read: ${(e as Error).message}`);
+  }
+  if (key.asymmetricKeyType !== "ec" || !CURVES[key.asymmetricKeyDetails?.namedCurve ?? ""]) {
+    throw new CsrError(`the certificate request's key is ${key.asymmetricKeyType ?? "unknown"}${key.asymmetricKeyDetails?.namedCurve ? ` ${key.asymmetricKeyDetails.namedCurve}` : ""}; only ECDSA P-256/P-384/P-521 keys are accepted`);
+  }
+  let ok = false;
+  try {
+    ok = await csr.verify(webcrypto);
+  } catch {
+    ok = false;
+  }
+  if (!ok) throw new CsrError("the certificate request's signature does not verify with its own public key (corrupted, or not made with the matching private key)");
+  return csr;
+}
+
+/** Verify a CSR (see signCsr) and say what it asks for; throws CsrError. */
+export async function inspectCsr(csrPem: string): Promise<CsrInfo> {
+  const csr = await readCsr(csrPem);
+  return { subject: csr.subject, publicKeySha256: createHash("sha256").update(Buffer.from(csr.publicKey.rawData)).digest("hex") };
+}
+
+/**
+ * Make a private key (ECDSA P-256, or the given PKCS#8/SEC1 PEM EC key) and a CSR for it,
+ * self-signed with it. The CSR's subject (CN=`commonName`) is a hint only: whoever signs
+ * it (signCsr) chooses the certificate's subject and SANs. The key is returned as PKCS#8 PEM.
+ */
+export async function createCsr(keyPem?: string, o: { commonName?: string } = {}): Promise<{ csrPem: string; keyPem: string }> {
+  const x509 = await loadX509();
+  let keys: wc.CryptoKeyPair;
+  let hash = "SHA-256";
+  if (keyPem === undefined) {
+    keys = await webcrypto.subtle.generateKey(EC, true, ["sign", "verify"]);
+  } else {
+    let priv: KeyObject;
+    try {
+      priv = createPrivateKey(keyPem);
+    } catch {
+      throw new Error("createCsr: the key is not a usable PEM private key (unencrypted PKCS#8 or SEC1 expected)");
+    }
+    const curve = priv.asymmetricKeyType === "ec" ? CURVES[priv.asymmetricKeyDetails?.namedCurve ?? ""] : undefined;
+    if (!curve) throw new Error("createCsr: unsupported key type (need an ECDSA P-256/P-384/P-521 key)");
+    hash = curve.hash;
+    const alg = { name: "ECDSA", namedCurve: curve.namedCurve };
+    keys = {
+      privateKey: await webcrypto.subtle.importKey("pkcs8", priv.export({ type: "pkcs8", format: "der" }), alg, true, ["sign"]),
+      publicKey: await webcrypto.subtle.importKey("spki", createPublicKey(priv).export({ type: "spki", format: "der" }), alg, true, ["verify"]),
+    };
+  }
+  const csr = await x509.Pkcs10CertificateRequestGenerator.create({ name: [{ CN: [o.commonName ?? "understudy-agent"] }], keys, signingAlgorithm: { name: "ECDSA", hash } }, webcrypto);
+  return { csrPem: csr.toString("pem") + "\n", keyPem: privateKeyPem(keys.privateKey) };
+}
+
+/**
+ * Sign a certificate for the key in a CSR. Only the CSR's public key is used, after its
+ * self-signature is verified (CsrError otherwise): the subject, SANs and usage are the
+ * signer's choice, from `o`, whatever the CSR asks for.
+ */
+export async function signCsr(ca: CaSigner, csrPem: string, o: Omit<LeafOptions, "days"> & { days?: number }): Promise<string> {
+  if (!o.commonName) throw new Error("signCsr: a commonName is required");
+  for (const s of o.sans ?? []) {
+    if (s.type === "ip" ? !isIP(s.value) : s.type !== "dns" || s.value.length > 253 || !DNS_NAME.test(s.value)) throw new Error(`signCsr: invalid SAN ${s.type}:${JSON.stringify(s.value)}`);
+  }
+  const csr = await readCsr(csrPem);
+  return buildLeaf("signCsr", ca, csr.publicKey, { ...o, days: o.days ?? CERT_DAYS });
 }
 
 /**
@@ -240,6 +346,36 @@ async function readFileNamed(what: string, file: string): Promise<string> {
 }
 
 /**
+ * A CA to sign with, from its certificate and private key (PEM): checks that the certificate
+ * is a CA's, that the key belongs to it and is ECDSA P-256/P-384/P-521, and that the CA has
+ * not expired. `names` words the errors (the files they came from, and who is asking).
+ */
+export async function loadCaSigner(caCertPem: string, caKeyPem: string, names: { what?: string; cert?: string; key?: string } = {}): Promise<CaSigner> {
+  const what = names.what ?? "loadCaSigner";
+  const certName = names.cert ?? "the CA certificate";
+  const keyName = names.key ?? "the CA key";
+  let caNode: NodeX509;
+  let caKeyObj: KeyObject;
+  try {
+    caNode = new NodeX509(caCertPem);
+  } catch {
+    throw new Error(`${what}: ${certName} is not a PEM certificate`);
+  }
+  try {
+    caKeyObj = createPrivateKey(caKeyPem);
+  } catch {
+    throw new Error(`${what}: ${keyName} is not a PEM private key`);
+  }
+  if (!caNode.ca) throw new Error(`${what}: ${certName} is not a CA certificate`);
+  if (!caNode.checkPrivateKey(caKeyObj)) throw new Error(`${what}: ${keyName} does not belong to ${certName}`);
+  const curve = caKeyObj.asymmetricKeyType === "ec" ? CURVES[caKeyObj.asymmetricKeyDetails?.namedCurve ?? ""] : undefined;
+  if (!curve) throw new Error(`${what}: ${keyName}: unsupported CA key type (need an ECDSA P-256/P-384/P-521 key)`);
+  const signingKey = await webcrypto.subtle.importKey("pkcs8", caKeyObj.export({ type: "pkcs8", format: "der" }), { name: "ECDSA", namedCurve: curve.namedCurve }, false, ["sign"]);
+  if (caNode.validToDate.getTime() <= Date.now()) throw new Error(`${what}: the CA certificate${names.cert ? ` ${names.cert}` : ""} expired on ${caNode.validToDate.toISOString()}`);
+  return { certPem: caCertPem, signingKey };
+}
+
+/**
  * Issue a certificate for agent `name` (CN = name), valid as both TLS server and client,
  * with a SAN per host (IPs as IP SANs, others as DNS SANs), signed by the CA in `caDir`.
  * Writes `<name>.crt`, `<name>.key` (0600) and a copy of `ca.crt` into `outDir`.
@@ -259,25 +395,8 @@ export async function issueCert(opts: { caDir: string; name: string; hosts: stri
   const caKeyFile = path.join(caDir, "ca.key");
   const caPem = await readFileNamed("issueCert: CA certificate", caCertFile);
   const caKeyPem = await readFileNamed("issueCert: CA key", caKeyFile);
-  let caNode: NodeX509;
-  let caKeyObj: KeyObject;
-  try {
-    caNode = new NodeX509(caPem);
-  } catch {
-    throw new Error(`issueCert: ${caCertFile} is not a PEM certificate`);
-  }
-  try {
-    caKeyObj = createPrivateKey(caKeyPem);
-  } catch {
-    throw new Error(`issueCert: ${caKeyFile} is not a PEM private key`);
-  }
-  if (!caNode.ca) throw new Error(`issueCert: ${caCertFile} is not a CA certificate`);
-  if (!caNode.checkPrivateKey(caKeyObj)) throw new Error(`issueCert: ${caKeyFile} does not belong to ${caCertFile}`);
-  const curve = caKeyObj.asymmetricKeyType === "ec" ? CURVES[caKeyObj.asymmetricKeyDetails?.namedCurve ?? ""] : undefined;
-  if (!curve) throw new Error(`issueCert: ${caKeyFile}: unsupported CA key type (need an ECDSA P-256/P-384/P-521 key)`);
-  const signingKey = await webcrypto.subtle.importKey("pkcs8", caKeyObj.export({ type: "pkcs8", format: "der" }), { name: "ECDSA", namedCurve: curve.namedCurve }, false, ["sign"]);
-  if (caNode.validToDate.getTime() <= Date.now()) throw new Error(`issueCert: the CA certificate ${caCertFile} expired on ${caNode.validToDate.toISOString()}`);
-  const leaf = await signLeaf({ certPem: caPem, signingKey }, { commonName: name, usage: "both", sans, days });
+  const ca = await loadCaSigner(caPem, caKeyPem, { what: "issueCert", cert: caCertFile, key: caKeyFile });
+  const leaf = await signLeaf(ca, { commonName: name, usage: "both", sans, days });
 
   await mkdir(outDir, { recursive: true, mode: 0o700 }).catch((e: unknown) => {
     throw new Error(`issueCert: cannot create directory ${outDir}: ${errCode(e)}`);

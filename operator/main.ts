@@ -23,6 +23,10 @@ interface Flags {
   workers: string;
   statusInterval: string;
   logLevel: string;
+  caDir?: string;
+  agentBundle?: string;
+  enrollListen: string;
+  enrollUrl?: string;
 }
 
 export function operatorCommand(fail: (msg: string) => never): Command {
@@ -42,6 +46,10 @@ export function operatorCommand(fail: (msg: string) => never): Command {
     .addOption(new Option("--agent-insecure", "talk to agents without TLS (loopback agents only, for local tries)").conflicts("agentTlsDir"))
     .option("--workers <n>", "pairs reconciled concurrently", "4")
     .option("--status-interval <d>", "how often a healthy pair's status is refreshed", "10s")
+    .option("--ca-dir <dir>", "the agents' CA (ca.crt, ca.key): signs the certificates of agents the operator launches or installs")
+    .option("--agent-bundle <file>", "the agent bundle (npm run bundle) that ec2 and ssh endpoints get")
+    .option("--enroll-url <url>", "https URL at which new agents (EC2 instances) reach the enrollment endpoint, e.g. https://10.0.0.10:7443")
+    .option("--enroll-listen <addr>", "where the enrollment endpoint listens", "0.0.0.0:7443")
     .option("--log-level <level>", "trace, debug, info, warn, error", process.env.UNDERSTUDY_LOG_LEVEL ?? "info")
     .action(async (f: Flags) => {
       let tls: TlsConfig;
@@ -60,6 +68,21 @@ export function operatorCommand(fail: (msg: string) => never): Command {
         fail((e as Error).message);
       }
       const [leaseDurationMs, renewDeadlineMs, retryPeriodMs, statusIntervalMs] = durations as [number, number, number, number];
+      let provisioning: { caDir: string; bundlePath: string; enrollListen: string; enrollUrl?: string } | undefined;
+      if (f.caDir || f.agentBundle || f.enrollUrl) {
+        if (!f.caDir || !f.agentBundle) fail("provisioning agents (ssh and ec2 endpoints) needs --ca-dir and --agent-bundle (and for ec2, --enroll-url)");
+      }
+      if (f.enrollUrl) {
+        let u: URL;
+        try {
+          u = new URL(f.enrollUrl!);
+        } catch {
+          fail(`--enroll-url ${f.enrollUrl} is not a URL`);
+        }
+        if (u.protocol !== "https:") fail(`--enroll-url must be https:// (agents verify the endpoint with the CA), not ${f.enrollUrl}`);
+        if (!/^.+:\d{1,5}$/.test(f.enrollListen)) fail(`--enroll-listen must be host:port, not ${f.enrollListen}`);
+      }
+      if (f.caDir && f.agentBundle) provisioning = { caDir: path.resolve(f.caDir), bundlePath: path.resolve(f.agentBundle), enrollListen: f.enrollListen, ...(f.enrollUrl ? { enrollUrl: f.enrollUrl } : {}) };
       const log = createLogger("understudy-operator", f.logLevel);
       let op: Operator;
       try {
@@ -78,6 +101,7 @@ export function operatorCommand(fail: (msg: string) => never): Command {
         workers,
         statusIntervalMs,
         log,
+        ...(provisioning ? { provisioning } : {}),
       });
       } catch (e) {
         fail((e as Error).message);

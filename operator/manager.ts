@@ -2,7 +2,18 @@
 // caches start at once (a standby is ready to take over); workers start only
 // on the replica holding the Lease; /metrics, /healthz and /readyz serve all
 // along. Losing the Lease ends the process, so a deposed leader never acts.
-import { KubeConfig } from "@kubernetes/client-node";
+import { CoreV1Api, KubeConfig } from "@kubernetes/client-node";
+import { readFile, stat } from "node:fs/promises";
+import path from "node:path";
+import { X509Certificate } from "node:crypto";
+import { loadCaSigner, signLeaf } from "../common/tls.ts";
+import { AGENT_VERSION } from "../agent/wire.ts";
+import type { EndpointProvisioner } from "./controllers/endpoints.ts";
+import { Ec2Provisioner } from "./ec2/provisioner.ts";
+import { SshProvisioner } from "./ssh/provisioner.ts";
+import { KubeEnrollmentStore } from "./enroll/kube-store.ts";
+import { EnrollmentServer } from "./enroll/server.ts";
+import { enrollmentKey, issueToken } from "./enroll/tokens.ts";
 import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
 import type { Server } from "node:http";
@@ -33,6 +44,13 @@ export interface OperatorOptions {
   agentTls: TlsConfig;
   workers: number;
   statusIntervalMs: number;
+  /**
+   * Agents the operator puts in place: the CA that signs their certificates
+   * (ca.crt, ca.key), the agent bundle they install, and the enrollment endpoint
+   * (listen address, and the https URL instances reach it at). ec2 endpoints need
+   * all of it; without it pairs with such endpoints say so in their status.
+   */
+  provisioning?: { caDir: string; bundlePath: string; enrollListen: string; enrollUrl?: string };
   /** Bound on one reconcile, Kubernetes calls included. */
   reconcileTimeoutMs?: number;
   log: Logger;
@@ -133,6 +151,8 @@ export class Operator {
     await Promise.all([inf.synced, pols.synced]);
     this.synced = true;
     log.info({ pairs: inf.list().length, namespace: this.o.namespace ?? "(all)" }, "caches synced");
+    // Every replica serves enrollments (the store is atomic in the API server); only the leader launches.
+    const provisioners = this.o.provisioning ? await this.startProvisioning(this.o.provisioning) : [];
 
     if (this.o.leaderElect) {
       this.elector = new LeaderElector(this.kc, {
@@ -160,6 +180,7 @@ export class Operator {
       statusIntervalMs: this.o.statusIntervalMs,
       policyFor: (pair) => this.policyFor(pair),
       identity: new KubeIdentityMover(this.kc),
+      provisioners,
     });
     this.policyWriter = new KubePolicyWriter(this.kc);
     for (const p of inf.list()) this.queue.add(keyOf(p));
@@ -169,6 +190,59 @@ export class Operator {
   }
 
   private policyWriter?: KubePolicyWriter;
+  private enrollServer?: EnrollmentServer;
+
+  /** The enrollment endpoint and the provisioners that use it. */
+  private async startProvisioning(p: NonNullable<OperatorOptions["provisioning"]>): Promise<EndpointProvisioner[]> {
+    const read = async (f: string) => readFile(path.join(p.caDir, f), "utf8").catch((e: NodeJS.ErrnoException) => {
+      throw new Error(`--ca-dir ${p.caDir}: cannot read ${f}: ${e.code ?? e.message}`);
+    });
+    const [caPem, caKeyPem] = await Promise.all([read("ca.crt"), read("ca.key")]);
+    const ca = await loadCaSigner(caPem, caKeyPem, { what: "--ca-dir", cert: path.join(p.caDir, "ca.crt"), key: path.join(p.caDir, "ca.key") });
+    const tls = this.o.agentTls;
+    // agents we put in place are changed by us: the CN of our own client certificate
+    const admin = tls.insecure ? "understudy-operator" : (new X509Certificate(await readFile(tls.cert)).subject.match(/^CN=(.+)$/m)?.[1] ?? "understudy-operator");
+    const core = this.kc.makeApiClient(CoreV1Api);
+    const base = path.basename(p.bundlePath);
+    if (!base.includes(`-${AGENT_VERSION}-`)) throw new Error(`--agent-bundle ${p.bundlePath} is not the bundle of this version (${AGENT_VERSION}); build it with \`npm run bundle\``);
+    await stat(p.bundlePath).catch((e: NodeJS.ErrnoException) => {
+      throw new Error(`--agent-bundle ${p.bundlePath}: ${e.code ?? e.message}`);
+    });
+    const readSecret = async (namespace: string, name: string) => {
+      try {
+        const sec = await core.readNamespacedSecret({ namespace, name });
+        return Object.fromEntries(Object.entries(sec.data ?? {}).map(([k, v]) => [k, Buffer.from(v, "base64").toString("utf8")]));
+      } catch (e) {
+        if ((e as { code?: number }).code === 404) return undefined;
+        throw e;
+      }
+    };
+    const bundle = { path: p.bundlePath, version: AGENT_VERSION };
+    const ssh = new SshProvisioner({ bundle, ca: { ...ca, certPem: caPem }, admins: [admin], readSecret, log: this.o.log.child({ component: "ssh" }) });
+    if (!p.enrollUrl) return [ssh];
+
+    const key = enrollmentKey(caKeyPem);
+    const url = new URL(p.enrollUrl);
+    const host = url.hostname.replace(/^\[|\]$/g, "");
+    const isIp = /^[0-9.]+$/.test(host) || host.includes(":");
+    const served = await signLeaf(ca, { commonName: "understudy-enrollment", usage: "server", sans: [{ type: isIp ? "ip" : "dns", value: host }], days: 365 });
+    const inf = this.informer!;
+    const store = new KubeEnrollmentStore({ core, getPair: (ns, name) => inf.get(name, ns), admins: [admin], log: this.o.log });
+    const [lhost, lport] = [p.enrollListen.slice(0, p.enrollListen.lastIndexOf(":")).replace(/^\[|\]$/g, ""), Number(p.enrollListen.slice(p.enrollListen.lastIndexOf(":") + 1))];
+    this.enrollServer = new EnrollmentServer({ ca, caPem, key, serverCertPem: served.certPem, serverKeyPem: served.keyPem, store, log: this.o.log.child({ component: "enrollment" }), host: lhost, port: lport });
+    const at = await this.enrollServer.start();
+    this.o.log.info({ listen: `${at.host}:${at.port}`, url: p.enrollUrl }, "enrollment endpoint serving");
+    return [
+      ssh,
+      new Ec2Provisioner({
+        bundle,
+        enrollment: { url: p.enrollUrl, caPem, issueToken: (claims) => issueToken(key, claims) },
+        ledger: store,
+        readSecret,
+        log: this.o.log.child({ component: "ec2" }),
+      }),
+    ];
+  }
 
   /** The policy selecting a pair: the first (by name) in its namespace whose selector matches. */
   private policyFor(pair: ReplicationPair): FailoverPolicy | undefined {
@@ -198,7 +272,8 @@ export class Operator {
           new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`reconcile took longer than ${timeoutMs} ms`)), timeoutMs))),
         ]);
         this.queue.forget(key);
-        if (res.requeueAfterMs) this.queue.addAfter(key, res.requeueAfterMs);
+        // 0 means "again at once" (after a status write that must land first), undefined "only on a change"
+        if (res.requeueAfterMs !== undefined) this.queue.addAfter(key, res.requeueAfterMs);
         this.metrics.reconciles.inc({ controller: CONTROLLER, result: "success" });
         if (!key.startsWith("policy:")) this.observePair(key);
       } catch (e) {
@@ -229,6 +304,7 @@ export class Operator {
     await this.elector?.release();
     await this.informer?.stop().catch(() => undefined);
     this.pool.close();
+    await this.enrollServer?.stop().catch(() => undefined);
     for (const s of this.servers) s.close();
     this.o.log.info("operator stopped");
   }

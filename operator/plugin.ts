@@ -56,7 +56,7 @@ function statusText(p: ReplicationPair): string {
   const s = p.status ?? {};
   const lines = [
     `${p.metadata.namespace}/${p.metadata.name}: ${s.phase ?? "Pending"}, active side ${s.activeSide ?? "source"} (epoch ${s.epoch ?? 0})`,
-    `  source  ${p.spec.source.agent.address} → ${p.spec.replicationSet.path}`,
+    `  source  ${(p.spec.source.agent?.address ?? `ssh ${p.spec.source.ssh?.host}`)} → ${p.spec.replicationSet.path}`,
     ...(s.targets ?? []).map((t) => `  target  ${t.name} ${t.address}: ${t.state ?? "?"}, acked ${t.lastAckedSeq ?? 0}, applied ${t.appliedSeq ?? 0}, lag ${t.lagSeconds ?? 0}s${t.lastError ? `, error: ${t.lastError}` : ""}`),
     `  lag ${s.lag ?? "?"}, queued ${s.queued ?? "?"}, mirror ${s.mirror ?? "?"}, last verify ${s.lastVerify?.result ?? "never"}${s.lastVerify?.finishedAt ? ` at ${s.lastVerify.finishedAt}` : ""}`,
     ...(s.knownGood ?? []).map((k) => `  known good: ${k.target} ${k.ok ? "yes" : `no — ${(k.failed ?? []).join("; ")}`}`),

@@ -33,6 +33,7 @@ export function setConfigFromSpec(spec: SetSpec, insecure: boolean): SetConfig {
     verifyInterval: `${spec.verifyIntervalMs}ms`,
     verifyRepair: spec.verifyRepair,
     epoch: spec.epoch,
+    wholeServer: spec.wholeServer,
   };
   return parseSetConfig(Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined)), insecure);
 }

@@ -9,13 +9,16 @@
 // journal position P, and the target jumps to P and resumes from P+1. The
 // target records the last directory completed, so an interrupted mirror
 // resumes there (with the journal since its start to re-check what changed).
+// Special files are made with Mknod; extended attributes are read from the
+// source's files and compared with the target's listing.
 import { constants as C } from "node:fs";
 import { open } from "node:fs/promises";
 import path from "node:path";
-import type { Attr, DigestsResponse, ManifestEntryMsg, ManifestResponse, MirrorProgress, Op } from "../wire.ts";
+import type { Attr, DigestsResponse, ManifestEntryMsg, ManifestResponse, MirrorProgress, Op, Xattr } from "../wire.ts";
 import { digestAt, hashBlocks, isZero, READ_BYTES } from "../source/blocks.ts";
 import { parentOf, type FileIndex, type IndexEntry } from "../source/file-index.ts";
-import { attrOf } from "../fs/stat.ts";
+import { attrOf, isSpecial } from "../fs/stat.ts";
+import { readXattrs, sameXattrs } from "../fs/xattr.ts";
 
 export type MirrorMode = "full" | "checksum";
 
@@ -62,12 +65,18 @@ const LISTING_DIGEST_BLOCKS = 64;
 /** Changed directories below this count go straight to the final (paused) round. */
 const FINAL_ROUND_DIRS = 200;
 
-function attrOfEntry(e: IndexEntry): Attr {
-  return { mode: e.mode, uid: e.uid, gid: e.gid, mtimeSec: e.mtimeSec, mtimeNsec: e.mtimeNsec };
+function attrOfEntry(e: IndexEntry, xs?: Xattr[]): Attr {
+  return { mode: e.mode, uid: e.uid, gid: e.gid, mtimeSec: e.mtimeSec, mtimeNsec: e.mtimeNsec, xattrs: xs ?? [], hasXattrs: xs !== undefined };
 }
 
+/** a: the target's, b: the source's. Xattrs count when both sides could read them. */
 function sameAttr(a: Attr | undefined, b: Attr, symlink = false): boolean {
-  return !!a && (symlink || a.mode === b.mode) && a.uid === b.uid && a.gid === b.gid && a.mtimeSec === b.mtimeSec && Math.floor(a.mtimeNsec / 1000) === Math.floor(b.mtimeNsec / 1000);
+  return !!a && (symlink || a.mode === b.mode) && a.uid === b.uid && a.gid === b.gid && a.mtimeSec === b.mtimeSec && Math.floor(a.mtimeNsec / 1000) === Math.floor(b.mtimeNsec / 1000) && (!a.hasXattrs || !b.hasXattrs || sameXattrs(a.xattrs, b.xattrs));
+}
+
+/** "major,minor" of a listed device node ("" for anything else). */
+function rdevOfEntry(h: ManifestEntryMsg): string {
+  return h.type === "c" || h.type === "b" ? `${h.rdevMajor},${h.rdevMinor}` : "";
 }
 
 /** Walk order: parents before children ("" first), lexicographic. */
@@ -211,51 +220,73 @@ export class Mirror {
       if (e.t === "d") {
         if (!h) await this.push({ path: q, kind: { $case: "mkdir", value: { attr: attrOfEntry(e) } } });
       } else if (e.t === "l") {
-        if (!h || h.link !== e.link) await this.push({ path: q, kind: { $case: "symlink", value: { target: e.link ?? "", attr: attrOfEntry(e) } } });
-        else if (!sameAttr(h.attr, attrOfEntry(e), true)) await this.push({ path: q, kind: { $case: "attr", value: { attr: attrOfEntry(e) } } });
-      } else await this.mirrorFile(q, e, h);
+        const a = attrOfEntry(e, await readXattrs(path.join(this.src.root, q)));
+        if (!h || h.link !== e.link) await this.push({ path: q, kind: { $case: "symlink", value: { target: e.link ?? "", attr: a } } });
+        else if (!sameAttr(h.attr, a, true)) await this.push({ path: q, kind: { $case: "attr", value: { attr: a } } });
+      } else if (isSpecial(e.t)) await this.mirrorSpecial(q, e, h);
+      else await this.mirrorFile(q, e, h);
     }
     // Entries the source does not have.
     for (const [name, h] of byName) await this.push({ path: d ? `${d}/${name}` : name, kind: { $case: "remove", value: { directory: h.type === "d" } } });
-    if (d !== "") await this.push({ path: d, kind: { $case: "attr", value: { attr: attrOfEntry(snap.self!) } } });
+    if (d !== "") await this.push({ path: d, kind: { $case: "attr", value: { attr: attrOfEntry(snap.self!, await readXattrs(path.join(this.src.root, d))) } } });
     await this.flush(firstPass ? d : "");
+  }
+
+  /**
+   * Hard links: the group's first name (in path order, whatever order names
+   * are visited in) is mirrored (by `mirrorOne`); every other name is linked
+   * to it. Returns true when q was linked.
+   */
+  private async linkedToFirst(q: string, e: IndexEntry, mirrorOne: (first: string, fe: IndexEntry, h: ManifestEntryMsg | undefined) => Promise<void>): Promise<boolean> {
+    if (e.nlink <= 1) return false;
+    const group = this.src.index.pathsWithIno(e.ino).filter((x) => this.src.index.get(x)?.t === e.t).sort();
+    const first = group[0];
+    if (first === undefined || first === q) {
+      this.linkDone.add(q);
+      return false;
+    }
+    if (!this.linkDone.has(first)) {
+      const fe = this.src.index.get(first);
+      const listing = await this.tgt.manifest(parentOf(first), 0);
+      const name = first.slice(first.lastIndexOf("/") + 1);
+      if (fe) await mirrorOne(first, { ...fe }, listing.exists ? listing.entries.find((x) => x.name === name) : undefined);
+    }
+    await this.push({ path: q, kind: { $case: "link", value: { existing: first } } });
+    return true;
+  }
+
+  /** A fifo, device or socket: made again when missing or another device, else its attributes. */
+  private async mirrorSpecial(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined): Promise<void> {
+    if (await this.linkedToFirst(q, e, (f, fe, fh) => this.mirrorSpecial(f, fe, fh))) return;
+    const a = attrOfEntry(e, await readXattrs(path.join(this.src.root, q)));
+    if (!h || rdevOfEntry(h) !== (e.rdev ?? "") || (h.nlink > 1 && e.nlink === 1)) {
+      const [major, minor] = (e.rdev ?? "0,0").split(",").map(Number);
+      await this.push({ path: q, kind: { $case: "mknod", value: { type: e.t, major: major ?? 0, minor: minor ?? 0, attr: a } } });
+    } else if (!sameAttr(h.attr, a)) await this.push({ path: q, kind: { $case: "attr", value: { attr: a } } });
   }
 
   private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined): Promise<void> {
     const p = this.o.progress;
-    if (e.nlink > 1) {
-      // Hard links: the group's first name (in path order, whatever order names
-      // are visited in) carries the content; every other name is linked to it.
-      const group = this.src.index.pathsWithIno(e.ino).filter((x) => this.src.index.get(x)?.t === "f").sort();
-      const first = group[0];
-      if (first !== undefined && first !== q) {
-        if (!this.linkDone.has(first)) {
-          const fe = this.src.index.get(first);
-          const listing = await this.tgt.manifest(parentOf(first), 0);
-          const name = first.slice(first.lastIndexOf("/") + 1);
-          if (fe) await this.mirrorFile(first, { ...fe }, listing.exists ? listing.entries.find((x) => x.name === name) : undefined);
-        }
-        await this.push({ path: q, kind: { $case: "link", value: { existing: first } } });
-        p.filesDone++;
-        return;
-      }
-      this.linkDone.add(q);
+    if (await this.linkedToFirst(q, e, (f, fe, fh) => this.mirrorFile(f, fe, fh))) {
+      p.filesDone++;
+      return;
     }
     let fh;
     try {
-      fh = await open(path.join(this.src.root, q), C.O_RDONLY | C.O_NOFOLLOW);
+      fh = await open(path.join(this.src.root, q), C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK);
     } catch {
       return; // changed since the index says so: capture journals it, and a later round sees it
     }
     try {
       const st = await fh.stat({ bigint: true });
-      if (Number(st.ino) !== e.ino) return;
+      if (Number(st.ino) !== e.ino || !st.isFile()) return;
       const size = Number(st.size);
-      const attr = attrOf(st);
+      const xs = await readXattrs(path.join(this.src.root, q));
+      const attr: Attr = { ...attrOf(st), xattrs: xs ?? [], hasXattrs: xs !== undefined };
       const fresh = !h || (h.nlink > 1 && e.nlink === 1); // a target file shared with other names is replaced, not edited
       let theirs: Buffer | undefined;
       let theirSize = 0;
-      if (fresh) await this.push({ path: q, kind: { $case: "create", value: { attr } } });
+      if (fresh) await this.push({ path: q, kind: { $case: "create", value: { attr: attrOf(st) } } });
       else {
         theirSize = Number(h!.size);
         if (this.o.mode === "checksum") {

@@ -4,13 +4,17 @@
 // Bytes still in flight are not differences: every difference is checked
 // again after the target has caught up with the journal, and paths that keep
 // changing meanwhile are counted as in flight, not reported.
+// Compared: type, content, link target, device numbers, mode, owner, mtime
+// and extended attributes. With oneFileSystem, a directory on another file
+// system (a mount point) is compared as an empty directory.
 import * as grpc from "@grpc/grpc-js";
 import { constants as C } from "node:fs";
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import path from "node:path";
 import { hashBlocks } from "../source/blocks.ts";
 import { parentOf } from "../source/file-index.ts";
-import { attrOf, kindOf } from "../fs/stat.ts";
+import { attrOf, kindOf, rdevOf } from "../fs/stat.ts";
+import { readXattrs, xattrDifference } from "../fs/xattr.ts";
 import { MAX_MESSAGE_BYTES, PacketStreamClient, type Attr, type Difference, type ManifestEntryMsg, type ReplicationStreamClient, type VerifyReport } from "../wire.ts";
 
 export type VerifyResult = VerifyReport;
@@ -27,6 +31,8 @@ export interface VerifyOptions {
   caughtUp: () => Promise<void>;
   /** Mirror these directories again (checksum). */
   repair?: (dirs: string[]) => Promise<void>;
+  /** Do not cross into other file systems (the set's capture does not). */
+  oneFileSystem?: boolean;
 }
 
 const RECHECKS = 3;
@@ -37,8 +43,14 @@ interface Side {
   attr: Attr;
   size: number;
   link: string;
+  rdev: string;
+  /** A directory on another file system than the set root (compared as empty). */
+  mount: boolean;
   stamp: string; // changes when the source object changes
 }
+
+const TYPE_NAMES: Record<string, string> = { f: "file", d: "directory", l: "symlink", p: "fifo", c: "character device", b: "block device", s: "socket" };
+const typeName = (t: string) => TYPE_NAMES[t] ?? "special file";
 
 
 const us = (a: Attr) => BigInt(a.mtimeSec) * 1_000_000n + BigInt(Math.floor(a.mtimeNsec / 1000));
@@ -48,6 +60,7 @@ class Verifier {
   private readonly client: ReplicationStreamClient;
   filesCompared = 0;
   bytesCompared = 0;
+  private rootDev?: bigint;
 
   constructor(o: VerifyOptions) {
     this.o = o;
@@ -65,18 +78,25 @@ class Verifier {
   }
 
   private async sourceSide(rel: string): Promise<Side | undefined> {
-    const st = await lstat(path.join(this.o.root, rel), { bigint: true }).catch(() => undefined);
+    if (this.o.oneFileSystem && this.rootDev === undefined) this.rootDev = (await lstat(this.o.root, { bigint: true })).dev;
+    const abs = path.join(this.o.root, rel);
+    const st = await lstat(abs, { bigint: true }).catch(() => undefined);
     if (!st) return undefined;
     const type = kindOf(st);
     if (type === "o" || !this.o.wanted(rel, type === "d")) return undefined;
-    return { type, attr: attrOf(st), size: type === "f" ? Number(st.size) : 0, link: type === "l" ? await readlink(path.join(this.o.root, rel)).catch(() => "") : "", stamp: `${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}` };
+    const foreign = this.rootDev !== undefined && st.dev !== this.rootDev;
+    if (foreign && type !== "d") return undefined;
+    const xs = await readXattrs(abs);
+    return { type, attr: { ...attrOf(st), xattrs: xs ?? [], hasXattrs: xs !== undefined }, size: type === "f" ? Number(st.size) : 0, link: type === "l" ? await readlink(abs).catch(() => "") : "", rdev: rdevOf(st), mount: foreign, stamp: `${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}` };
   }
 
   private async sourceDigests(rel: string): Promise<Buffer | undefined> {
-    const fh = await open(path.join(this.o.root, rel), C.O_RDONLY | C.O_NOFOLLOW).catch(() => undefined);
+    const fh = await open(path.join(this.o.root, rel), C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK).catch(() => undefined);
     if (!fh) return undefined;
     try {
-      const size = (await fh.stat()).size;
+      const fst = await fh.stat();
+      if (!fst.isFile()) return undefined;
+      const size = fst.size;
       this.bytesCompared += size;
       return await hashBlocks(fh, size, this.o.blockSize);
     } finally {
@@ -93,8 +113,8 @@ class Verifier {
   /** Differences at one path, given both sides. */
   async compare(rel: string, s: Side | undefined, t: ManifestEntryMsg | undefined): Promise<Difference[]> {
     if (!s && !t) return [];
-    if (!t) return [{ path: rel, kind: "missing", detail: `${s!.type === "d" ? "directory" : s!.type === "l" ? "symlink" : "file"} is missing on the target` }];
-    if (!s) return [{ path: rel, kind: "extra", detail: `the target has a ${t.type === "d" ? "directory" : t.type === "l" ? "symlink" : "file"} the source does not` }];
+    if (!t) return [{ path: rel, kind: "missing", detail: `${typeName(s!.type)} is missing on the target` }];
+    if (!s) return [{ path: rel, kind: "extra", detail: `the target has a ${typeName(t.type)} the source does not` }];
     if (s.type !== t.type) return [{ path: rel, kind: "type", detail: `source ${s.type}, target ${t.type}` }];
     const out: Difference[] = [];
     const ta = t.attr!;
@@ -111,8 +131,14 @@ class Verifier {
       }
     }
     if (s.type === "l" && s.link !== t.link) out.push({ path: rel, kind: "link", detail: `source → ${s.link}, target → ${t.link}` });
+    const trdev = t.type === "c" || t.type === "b" ? `${t.rdevMajor},${t.rdevMinor}` : "";
+    if (s.rdev !== trdev) out.push({ path: rel, kind: "rdev", detail: `device ${s.rdev} on the source, ${trdev} on the target` });
     if (s.type !== "l" && s.attr.mode !== ta.mode) out.push({ path: rel, kind: "mode", detail: `${s.attr.mode.toString(8)} on the source, ${ta.mode.toString(8)} on the target` });
     if (s.attr.uid !== ta.uid || s.attr.gid !== ta.gid) out.push({ path: rel, kind: "owner", detail: `${s.attr.uid}:${s.attr.gid} on the source, ${ta.uid}:${ta.gid} on the target` });
+    if (s.attr.hasXattrs && ta.hasXattrs) {
+      const x = xattrDifference(s.attr.xattrs, ta.xattrs);
+      if (x) out.push({ path: rel, kind: "xattr", detail: x });
+    }
     if (us(s.attr) !== us(ta)) out.push({ path: rel, kind: "mtime", detail: `source ${new Date(s.attr.mtimeSec * 1000).toISOString()} (+${s.attr.mtimeNsec}ns), target ${new Date(ta.mtimeSec * 1000).toISOString()} (+${ta.mtimeNsec}ns)` });
     return out;
   }
@@ -122,13 +148,14 @@ class Verifier {
   }
 
   /** Walk both trees; returns every difference and the source stamps seen. */
-  async walk(dir: string, out: Difference[], stamps: Map<string, string>): Promise<void> {
-    const [names, have] = await Promise.all([readdir(dir ? path.join(this.o.root, dir) : this.o.root).catch(() => [] as string[]), this.manifest(dir)]);
+  async walk(dir: string, out: Difference[], stamps: Map<string, string>, mount = false): Promise<void> {
+    const [names, have] = await Promise.all([mount ? ([] as string[]) : readdir(dir ? path.join(this.o.root, dir) : this.o.root).catch(() => [] as string[]), this.manifest(dir)]);
     const theirs = new Map((have.exists ? have.entries : []).map((e) => [e.name, e]));
     const all = [...new Set([...names, ...theirs.keys()])].sort();
     // Entries of a directory are compared a few at a time (reads, hashing and
     // the target's digests overlap); subdirectories are walked after.
     const subdirs: string[] = [];
+    const mounts = new Set<string>();
     for (let i = 0; i < all.length; i += COMPARE_PARALLEL) {
       const found = await Promise.all(all.slice(i, i + COMPARE_PARALLEL).map(async (name) => {
         const rel = dir ? `${dir}/${name}` : name;
@@ -136,11 +163,12 @@ class Verifier {
         const t = theirs.get(name);
         if (s) stamps.set(rel, s.stamp);
         if (s?.type === "d" && t?.type === "d") subdirs.push(rel);
+        if (s?.mount) mounts.add(rel);
         return this.compare(rel, s, t);
       }));
       for (const f of found) out.push(...f);
     }
-    for (const d of subdirs.sort()) await this.walk(d, out, stamps);
+    for (const d of subdirs.sort()) await this.walk(d, out, stamps, mounts.has(d));
   }
 
   /** Compare one path again (after the target caught up). */

@@ -4,15 +4,20 @@
 // events cannot produce a wrong copy. Renames are found by inode, hard links
 // by inode and link count, and file content by block digests: only changed
 // blocks become Write ops, all-zero blocks of new files stay holes.
+// Special files (fifos, devices, sockets) become Mknod ops; extended
+// attributes travel in Attr (read when an object is new or its ctime moved).
+// With oneFileSystem, directories on another file system (mount points) are
+// replicated as empty directories and nothing on other file systems is.
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import { constants as C, type BigIntStats } from "node:fs";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
-import type { Attr, Op } from "../wire.ts";
+import type { Attr, Op, Xattr } from "../wire.ts";
 import { hashBlocks, digestAt, isZero, READ_BYTES } from "./blocks.ts";
-import type { FileIndex, IndexDelta, IndexEntry } from "./file-index.ts";
+import type { EntryType, FileIndex, IndexDelta, IndexEntry } from "./file-index.ts";
 import type { DirWatcher } from "./watcher.ts";
-import { attrOf, kindOf } from "../fs/stat.ts";
+import { attrOf, devMajor, devMinor, isSpecial, kindOf, rdevOf } from "../fs/stat.ts";
+import { readXattrs, xattrDigest } from "../fs/xattr.ts";
 
 /** Largest data carried by one Write op, and by one packet. */
 export const MAX_WRITE = 1024 * 1024;
@@ -76,6 +81,8 @@ export interface CaptureOptions {
   log: Logger;
   /** asks for another look at a path that changed while it was being read */
   redirty: (rel: string, deep?: boolean) => void;
+  /** do not cross into other file systems (mount points stay empty directories) */
+  oneFileSystem?: boolean;
 }
 
 type St = BigIntStats | undefined;
@@ -91,14 +98,28 @@ function depth(rel: string): number {
   return n;
 }
 
-function typeOf(st: BigIntStats): "f" | "d" | "l" | undefined {
+function typeOf(st: BigIntStats): EntryType | undefined {
   const k = kindOf(st);
-  return k === "o" ? undefined : k; // fifos, sockets, devices: not replicated in watch mode yet
+  return k === "o" ? undefined : k;
 }
 
 function entryOf(st: BigIntStats, extra: Partial<IndexEntry> = {}): IndexEntry {
   const a = attrOf(st);
-  return { t: typeOf(st)!, mode: a.mode, uid: a.uid, gid: a.gid, size: Number(st.size), mtimeSec: a.mtimeSec, mtimeNsec: a.mtimeNsec, ctimeMs: Number(st.ctimeNs / 1000n) / 1000, ino: Number(st.ino), nlink: Number(st.nlink), ...extra };
+  const t = typeOf(st)!;
+  const e: IndexEntry = { t, mode: a.mode, uid: a.uid, gid: a.gid, size: t === "f" || t === "l" ? Number(st.size) : 0, mtimeSec: a.mtimeSec, mtimeNsec: a.mtimeNsec, ctimeMs: ctimeOf(st), ino: Number(st.ino), nlink: Number(st.nlink), ...extra };
+  const rdev = rdevOf(st);
+  if (rdev) e.rdev = rdev;
+  if (e.xa === undefined) delete e.xa;
+  return e;
+}
+
+function ctimeOf(st: BigIntStats): number {
+  return Number(st.ctimeNs / 1000n) / 1000;
+}
+
+/** Attributes with the xattrs read (undefined: not known, the target leaves its own alone). */
+function withXattrs(a: Attr, xs: Xattr[] | undefined): Attr {
+  return xs ? { ...a, xattrs: xs, hasXattrs: true } : a;
 }
 
 function attrDiffers(e: IndexEntry, st: BigIntStats): boolean {
@@ -107,7 +128,7 @@ function attrDiffers(e: IndexEntry, st: BigIntStats): boolean {
 }
 
 function contentMayDiffer(e: IndexEntry, st: BigIntStats): boolean {
-  return e.size !== Number(st.size) || e.mtimeSec !== Number(st.mtimeNs / 1_000_000_000n) || e.mtimeNsec !== Number(st.mtimeNs % 1_000_000_000n) || e.ctimeMs !== Number(st.ctimeNs / 1000n) / 1000;
+  return e.size !== Number(st.size) || e.mtimeSec !== Number(st.mtimeNs / 1_000_000_000n) || e.mtimeNsec !== Number(st.mtimeNs % 1_000_000_000n) || e.ctimeMs !== ctimeOf(st);
 }
 
 async function lst(abs: string): Promise<St> {
@@ -141,6 +162,8 @@ export class Capture {
   private readonly cost = new Map<string, { at: number; ms: number }>();
   /** Read buffer reused for every file hashed (capture runs one file at a time). */
   private scratch?: Buffer;
+  /** The set root's device (oneFileSystem). */
+  private rootDev?: bigint;
 
   constructor(o: CaptureOptions) {
     this.o = o;
@@ -150,6 +173,22 @@ export class Capture {
 
   private abs(rel: string): string {
     return rel ? path.join(this.o.root, rel) : this.o.root;
+  }
+
+  /** On another file system than the set root (oneFileSystem only). */
+  private foreign(st: BigIntStats): boolean {
+    return !!this.o.oneFileSystem && this.rootDev !== undefined && st.dev !== this.rootDev;
+  }
+
+  private async learnRootDev(): Promise<void> {
+    if (this.o.oneFileSystem && this.rootDev === undefined) this.rootDev = (await lst(this.o.root))?.dev;
+  }
+
+  /** Read rel's xattrs when its ctime moved since the index entry (or always, without one). */
+  private async xattrsIfChanged(rel: string, e: IndexEntry | undefined, st: BigIntStats): Promise<{ xs?: Xattr[]; changed: boolean }> {
+    if (e && e.ctimeMs === ctimeOf(st)) return { changed: false };
+    const xs = await readXattrs(this.abs(rel));
+    return { xs, changed: xs !== undefined && xattrDigest(xs) !== e?.xa };
   }
 
   private async emit(op: Op | undefined, delta?: IndexDelta): Promise<void> {
@@ -165,6 +204,7 @@ export class Capture {
 
   /** Compare the whole tree with the index (start-up, periodic safety net). */
   async fullScan(): Promise<void> {
+    await this.learnRootDev();
     this.o.watcher?.add("");
     await this.reconcileDir("");
     await this.finish();
@@ -201,6 +241,7 @@ export class Capture {
    * children must be listed again (an event without a file name).
    */
   async sync(paths: Iterable<[string, boolean]>): Promise<void> {
+    await this.learnRootDev();
     const items: { rel: string; deep: boolean; st: St }[] = [];
     for (const [rel, deep] of paths) items.push({ rel, deep, st: rel === "" ? undefined : await lst(this.abs(rel)) });
     // Paths that exist first, parents before children (a rename's new name must be
@@ -231,7 +272,9 @@ export class Capture {
         if (force) this.forceIno.add(e.ino);
         continue;
       }
-      if (force || attrDiffers(e, st)) await this.emit({ path: d, kind: { $case: "attr", value: { attr: attrOf(st) } } }, { set: d, e: entryOf(st) });
+      if (!force && !attrDiffers(e, st) && e.ctimeMs === ctimeOf(st)) continue;
+      const x = await this.xattrsIfChanged(d, e, st);
+      if (force || attrDiffers(e, st) || x.changed) await this.emit({ path: d, kind: { $case: "attr", value: { attr: withXattrs(attrOf(st), x.xs) } } }, { set: d, e: entryOf(st, { xa: x.xs ? xattrDigest(x.xs) : e.xa }) });
     }
     await this.out.flush();
   }
@@ -256,7 +299,7 @@ export class Capture {
     const st = await lst(this.abs(rel));
     const e = this.o.index.get(rel);
     const t = st ? typeOf(st) : undefined;
-    if (!st || !t || !this.o.wanted(rel, t === "d")) {
+    if (!st || !t || !this.o.wanted(rel, t === "d") || (t !== "d" && this.foreign(st))) {
       if (e) await this.remove(rel, e);
       return;
     }
@@ -272,7 +315,7 @@ export class Capture {
     await this.create(rel, st, t);
   }
 
-  private async tryRenameOrLink(rel: string, st: BigIntStats, t: "f" | "d" | "l"): Promise<boolean> {
+  private async tryRenameOrLink(rel: string, st: BigIntStats, t: EntryType): Promise<boolean> {
     const ino = Number(st.ino);
     for (const p of this.o.index.pathsWithIno(ino)) {
       if (p === rel) continue;
@@ -298,7 +341,7 @@ export class Capture {
         if (now) this.o.redirty(p);
         return true;
       }
-      if (t === "f" && Number(st.nlink) > 1) {
+      if ((t === "f" || isSpecial(t)) && Number(st.nlink) > 1) {
         await this.emit({ path: rel, kind: { $case: "link", value: { existing: p } } }, { set: rel, e: { ...pe, nlink: Number(st.nlink) } });
         for (const q of this.o.index.pathsWithIno(ino)) if (q !== rel) await this.emit(undefined, { set: q, e: { ...this.o.index.get(q)!, nlink: Number(st.nlink) } });
         this.touch(parentOf(rel));
@@ -316,13 +359,20 @@ export class Capture {
     this.touch(parentOf(rel));
   }
 
-  private async create(rel: string, st: BigIntStats, t: "f" | "d" | "l"): Promise<void> {
+  private async create(rel: string, st: BigIntStats, t: EntryType): Promise<void> {
     this.touch(parentOf(rel));
     if (t === "d") {
-      this.o.watcher?.add(rel, Number(st.ino)); // watch before listing, so nothing created meanwhile is missed
-      await this.emit({ path: rel, kind: { $case: "mkdir", value: { attr: attrOf(st) } } }, { set: rel, e: entryOf(st) });
-      await this.reconcileDir(rel);
+      const mount = this.foreign(st);
+      if (!mount) this.o.watcher?.add(rel, Number(st.ino)); // watch before listing, so nothing created meanwhile is missed
+      const xs = await readXattrs(this.abs(rel));
+      await this.emit({ path: rel, kind: { $case: "mkdir", value: { attr: withXattrs(attrOf(st), xs) } } }, { set: rel, e: entryOf(st, { xa: xattrDigest(xs) }) });
+      if (!mount) await this.reconcileDir(rel);
       this.touch(rel);
+      return;
+    }
+    if (isSpecial(t)) {
+      const xs = await readXattrs(this.abs(rel));
+      await this.emit({ path: rel, kind: { $case: "mknod", value: { type: t, major: devMajor(st.rdev), minor: devMinor(st.rdev), attr: withXattrs(attrOf(st), xs) } } }, { set: rel, e: entryOf(st, { xa: xattrDigest(xs) }) });
       return;
     }
     if (t === "l") {
@@ -332,7 +382,8 @@ export class Capture {
       } catch {
         return this.o.redirty(rel);
       }
-      await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
+      const xs = await readXattrs(this.abs(rel));
+      await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: withXattrs(attrOf(st), xs) } } }, { set: rel, e: entryOf(st, { link: target, xa: xattrDigest(xs) }) });
       return;
     }
     await this.sendContent(rel, st, undefined, 0, true);
@@ -341,8 +392,13 @@ export class Capture {
   /** Same object as indexed: ship what differs. */
   private async update(rel: string, e: IndexEntry, st: BigIntStats, deep: boolean, inPlace = false): Promise<void> {
     if (e.t === "d") {
-      this.o.watcher?.add(rel, e.ino); // after a restart, known directories need their watch again
-      if (deep) await this.reconcileDir(rel);
+      if (this.foreign(st)) {
+        // A mount point: replicated as an empty directory (something mounted over a replicated one: its old children go).
+        for (const c of this.o.index.children(rel)) await this.remove(c, this.o.index.get(c)!);
+      } else {
+        this.o.watcher?.add(rel, e.ino); // after a restart, known directories need their watch again
+        if (deep) await this.reconcileDir(rel);
+      }
       if (this.forceIno.delete(e.ino)) this.touch(rel);
       else if (!this.attrCheck.has(rel)) this.attrCheck.set(rel, false);
       return;
@@ -350,23 +406,39 @@ export class Capture {
     if (e.t === "l") {
       const target = await readlink(this.abs(rel)).catch(() => undefined);
       if (target === undefined) return this.o.redirty(rel);
+      const x = await this.xattrsIfChanged(rel, e, st);
+      const xa = x.xs ? xattrDigest(x.xs) : e.xa;
       if (target !== e.link) {
-        await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
+        const xs = x.xs ?? (await readXattrs(this.abs(rel)));
+        await this.emit({ path: rel, kind: { $case: "symlink", value: { target, attr: withXattrs(attrOf(st), xs) } } }, { set: rel, e: entryOf(st, { link: target, xa: xattrDigest(xs) }) });
         this.touch(parentOf(rel));
-      } else if (attrDiffers(e, st)) {
-        await this.emit({ path: rel, kind: { $case: "attr", value: { attr: attrOf(st) } } }, { set: rel, e: entryOf(st, { link: target }) });
+      } else if (attrDiffers(e, st) || x.changed) {
+        await this.emit({ path: rel, kind: { $case: "attr", value: { attr: withXattrs(attrOf(st), x.xs) } } }, { set: rel, e: entryOf(st, { link: target, xa }) });
       }
+      return;
+    }
+    if (isSpecial(e.t)) {
+      if (rdevOf(st) !== (e.rdev ?? "")) {
+        // Another device number (a node re-made in place): make it again.
+        const xs = await readXattrs(this.abs(rel));
+        await this.emit({ path: rel, kind: { $case: "mknod", value: { type: e.t, major: devMajor(st.rdev), minor: devMinor(st.rdev), attr: withXattrs(attrOf(st), xs) } } }, { set: rel, e: entryOf(st, { xa: xattrDigest(xs) }) });
+        this.touch(parentOf(rel)); // re-made on the target: its directory's times change there
+        return;
+      }
+      const x = await this.xattrsIfChanged(rel, e, st);
+      // setEntry: the other names of a hard-linked node share the new attributes.
+      if (attrDiffers(e, st) || x.changed || e.nlink !== Number(st.nlink)) await this.setEntry(rel, entryOf(st, { xa: x.xs ? xattrDigest(x.xs) : e.xa }), attrDiffers(e, st) || x.changed, x.xs);
       return;
     }
     if (inPlace || contentMayDiffer(e, st)) return this.sendContent(rel, st, e.hashes, e.size, false);
     if (attrDiffers(e, st) || e.nlink !== Number(st.nlink)) {
-      await this.setEntry(rel, entryOf(st, { hashes: e.hashes }), attrDiffers(e, st));
+      await this.setEntry(rel, entryOf(st, { hashes: e.hashes, xa: e.xa }), attrDiffers(e, st));
     }
   }
 
-  /** Record the new entry for rel (and the other names of the same inode) with an attr op. */
-  private async setEntry(rel: string, ne: IndexEntry, withAttr: boolean): Promise<void> {
-    const a: Attr = { mode: ne.mode, uid: ne.uid, gid: ne.gid, mtimeSec: ne.mtimeSec, mtimeNsec: ne.mtimeNsec };
+  /** Record the new entry for rel (and the other names of the same inode) with an attr op (carrying xs when known). */
+  private async setEntry(rel: string, ne: IndexEntry, withAttr: boolean, xs?: Xattr[]): Promise<void> {
+    const a: Attr = withXattrs({ mode: ne.mode, uid: ne.uid, gid: ne.gid, mtimeSec: ne.mtimeSec, mtimeNsec: ne.mtimeNsec, xattrs: [], hasXattrs: false }, xs);
     await this.emit(withAttr ? { path: rel, kind: { $case: "attr", value: { attr: a } } } : undefined, { set: rel, e: ne });
     for (const p of this.o.index.pathsWithIno(ne.ino)) if (p !== rel) await this.emit(undefined, { set: p, e: { ...ne } });
   }
@@ -380,9 +452,14 @@ export class Capture {
     const bs = this.o.blockSize;
     let fh;
     try {
-      fh = await open(this.abs(rel), C.O_RDONLY | C.O_NOFOLLOW);
+      // O_NONBLOCK: should the path have become a fifo since the lstat, the open must not hang.
+      fh = await open(this.abs(rel), C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK);
     } catch {
       return this.o.redirty(rel); // gone (or replaced) since the lstat: look again, nothing emitted yet
+    }
+    if (!(await fh.stat()).isFile()) {
+      await fh.close();
+      return this.o.redirty(rel);
     }
     // A new file is created on the target only once it could be opened here.
     if (fresh) await this.emit({ path: rel, kind: { $case: "create", value: { attr: attrOf(st) } } });
@@ -420,7 +497,9 @@ export class Capture {
       if (size > oldSize || (fresh && size > 0)) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });
       const after = await fh.stat({ bigint: true });
       if (after.size !== st.size || after.mtimeNs !== st.mtimeNs) this.o.redirty(rel); // written while we read
-      await this.setEntry(rel, entryOf(st, { hashes }), true);
+      // The xattrs travel with the last attr op: on the target, writes drop security.capability.
+      const xs = await readXattrs(this.abs(rel));
+      await this.setEntry(rel, entryOf(st, { hashes, xa: xattrDigest(xs) }), true, xs);
     } finally {
       await fh.close();
     }

@@ -6,7 +6,8 @@
 import { open, rename, readFile, mkdir } from "node:fs/promises";
 import path from "node:path";
 
-export type EntryType = "f" | "d" | "l";
+/** f(ile), d(irectory), l(symlink), p (fifo), c(har device), b(lock device), s(ocket). */
+export type EntryType = "f" | "d" | "l" | "p" | "c" | "b" | "s";
 
 export interface IndexEntry {
   t: EntryType;
@@ -21,6 +22,8 @@ export interface IndexEntry {
   nlink: number;
   link?: string; // symlink target
   hashes?: Buffer; // file block digests
+  rdev?: string; // device node: "major,minor"
+  xa?: string; // digest of the replicated xattrs (see fs/xattr.ts); absent: none
 }
 
 export type IndexDelta = { set: string; e: IndexEntry } | { del: string } | { mv: [string, string] };

@@ -19,11 +19,29 @@ import { DirWatcher } from "./watcher.ts";
 
 const CHECKPOINT_MS = 15_000;
 
+/**
+ * Whole-server preset (docs/whole-server.md), relative to the set root:
+ * directories whose contents are the running system's, not the server's
+ * (kernel views, runtime state, scratch, mounts of removable media), kept as
+ * empty directories so a replica that boots has them...
+ */
+export const WHOLE_SERVER_EMPTY = ["proc", "sys", "dev", "run", "tmp", "var/tmp", "mnt", "media"];
+/** ...and paths left out entirely: fsck's lost+found and the usual swap files (active ones are read from /proc/swaps). */
+export const WHOLE_SERVER_EXCLUDE = ["lost+found", "swapfile", "swap.img", "swap"];
+
+/** Swap files in use (from /proc/swaps), as absolute paths. */
+async function activeSwapFiles(): Promise<string[]> {
+  const text = await readFile("/proc/swaps", "utf8").catch(() => "");
+  return text.split("\n").slice(1).map((l) => l.split(/\s+/)).filter((f) => f[1] === "file" && f[0]).map((f) => f[0]!.replace(/\\040/g, " "));
+}
+
 export interface SourceSetOptions {
   agentName: string;
   dataDir: string;
   credentials: grpc.ChannelCredentials;
   log: Logger;
+  /** Whole-server sets also leave these out (the agent's target root, its install prefix). */
+  ownPaths?: string[];
 }
 
 export class SourceSet {
@@ -51,6 +69,8 @@ export class SourceSet {
   private journalId = "";
   private lastVerify = new Map<string, VerifyResult>();
   private verifying = new Map<string, Promise<VerifyResult>>();
+  /** Paths (relative to the set root) left out with everything below them; set by start() for whole-server sets. */
+  private excluded: string[] = [];
 
   constructor(cfg: SetConfig, o: SourceSetOptions) {
     this.cfg = cfg;
@@ -59,13 +79,21 @@ export class SourceSet {
     this.dir = path.join(o.dataDir, "sets", cfg.name);
   }
 
+  /** abs relative to the set root, when it is strictly inside it. */
+  private inside(abs: string): string | undefined {
+    const r = path.relative(this.cfg.path, abs);
+    return r && !r.startsWith("..") && !path.isAbsolute(r) ? r : undefined;
+  }
+
   private wanted(): (rel: string, isDir: boolean) => boolean {
     const inc = picomatch(this.cfg.include, { dot: true });
     const exc = picomatch(this.cfg.exclude, { dot: true });
-    const ownState = path.relative(this.cfg.path, this.o.dataDir);
-    const stateInside = ownState && !ownState.startsWith("..") && !path.isAbsolute(ownState) ? ownState : undefined;
+    const stateInside = this.inside(this.o.dataDir);
+    const out = [...(stateInside ? [stateInside] : []), ...this.excluded];
+    const empty = this.cfg.wholeServer ? WHOLE_SERVER_EMPTY : [];
     return (rel, isDir) => {
-      if (stateInside && (rel === stateInside || rel.startsWith(stateInside + "/"))) return false;
+      for (const x of out) if (rel === x || rel.startsWith(x + "/")) return false;
+      for (const x of empty) if (rel.startsWith(x + "/")) return false;
       if (exc(rel) || (isDir && exc(rel + "/"))) return false;
       return isDir || inc(rel);
     };
@@ -73,6 +101,11 @@ export class SourceSet {
 
   async start(): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
+    if (this.cfg.wholeServer) {
+      const own = [...(this.o.ownPaths ?? []), ...(await activeSwapFiles())].map((p) => this.inside(p)).filter((p) => p !== undefined);
+      this.excluded = [...new Set([...WHOLE_SERVER_EXCLUDE, ...own])];
+      this.log.info({ emptied: WHOLE_SERVER_EMPTY, excluded: this.excluded }, "whole-server set: one file system, these paths left out");
+    }
     this.journal = await Journal.open({ dir: path.join(this.dir, "journal"), memoryBytes: this.cfg.queueMemory });
     this.snapshotSeq = await this.index.load(path.join(this.dir, "index.snap"));
     let replayed = 0;
@@ -107,6 +140,7 @@ export class SourceSet {
       maxPacketData: packetDataLimit(this.cfg.bandwidthLimit),
       log: this.log,
       redirty: (rel, deep) => this.markDirty(rel, deep ?? false),
+      oneFileSystem: this.cfg.wholeServer,
     });
     for (const address of this.cfg.targets) {
       const s = new Sender({
@@ -157,11 +191,7 @@ export class SourceSet {
       blockSize: this.cfg.blockSize,
       index: this.index,
       serial: <T>(fn: () => Promise<T>) => this.serialValue(fn),
-      flushCapture: async () => {
-        const batch = this.dirty;
-        this.dirty = new Map();
-        if (batch.size) await this.capture.sync(batch);
-      },
+      flushCapture: () => this.flushNow(),
       lastSeq: () => this.journal.lastSeq,
       touchedSince: (seq) => this.touchedSince(seq),
     };
@@ -230,6 +260,7 @@ export class SourceSet {
         while (sender.lastAckedSeq < upTo && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
       },
       repair: repair ? (dirs) => sender.requestMirror("checksum", "verify repair", dirs) : undefined,
+      oneFileSystem: this.cfg.wholeServer,
     }).then((r) => {
       this.lastVerify.set(address, r);
       return r;
@@ -249,7 +280,16 @@ export class SourceSet {
     return this.serialValue(async () => (await this.flushNow(), this.journal.lastSeq));
   }
 
+  /**
+   * Capture what is dirty now, including large files whose next look is deferred
+   * (a drain before a cutover must not leave a disk image's last writes behind).
+   */
   private async flushNow(): Promise<void> {
+    for (const [rel, t] of this.deferred) {
+      clearTimeout(t);
+      this.dirty.set(rel, this.dirty.get(rel) ?? false);
+    }
+    this.deferred.clear();
     const batch = this.dirty;
     this.dirty = new Map();
     if (batch.size) await this.capture.sync(batch);

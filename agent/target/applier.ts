@@ -4,17 +4,30 @@
 // Every op is idempotent and "setting" (create truncates, writes carry absolute
 // offsets, removes tolerate absence, a rename whose source is gone is done), so
 // replaying a packet that was partly applied before a crash converges.
+// Special files are made by agent/fs/special.ts and never opened; their
+// attributes are set through an O_PATH descriptor. Extended attributes are
+// set after chown (which drops security.capability) and after the content
+// (every write drops it too): the last attr op of a file carries them.
+// All-zero writes at or beyond the end of a file are not written but become a
+// length (a hole), so sparse files stay sparse whatever the source sends.
 import { execFile } from "node:child_process";
 import { constants as C } from "node:fs";
 import { promisify } from "node:util";
-import { lstat, mkdir, open, rename, rm, symlink, link, unlink, lchown, lutimes, type FileHandle } from "node:fs/promises";
+import { chmod, chown, lstat, mkdir, open, rename, rm, symlink, link, unlink, lchown, lutimes, utimes, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Attr, Op } from "../wire.ts";
 import { ConfinedRoot, PathError, splitRelPath, type PlannedKind } from "../fs/confine.ts";
+import { isSpecial } from "../fs/stat.ts";
+import { makeSpecial, MAX_MAJOR, MAX_MINOR, O_PATH } from "../fs/special.ts";
+import { applyXattrs } from "../fs/xattr.ts";
+import { isZero } from "../source/blocks.ts";
 
 export { PathError };
 
-const WRITE_FLAGS = C.O_WRONLY | C.O_NOFOLLOW | C.O_CREAT;
+// O_NONBLOCK: a fifo that took a file's place is never waited on (no effect on regular files).
+const WRITE_FLAGS = C.O_WRONLY | C.O_NOFOLLOW | C.O_CREAT | C.O_NONBLOCK;
+/** Granularity of holes left by sparse writes (the page and usual file system block size). */
+const PAGE = 4096;
 /** More dirty files or directories than this are made durable with one syncfs. */
 const SYNCFS_AFTER = 256;
 let syncfsWorks: boolean | undefined;
@@ -34,6 +47,12 @@ export class Applier {
   private handles = new Map<string, FileHandle>();
   private unsynced: FileHandle[] = [];
   private dirtyDirs = new Set<string>();
+  /** Extended attributes that could not be set (not fatal: verify reports them), and the last reason. */
+  xattrProblems = 0;
+  lastXattrProblem = "";
+  /** Device nodes that could not be made (EPERM), and the last reason. */
+  specialProblems = 0;
+  lastSpecialProblem = "";
 
   constructor(imageRoot: string, opts: { canChown?: boolean } = {}) {
     this.image = new ConfinedRoot(imageRoot);
@@ -84,6 +103,11 @@ export class Applier {
         case "mkdir":
           plan(op.path, "dir");
           break;
+        case "mknod":
+          if (!isSpecial(k.value.type)) throw new PathError(`mknod ${where}: unknown type ${JSON.stringify(k.value.type)}`);
+          if (k.value.major > MAX_MAJOR || k.value.minor > MAX_MINOR) throw new PathError(`mknod ${where}: bad device number`);
+          plan(op.path, "file");
+          break;
         case "create":
           plan(op.path, "file");
           break;
@@ -129,11 +153,7 @@ export class Applier {
     if (!k) throw new PathError(`op on ${JSON.stringify(op.path)} has no kind`);
     switch (k.$case) {
       case "write": {
-        const fh = await this.handle(op.path);
-        const d = k.value.data;
-        let off = 0;
-        while (off < d.length) off += (await fh.write(d, off, d.length - off, k.value.offset + off)).bytesWritten;
-        return;
+        return this.write(await this.handle(op.path), k.value.offset, k.value.data);
       }
       case "truncate":
         return (await this.handle(op.path)).truncate(k.value.size);
@@ -145,7 +165,7 @@ export class Applier {
         const fh = await open(abs, WRITE_FLAGS | C.O_EXCL, k.value.attr?.mode ?? 0o600);
         this.keep(op.path, fh);
         this.dirtyDirs.add(path.dirname(abs));
-        if (k.value.attr) await this.setAttrFd(fh, k.value.attr);
+        if (k.value.attr) await this.setAttrFd(fh, k.value.attr, abs);
         return;
       }
       case "mkdir": {
@@ -166,6 +186,25 @@ export class Applier {
         await this.clearUnlessType(abs, "none");
         this.image.invalidate();
         await symlink(k.value.target, abs);
+        this.dirtyDirs.add(path.dirname(abs));
+        if (k.value.attr) await this.setAttrPath(abs, k.value.attr);
+        return;
+      }
+      case "mknod": {
+        const abs = await this.image.resolve(op.path, true);
+        await this.forget(op.path, true);
+        await this.clearUnlessType(abs, "none");
+        if (!isSpecial(k.value.type)) throw new PathError(`mknod ${JSON.stringify(op.path)}: unknown type`);
+        try {
+          await makeSpecial(abs, k.value.type, k.value.major, k.value.minor);
+        } catch (e) {
+          // A device node on a target that may not make one (not root, no
+          // CAP_MKNOD): left out rather than stopping replication; verify reports it missing.
+          if ((e as NodeJS.ErrnoException).code !== "EPERM") throw e;
+          this.specialProblems++;
+          this.lastSpecialProblem = (e as Error).message;
+          return;
+        }
         this.dirtyDirs.add(path.dirname(abs));
         if (k.value.attr) await this.setAttrPath(abs, k.value.attr);
         return;
@@ -216,7 +255,7 @@ export class Applier {
       case "attr": {
         const abs = await this.image.resolve(op.path, true);
         const open = this.handles.get(op.path);
-        if (open) return this.setAttrFd(open, k.value.attr!);
+        if (open) return this.setAttrFd(open, k.value.attr!, abs);
         try {
           return await this.setAttrPath(abs, k.value.attr!);
         } catch (e) {
@@ -226,6 +265,38 @@ export class Applier {
           throw e;
         }
       }
+    }
+  }
+
+  /**
+   * Write data at offset, like rsync --sparse: all-zero pages (4 KiB, aligned
+   * to the file) at or past the file's end are not written but left as holes,
+   * and the length is set at the end. Zeros inside the file are written (they
+   * may replace data). Pages are only looked at when the data has a zero one.
+   */
+  private async write(fh: FileHandle, offset: number, d: Uint8Array): Promise<void> {
+    const put = async (from: number, to: number) => {
+      while (from < to) from += (await fh.write(d, from, to - from, offset + from)).bytesWritten;
+    };
+    // Pages of d end where the file's offsets are multiples of PAGE.
+    const first = (PAGE - (offset % PAGE)) % PAGE || PAGE;
+    const pageEnd = (i: number) => Math.min(d.length, i < first ? first : i + PAGE);
+    let anyZero = false;
+    for (let i = 0; i < d.length && !anyZero; i = pageEnd(i)) anyZero = isZero(d.subarray(i, pageEnd(i)));
+    if (!anyZero) return put(0, d.length);
+    const size = (await fh.stat()).size;
+    let run = -1; // start of the pending run of bytes to write
+    for (let i = 0; i < d.length; i = pageEnd(i)) {
+      const hole = offset + i >= size && isZero(d.subarray(i, pageEnd(i)));
+      if (hole && run >= 0) {
+        await put(run, i);
+        run = -1;
+      } else if (!hole && run < 0) run = i;
+    }
+    if (run >= 0) await put(run, d.length);
+    if (offset + d.length > size) {
+      const now = (await fh.stat()).size;
+      if (offset + d.length > now) await fh.truncate(offset + d.length);
     }
   }
 
@@ -282,11 +353,20 @@ export class Applier {
     let fh = this.handles.get(rel);
     if (fh) return fh;
     const abs = await this.image.resolve(rel, true);
+    // A special file here (a replayed write to a path a later op made a fifo or
+    // a device): never open it, which would run a device's driver; it becomes
+    // a file again, and the later op is replayed after this one.
+    const st = await lstat(abs).catch(() => undefined);
+    if (st && !st.isFile() && !st.isDirectory() && !st.isSymbolicLink()) await unlink(abs);
     try {
       fh = await open(abs, WRITE_FLAGS, 0o600);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "ELOOP") throw new PathError(`${JSON.stringify(rel)} is a symlink on the target; refusing to write through it`);
       throw e;
+    }
+    if (!(await fh.stat()).isFile()) {
+      await fh.close();
+      throw new PathError(`${JSON.stringify(rel)} is not a regular file on the target; refusing to write to it`);
     }
     this.keep(rel, fh);
     return fh;
@@ -313,9 +393,28 @@ export class Applier {
     else await unlink(abs);
   }
 
-  private async setAttrFd(fh: FileHandle, a: Attr): Promise<void> {
-    if (this.canChown) await fh.chown(a.uid, a.gid);
-    await fh.chmod(a.mode & 0o7777); // after chown: chown clears setuid bits
+  /** Set xattrs when the op carries them; what fails is counted, not thrown (see applyXattrs). */
+  private async setXattrs(abs: string, a: Attr): Promise<void> {
+    if (!a.hasXattrs) return;
+    const problems = await applyXattrs(abs, a.xattrs);
+    if (problems.length) {
+      this.xattrProblems += problems.length;
+      this.lastXattrProblem = `${abs}: ${problems.join("; ")}`;
+    }
+  }
+
+  /**
+   * Owner (only when it differs: chown drops setuid bits and
+   * security.capability), then xattrs, then mode (after chown and after an
+   * ACL, whose mask it sets), then mtime.
+   */
+  private async setAttrFd(fh: FileHandle, a: Attr, abs: string): Promise<void> {
+    if (this.canChown) {
+      const cur = await fh.stat();
+      if (cur.uid !== a.uid || cur.gid !== a.gid) await fh.chown(a.uid, a.gid);
+    }
+    await this.setXattrs(abs, a);
+    await fh.chmod(a.mode & 0o7777);
     const t = timeArg(a.mtimeSec, a.mtimeNsec);
     await fh.utimes(t, t);
   }
@@ -323,15 +422,40 @@ export class Applier {
   private async setAttrPath(abs: string, a: Attr): Promise<void> {
     const st = await lstat(abs);
     if (st.isSymbolicLink()) {
-      if (this.canChown) await lchown(abs, a.uid, a.gid);
+      if (this.canChown && (st.uid !== a.uid || st.gid !== a.gid)) await lchown(abs, a.uid, a.gid);
+      await this.setXattrs(abs, a);
       const t = timeArg(a.mtimeSec, a.mtimeNsec);
       await lutimes(abs, t, t);
       return;
     }
+    if (!st.isFile() && !st.isDirectory()) return this.setAttrSpecial(abs, a);
     // O_NOFOLLOW + descriptor: a symlink swapped in after the lstat is not followed.
-    const fh = await open(abs, C.O_RDONLY | C.O_NOFOLLOW | (st.isDirectory() ? C.O_DIRECTORY : 0));
+    const fh = await open(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK | (st.isDirectory() ? C.O_DIRECTORY : 0));
     try {
-      await this.setAttrFd(fh, a);
+      const now = await fh.stat();
+      if (now.ino !== st.ino || now.dev !== st.dev) throw new PathError(`${abs} changed while its attributes were set`);
+      await this.setAttrFd(fh, a, abs);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /**
+   * A fifo, device or socket: opened with O_PATH (which runs no driver and
+   * does not block), changed through /proc/self/fd/<fd>, so the very inode
+   * checked is the one changed.
+   */
+  private async setAttrSpecial(abs: string, a: Attr): Promise<void> {
+    const fh = await open(abs, O_PATH | C.O_NOFOLLOW);
+    try {
+      const st = await fh.stat();
+      if (st.isFile() || st.isDirectory() || st.isSymbolicLink()) throw new PathError(`${abs} changed while its attributes were set`);
+      const self = `/proc/self/fd/${fh.fd}`;
+      if (this.canChown && (st.uid !== a.uid || st.gid !== a.gid)) await chown(self, a.uid, a.gid);
+      await this.setXattrs(abs, a);
+      await chmod(self, a.mode & 0o7777);
+      const t = timeArg(a.mtimeSec, a.mtimeNsec);
+      await utimes(self, t, t);
     } finally {
       await fh.close();
     }

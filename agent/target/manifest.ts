@@ -5,7 +5,8 @@ import { constants } from "node:fs";
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import path from "node:path";
 import { ConfinedRoot, splitRelPath } from "../fs/confine.ts";
-import { attrOf, kindOf } from "../fs/stat.ts";
+import { attrOf, devMajor, devMinor, kindOf } from "../fs/stat.ts";
+import { readXattrs } from "../fs/xattr.ts";
 import { hashBlocks } from "../source/blocks.ts";
 import type { ManifestEntryMsg, DigestsResponse, ManifestResponse } from "../wire.ts";
 
@@ -40,16 +41,20 @@ export async function listDir(root: string, dir: string, blockSize: number, dige
     const st = await lstat(p, { bigint: true }).catch(() => undefined);
     if (!st) continue;
     const type = kindOf(st);
+    const xs = await readXattrs(p);
+    const dev = type === "c" || type === "b";
     const e: ManifestEntryMsg = {
       name,
       type,
-      attr: attrOf(st),
+      attr: { ...attrOf(st), xattrs: xs ?? [], hasXattrs: xs !== undefined },
       size: type === "f" ? Number(st.size) : 0,
       link: type === "l" ? await readlink(p).catch(() => "") : "",
       digests: Buffer.alloc(0),
       hasDigests: false,
       ino: Number(st.ino),
       nlink: Number(st.nlink),
+      rdevMajor: dev ? devMajor(st.rdev) : 0,
+      rdevMinor: dev ? devMinor(st.rdev) : 0,
     };
     if (type === "f" && digestMaxBlocks > 0 && Math.ceil(e.size / blockSize) <= digestMaxBlocks) {
       const d = await fileDigests(p, blockSize);
@@ -67,13 +72,14 @@ export async function listDir(root: string, dir: string, blockSize: number, dige
 async function fileDigests(abs: string, blockSize: number): Promise<{ size: number; digests: Buffer } | undefined> {
   let fh;
   try {
-    fh = await open(abs, constants.O_RDONLY | constants.O_NOFOLLOW);
+    fh = await open(abs, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   } catch {
     return undefined;
   }
   try {
-    const size = (await fh.stat()).size;
-    return { size, digests: await hashBlocks(fh, size, blockSize) };
+    const st = await fh.stat();
+    if (!st.isFile()) return undefined;
+    return { size: st.size, digests: await hashBlocks(fh, st.size, blockSize) };
   } finally {
     await fh.close();
   }

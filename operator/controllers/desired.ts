@@ -4,7 +4,7 @@
 import { createHash } from "node:crypto";
 import { parseDuration, parseSize } from "../../common/config.ts";
 import type { SetSpec } from "../../agent/wire.ts";
-import type { ReplicationPair } from "../api/v1alpha1/index.ts";
+import type { ReplicationPair, ResolvedPair } from "../api/v1alpha1/index.ts";
 
 /**
  * The set's name on the source agent (and the replica's directory on the
@@ -17,7 +17,7 @@ export function setNameFor(pair: Pick<ReplicationPair, "metadata">): string {
   return `${full.slice(0, 54).replace(/[._-]+$/, "")}-${createHash("sha256").update(full).digest("hex").slice(0, 8)}`;
 }
 
-export function desiredSetSpec(pair: ReplicationPair): SetSpec {
+export function desiredSetSpec(pair: ResolvedPair): SetSpec {
   const s = pair.spec;
   return {
     name: setNameFor(pair),
@@ -34,5 +34,6 @@ export function desiredSetSpec(pair: ReplicationPair): SetSpec {
     verifyIntervalMs: parseDuration(s.verify?.interval ?? "0s"),
     verifyRepair: s.verify?.repair ?? false,
     epoch: pair.status?.epoch ?? 0,
+    wholeServer: s.replicationSet.wholeServer ?? false,
   };
 }

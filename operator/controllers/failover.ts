@@ -15,7 +15,7 @@ import { parseDuration, splitHostPort } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
 import type { ImageStatus, StatusResponse } from "../../agent/wire.ts";
 import type { AgentDirectory } from "../agents.ts";
-import { ConditionType, setCondition, type Condition, type FailoverPolicy, type ReplicationPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
+import { ConditionType, setCondition, type Condition, type FailoverPolicy, type ResolvedPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
 import { knownGood } from "./known-good.ts";
 import { desiredSetSpec, setNameFor } from "./desired.ts";
 import { dropUndefined } from "./pair-status.ts";
@@ -46,14 +46,14 @@ export class FailoverFlow {
     this.o = o;
   }
 
-  async reconcile(pair: ReplicationPair, policy: FailoverPolicy | undefined, active: string, want: string): Promise<Result> {
+  async reconcile(pair: ResolvedPair, policy: FailoverPolicy | undefined, active: string, want: string): Promise<Result> {
     if (active === "source" && want !== "source") return this.takeOver(pair, policy, want);
     if (active !== "source" && want === active) return this.failedOver(pair, policy, active);
     if (active !== "source" && want === "source") return this.failBack(pair, policy, active);
     return this.refuse(pair, "UnsupportedMove", `${active} serves now; fail back to source before making ${want} active`, 30_000);
   }
 
-  private target(pair: ReplicationPair, name: string) {
+  private target(pair: ResolvedPair, name: string) {
     const t = pair.spec.targets.find((x) => x.name === name);
     if (!t) throw new Error(`no target named ${name}`);
     return t;
@@ -68,19 +68,19 @@ export class FailoverFlow {
     }
   }
 
-  private async write(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void> {
+  private async write(pair: ResolvedPair, status: ReplicationPairStatus): Promise<void> {
     const s = dropUndefined({ ...status, observedGeneration: pair.metadata.generation });
     if (JSON.stringify(s) !== JSON.stringify(pair.status ?? {})) await this.o.writer.patchStatus(pair, s);
   }
 
-  private cond(status: ReplicationPairStatus, pair: ReplicationPair, type: string, st: "True" | "False" | "Unknown", reason: string, message: string): void {
+  private cond(status: ReplicationPairStatus, pair: ResolvedPair, type: string, st: "True" | "False" | "Unknown", reason: string, message: string): void {
     status.conditions = (status.conditions ?? []).map((c) => ({ ...c }));
     if (setCondition(status.conditions as Condition[], { type, status: st, reason, message }, pair.metadata.generation ?? 0, this.o.now())) {
       this.o.events.event(pair, WARNINGS.has(reason) || (type === ConditionType.Degraded && st === "True") ? "Warning" : "Normal", reason, `${type}=${st}: ${message}`);
     }
   }
 
-  private async refuse(pair: ReplicationPair, reason: string, message: string, retryMs = 2000): Promise<Result> {
+  private async refuse(pair: ResolvedPair, reason: string, message: string, retryMs = 2000): Promise<Result> {
     const status: ReplicationPairStatus = { ...(pair.status ?? {}) };
     this.cond(status, pair, "FailedOver", "False", reason, message);
     this.cond(status, pair, ConditionType.Ready, "False", reason, message);
@@ -89,7 +89,7 @@ export class FailoverFlow {
   }
 
   /** Make target `name` the active side (failover when the source is down, cutover when it is alive). */
-  private async takeOver(pair: ReplicationPair, policy: FailoverPolicy | undefined, name: string): Promise<Result> {
+  private async takeOver(pair: ResolvedPair, policy: FailoverPolicy | undefined, name: string): Promise<Result> {
     const now = this.o.now();
     const setName = setNameFor(pair);
     const t = this.target(pair, name);
@@ -149,7 +149,7 @@ export class FailoverFlow {
   }
 
   /** T serves: keep the old source fenced and, once reachable, brought up to date from T. */
-  private async failedOver(pair: ReplicationPair, policy: FailoverPolicy | undefined, name: string, failingBack = false): Promise<Result> {
+  private async failedOver(pair: ResolvedPair, policy: FailoverPolicy | undefined, name: string, failingBack = false): Promise<Result> {
     const setName = setNameFor(pair);
     const t = this.target(pair, name);
     const srcAddr = pair.spec.source.agent.address;
@@ -198,7 +198,7 @@ export class FailoverFlow {
   }
 
   /** source becomes active again: final sync from T, promote the source's copy, identity back. */
-  private async failBack(pair: ReplicationPair, policy: FailoverPolicy | undefined, name: string): Promise<Result> {
+  private async failBack(pair: ResolvedPair, policy: FailoverPolicy | undefined, name: string): Promise<Result> {
     const setName = setNameFor(pair);
     const t = this.target(pair, name);
     const srcAddr = pair.spec.source.agent.address;
@@ -243,7 +243,7 @@ export class FailoverFlow {
   }
 
   /** Run a policy's action list on an agent; one line per action for status. */
-  private async runActions(pair: ReplicationPair, list: { name: string; command: string[]; timeout?: string }[], address: string, side: string): Promise<string[]> {
+  private async runActions(pair: ResolvedPair, list: { name: string; command: string[]; timeout?: string }[], address: string, side: string): Promise<string[]> {
     const done: string[] = [];
     for (const a of list) {
       const r = await this.o.agents.runCommand(address, a.command, parseDuration(a.timeout ?? "60s")).catch((e: Error) => ({ exitCode: -1, output: e.message }));
@@ -258,7 +258,7 @@ export class FailoverFlow {
    * part of (the new side serves either way): a failure is an event, and
    * status.serviceAddress stays unset so the next reconcile tries again.
    */
-  private async moveIdentity(pair: ReplicationPair, policy: FailoverPolicy | undefined, address: string, side: string): Promise<string | undefined> {
+  private async moveIdentity(pair: ResolvedPair, policy: FailoverPolicy | undefined, address: string, side: string): Promise<string | undefined> {
     const id = policy?.spec.serviceIdentity;
     const host = hostOf(address);
     try {
@@ -280,7 +280,7 @@ export class FailoverFlow {
 }
 
 /** The set T runs to replicate its (promoted) replica back into the source's original path. */
-export function reverseSpec(pair: ReplicationPair, image: ImageStatus | undefined, sourceAddress: string, epoch: number) {
+export function reverseSpec(pair: ResolvedPair, image: ImageStatus | undefined, sourceAddress: string, epoch: number) {
   const fwd = desiredSetSpec(pair);
   return { ...fwd, path: image?.path ?? "", targets: [sourceAddress], epoch, verifyIntervalMs: 0 };
 }

@@ -3,7 +3,7 @@
 // the moment of failover. A target is known good only if every check passes.
 import { parseDuration } from "../../common/config.ts";
 import type { ImageStatus } from "../../agent/wire.ts";
-import type { FailoverPolicy, ReplicationPair, TargetStatus } from "../api/v1alpha1/index.ts";
+import type { FailoverPolicy, ResolvedPair, TargetStatus } from "../api/v1alpha1/index.ts";
 
 export interface GateInput {
   /** What the pair's status last recorded for this target (while the source was alive). */
@@ -54,7 +54,7 @@ export function knownGood(i: GateInput): GateResult {
 }
 
 /** The best known-good target: the one holding the most changes. */
-export function pickTarget(pair: ReplicationPair, gates: Map<string, { gate: GateResult; image?: ImageStatus }>): string | undefined {
+export function pickTarget(pair: ResolvedPair, gates: Map<string, { gate: GateResult; image?: ImageStatus }>): string | undefined {
   let best: { name: string; seq: number } | undefined;
   for (const t of pair.spec.targets) {
     const g = gates.get(t.name);

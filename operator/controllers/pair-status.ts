@@ -2,7 +2,7 @@
 // of its agents. No I/O here, so every rule is table-tested (test/unit).
 import { tidyGrpcMessage } from "../../agent/control-client.ts";
 import type { StatusResponse, TargetStatus as AgentTargetStatus, VerifyReport, MirrorProgress } from "../../agent/wire.ts";
-import { ConditionType, Reason, setCondition, type Condition, type ConditionStatus, type MirrorStatus, type ReplicationPair, type ReplicationPairStatus, type TargetStatus, type VerifyResult } from "../api/v1alpha1/index.ts";
+import { ConditionType, Reason, setCondition, type Condition, type ConditionStatus, type MirrorStatus, type ResolvedPair, type ReplicationPairStatus, type TargetStatus, type VerifyResult } from "../api/v1alpha1/index.ts";
 
 export interface AgentView {
   status?: StatusResponse;
@@ -15,6 +15,8 @@ export interface Observation {
   source: AgentView;
   /** The agent refused the desired set (bad path, bad filter …). */
   configError?: string;
+  /** the reason for configError (default ConfigRejected: the source agent refused the set) */
+  configReason?: string;
   /** By target address. */
   targets: Map<string, AgentView>;
 }
@@ -96,7 +98,7 @@ function finished(v: VerifyResult | undefined): VerifyResult | undefined {
   return v?.result === "Running" ? undefined : v;
 }
 
-export function computeStatus(pair: ReplicationPair, obs: Observation): { status: ReplicationPairStatus; transitions: Transition[] } {
+export function computeStatus(pair: ResolvedPair, obs: Observation): { status: ReplicationPairStatus; transitions: Transition[] } {
   const prev = pair.status ?? {};
   const gen = pair.metadata.generation ?? 0;
   const src = obs.source.status;
@@ -138,7 +140,7 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
   const degraded: [string, string] | undefined = obs.source.error
     ? [Reason.SourceUnreachable, `operator cannot reach the source agent ${pair.spec.source.agent.address}: ${obs.source.error}`]
     : obs.configError
-      ? [Reason.ConfigRejected, `source agent refused the replication set: ${obs.configError}`]
+      ? (obs.configReason ? [obs.configReason, obs.configError] : [Reason.ConfigRejected, `source agent refused the replication set: ${obs.configError}`])
       : set?.state === "failed"
         ? [Reason.SetFailed, `replication set failed on the source: ${set.lastError}`]
         : bad((t) => t.state === "refused").length
@@ -153,7 +155,7 @@ export function computeStatus(pair: ReplicationPair, obs: Observation): { status
 
   // Replicating: every target takes changes as they happen.
   if (!src) set1(ConditionType.Replicating, "Unknown", Reason.SourceUnreachable, "source agent not reachable");
-  else if (!set) set1(ConditionType.Replicating, "False", obs.configError ? Reason.ConfigRejected : Reason.Configuring, obs.configError ?? "replication set is being configured on the source agent");
+  else if (!set) set1(ConditionType.Replicating, "False", obs.configError ? (obs.configReason ?? Reason.ConfigRejected) : Reason.Configuring, obs.configError ?? "replication set is being configured on the source agent");
   else if (set.state === "starting" || set.state === "scanning") set1(ConditionType.Replicating, "False", Reason.Scanning, `source is scanning ${set.path}`);
   else {
     const notOk = targets.filter((t) => !HEALTHY.has(t.state ?? "") && t.state !== "mirroring");

@@ -12,7 +12,8 @@ import { desiredSetSpec, setNameFor } from "./desired.ts";
 import { FailoverFlow } from "./failover.ts";
 import { knownGood, pickTarget } from "./known-good.ts";
 import { parseDuration } from "../../common/config.ts";
-import { setCondition, type Condition, type FailoverPolicy } from "../api/v1alpha1/index.ts";
+import { setCondition, type Condition, type EndpointStatus, type FailoverPolicy, type ReplicationPair as Pair, type ResolvedPair } from "../api/v1alpha1/index.ts";
+import { provisionedEndpoints, resolvePair, type EndpointProvisioner } from "./endpoints.ts";
 import * as grpc from "@grpc/grpc-js";
 
 /** Writes to the API server (the real one is operator/kube.ts; tests may fake it). */
@@ -49,7 +50,16 @@ export interface PairReconcilerOptions {
   /** The FailoverPolicy selecting a pair, if any. */
   policyFor?: (pair: ReplicationPair) => FailoverPolicy | undefined;
   identity?: IdentityMover;
+  /** ec2 and ssh endpoints (absent: pairs with such endpoints wait, saying why) */
+  provisioners?: EndpointProvisioner[];
   now?: () => Date;
+}
+
+/** What provisioning found this pass. */
+interface Provisioned {
+  endpoints: EndpointStatus[];
+  persist: boolean;
+  requeueAfterMs?: number;
 }
 
 /** Consecutive failed checks of a pair's source, from the operator's side. */
@@ -60,7 +70,7 @@ interface Health {
 
 const FAST_MS = 2000;
 
-const WARNING_REASONS = new Set<string>([Reason.SourceUnreachable, Reason.TargetUnreachable, Reason.TargetDegraded, Reason.TargetRefused, Reason.ConfigRejected, Reason.SetFailed, Reason.MirrorFailed, Reason.DifferencesFound, Reason.VerifyError]);
+const WARNING_REASONS = new Set<string>([Reason.SourceUnreachable, Reason.TargetUnreachable, Reason.TargetDegraded, Reason.TargetRefused, Reason.ConfigRejected, Reason.VersionMismatch, Reason.SetFailed, Reason.MirrorFailed, Reason.DifferencesFound, Reason.VerifyError]);
 
 export class ReplicationPairReconciler {
   private readonly o: PairReconcilerOptions;
@@ -83,7 +93,6 @@ export class ReplicationPairReconciler {
     const pair = structuredClone(cached); // never modify the informer's cache
     const log = this.o.log.child({ pair: key });
     const setName = setNameFor(pair);
-    const source = pair.spec.source.agent.address;
 
     if (pair.metadata.deletionTimestamp) return this.finalize(pair, setName, log);
     if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) {
@@ -93,14 +102,75 @@ export class ReplicationPairReconciler {
     const policy = this.o.policyFor?.(pair);
     const active = pair.status?.activeSide ?? "source";
     const want = pair.spec.activeSide ?? "source";
+
+    // 0. Agents the operator puts in place itself (ec2 instances, SSH installs).
+    const prov = await this.provision(pair, active, want);
+    if (prov.persist) {
+      await this.o.writer.patchStatus(pair, { ...pair.status, endpoints: prov.endpoints });
+      // soon, not at once: the informer's copy should carry the write by then (else the write after it conflicts, and is retried)
+      return { requeueAfterMs: 250 };
+    }
+    const { pair: resolved, pending } = resolvePair(pair, prov.endpoints);
+    if (prov.endpoints.length) pair.status = { ...pair.status, endpoints: prov.endpoints };
+    const blocked = !resolved ? "the source" : resolved.spec.targets.length === 0 ? "every target" : want !== active && !resolved.spec.targets.some((t) => t.name === want) && want !== "source" ? want : undefined;
+    const wantEndpoint = prov.endpoints.find((e) => e.name === want && want !== active);
+    if (blocked || !resolved || (wantEndpoint && wantEndpoint.phase !== "Ready")) {
+      // Nothing to replicate with yet, or the side to take over is not ready (an instance being resized).
+      const why = blocked ? `waiting for ${blocked}: ${pending.join("; ")}` : `waiting for ${want} to be ready: ${wantEndpoint!.phase} (${wantEndpoint!.message ?? ""})`;
+      const status = { ...pair.status, endpoints: prov.endpoints, activeSide: active };
+      if (!pair.status?.phase || pair.status.phase === "Pending") status.phase = "Provisioning";
+      const conds = (status.conditions = structuredClone(pair.status?.conditions ?? []) as Condition[]);
+      this.provisionedCondition(pair, conds, prov.endpoints);
+      setCondition(conds, { type: "Ready", status: "False", reason: Reason.Provisioning, message: why }, pair.metadata.generation ?? 0, this.now());
+      if (JSON.stringify(status) !== JSON.stringify(pair.status ?? {})) await this.o.writer.patchStatus(pair, status);
+      return { requeueAfterMs: Math.min(prov.requeueAfterMs ?? FAST_MS, this.o.statusIntervalMs) };
+    }
     if (active !== "source" || want !== "source") {
       this.health.delete(key);
-      return this.flow.reconcile(pair, policy, active, want);
+      const r = await this.flow.reconcile(resolved, policy, active, want);
+      return { requeueAfterMs: Math.min(r.requeueAfterMs ?? this.o.statusIntervalMs, prov.requeueAfterMs ?? Infinity) };
     }
+    return this.replicate(key, resolved, policy, prov, pending, t0, log);
+  }
 
+  /** Run each provisioned endpoint's provisioner one step (all in parallel); events as they come. */
+  private async provision(pair: Pair, active: string, want: string): Promise<Provisioned> {
+    const wanted = provisionedEndpoints(pair);
+    if (wanted.length === 0) return { endpoints: [], persist: false };
+    const prev = new Map((pair.status?.endpoints ?? []).map((e) => [e.name, e]));
+    const results = await Promise.all(wanted.map(async ({ name, kind }) => {
+      const p = this.o.provisioners?.find((x) => x.kind === kind);
+      if (!p) {
+        const flags = kind === "ec2" ? "--enroll-url, --enroll-listen, --ca-dir and --agent-bundle" : "--ca-dir and --agent-bundle";
+        return { status: { name, kind, phase: "Failed", message: `this operator does not provision ${kind} endpoints: start it with ${flags}` } as EndpointStatus, requeueAfterMs: this.o.statusIntervalMs };
+      }
+      const r = await p.reconcile(pair, name, prev.get(name), want === name || active === name);
+      for (const e of r.events ?? []) this.o.events.event(pair, e.type, e.reason, `${name}: ${e.message}`);
+      return r;
+    }));
+    const requeue = results.map((r) => r.requeueAfterMs);
+    return { endpoints: results.map((r) => r.status), persist: results.some((r) => "persist" in r && r.persist === true), requeueAfterMs: Math.min(...requeue) };
+  }
+
+  /** Condition Provisioned: every ec2/ssh endpoint has its agent, or which one does not and why. */
+  private provisionedCondition(pair: Pair, conds: Condition[], endpoints: EndpointStatus[]): void {
+    if (endpoints.length === 0) return;
+    const notReady = endpoints.filter((e) => !e.agentAddress);
+    const err = endpoints.find((e) => e.lastError || e.phase === "Failed");
+    const c = notReady.length === 0 && !err
+      ? { status: "True" as const, reason: Reason.Provisioned, message: endpoints.map((e) => `${e.name}: ${e.message ?? e.phase}`).join("; ") }
+      : { status: "False" as const, reason: err?.lastError?.code ? err.lastError.code.replace(/[^A-Za-z0-9_,:]+/g, "_").replace(/^[^A-Za-z]+/, "") || Reason.Provisioning : Reason.Provisioning, message: (err ? [err] : notReady).map((e) => `${e.name}: ${e.phase}${e.message ? ` (${e.message})` : ""}`).join("; ") };
+    setCondition(conds, { type: "Provisioned", ...c }, pair.metadata.generation ?? 0, this.now());
+  }
+
+  /** Steady state, the source serving: its agent runs the set, status tells the truth, health is watched. */
+  private async replicate(key: string, pair: ResolvedPair, policy: FailoverPolicy | undefined, prov: Provisioned, pending: string[], t0: number, log: Logger): Promise<Result> {
+    const setName = setNameFor(pair);
+    const source = pair.spec.source.agent.address;
     // 1. The source agent runs the desired set.
     const view: AgentView = {};
     let configError: string | undefined;
+    let versionMismatch = false;
     let desired: ReturnType<typeof desiredSetSpec> | undefined;
     let hash = "";
     try {
@@ -116,7 +186,28 @@ export class ReplicationPairReconciler {
     } catch (e) {
       view.error = (e as Error).message;
     }
-    if (view.status && desired) {
+    // 1. What the targets say about their replicas (and which version they run).
+    const targets = new Map<string, AgentView>();
+    await Promise.all(pair.spec.targets.map(async (t) => {
+      try {
+        targets.set(t.agent.address, { status: await this.o.agents.status(t.agent.address, checkMs) });
+      } catch (e) {
+        targets.set(t.agent.address, { error: (e as Error).message });
+      }
+    }));
+
+    // Both sides run one version: an agent upgraded on one side only is not configured until the other matches.
+    if (view.status && desired && !configError) {
+      const versions = [[`source ${view.status.name}`, view.status.agentVersion] as const, ...pair.spec.targets.flatMap((t) => {
+        const v = targets.get(t.agent.address)?.status;
+        return v ? [[`target ${t.name} (${v.name})`, v.agentVersion] as const] : [];
+      })];
+      if (new Set(versions.map(([, v]) => v)).size > 1) {
+        configError = `agent versions differ: ${versions.map(([who, v]) => `${who} runs ${v}`).join(", ")}; upgrade every side to the same version (the set is not reconfigured until they match)`;
+        versionMismatch = true;
+      }
+    }
+    if (view.status && desired && !configError) {
       try {
         const current = view.status.sets.find((s) => s.name === setName);
         if (current && !current.managed) throw new Error(`source agent ${source} has a set named ${setName} in its config file`);
@@ -167,20 +258,16 @@ export class ReplicationPairReconciler {
       if (handled.lastHandledMirrorRequest || handled.lastHandledVerifyRequest) view.status = await this.o.agents.status(source).catch(() => view.status);
     }
 
-    // 3. What the targets say about their replicas.
-    const targets = new Map<string, AgentView>();
-    await Promise.all(pair.spec.targets.map(async (t) => {
-      try {
-        targets.set(t.agent.address, { status: await this.o.agents.status(t.agent.address, checkMs) });
-      } catch (e) {
-        targets.set(t.agent.address, { error: (e as Error).message });
-      }
-    }));
-
     // 4. Status, and an Event for each condition that flipped.
-    const { status, transitions } = computeStatus(pair, { now: this.now(), setName, source: view, configError, targets });
+    const { status, transitions } = computeStatus(pair, { now: this.now(), setName, source: view, configError, ...(versionMismatch ? { configReason: Reason.VersionMismatch } : {}), targets });
     Object.assign(status, handled);
     status.activeSide = "source";
+    if (prov.endpoints.length) {
+      status.endpoints = prov.endpoints;
+      const conds = (status.conditions ?? []) as Condition[];
+      this.provisionedCondition(pair, conds, prov.endpoints);
+      if (pending.length) setCondition(conds, { type: "Ready", status: "False", reason: Reason.Provisioning, message: `replicating to ${pair.spec.targets.map((t) => t.name).join(", ")}; waiting for ${pending.join("; ")}` }, pair.metadata.generation ?? 0, this.now());
+    }
 
     // 5. With a FailoverPolicy: is the source alive, which targets could take over, and should one now?
     let decision: string | undefined;
@@ -206,7 +293,8 @@ export class ReplicationPairReconciler {
     const interval = policy ? parseDuration(policy.spec.healthCheck?.interval ?? "1s") : this.o.statusIntervalMs;
     // Health checks keep their rhythm: a check that waited out its deadline is followed by the next at once.
     const next = Math.min(interval, busy ? FAST_MS : this.o.statusIntervalMs);
-    return { requeueAfterMs: policy ? Math.max(50, next - (Date.now() - t0)) : next };
+    const provNext = prov.requeueAfterMs ?? Infinity;
+    return { requeueAfterMs: Math.min(provNext, policy ? Math.max(50, next - (Date.now() - t0)) : next) };
   }
 
   /**
@@ -216,7 +304,7 @@ export class ReplicationPairReconciler {
    * one target) is not a dead server. Returns the target to fail over to when
    * the policy is automatic and one is known good.
    */
-  private watchHealth(key: string, pair: ReplicationPair, policy: FailoverPolicy, status: ReplicationPairStatus, source: AgentView, targets: Map<string, AgentView>): string | undefined {
+  private watchHealth(key: string, pair: ResolvedPair, policy: FailoverPolicy, status: ReplicationPairStatus, source: AgentView, targets: Map<string, AgentView>): string | undefined {
     const now = this.now();
     const h = this.health.get(key) ?? { missed: 0 };
     if (source.error) {
@@ -267,9 +355,39 @@ export class ReplicationPairReconciler {
     return best;
   }
 
-  /** The pair is being deleted: stop replication on the source, then let it go. */
-  private async finalize(pair: ReplicationPair, setName: string, log: Logger): Promise<Result> {
+  /** The pair is being deleted: stop replication on the source, undo what was provisioned, then let it go. */
+  private async finalize(pair: Pair, setName: string, log: Logger): Promise<Result> {
     if (!pair.metadata.finalizers?.includes(PAIR_FINALIZER)) return {};
+    const endpoints = pair.status?.endpoints ?? [];
+    const { pair: resolved } = resolvePair(pair, endpoints);
+    // phase Deleting is written only below, once replication has stopped: later passes skip that step
+    if (resolved && pair.status?.phase !== "Deleting") {
+      const r = await this.stopReplication(resolved, setName, log);
+      if (r) return r;
+    }
+    // ec2 instances and SSH installs, after replication stopped (an instance terminated first would leave the source retrying)
+    const wanted = provisionedEndpoints(pair);
+    if (wanted.length) {
+      const prev = new Map(endpoints.map((e) => [e.name, e]));
+      const results = await Promise.all(wanted.map(async ({ name, kind }) => {
+        const p = this.o.provisioners?.find((x) => x.kind === kind);
+        if (!p) return { done: true, status: prev.get(name) ?? ({ name, kind } as EndpointStatus) };
+        const r = await p.finalize(pair, name, prev.get(name));
+        for (const e of r.events ?? []) this.o.events.event(pair, e.type, e.reason, `${name}: ${e.message}`);
+        return r;
+      }));
+      if (results.some((r) => !r.done)) {
+        const status = { ...pair.status, endpoints: results.map((r) => r.status), phase: "Deleting" as const };
+        if (JSON.stringify(status) !== JSON.stringify(pair.status ?? {})) await this.o.writer.patchStatus(pair, status);
+        return { requeueAfterMs: Math.min(...results.map((r) => ("requeueAfterMs" in r ? (r.requeueAfterMs ?? 10_000) : 10_000))) };
+      }
+    }
+    await this.o.writer.removeFinalizer(pair);
+    return {};
+  }
+
+  /** Stop replication on the source (and a reverse set on an active target); a Result means "not yet, again later". */
+  private async stopReplication(pair: ResolvedPair, setName: string, log: Logger): Promise<Result | undefined> {
     const source = pair.spec.source.agent.address;
     try {
       // Failed over (or cut over) and not failed back: the active target replicates back to
@@ -295,7 +413,6 @@ export class ReplicationPairReconciler {
       return { requeueAfterMs: 10_000 };
     }
     this.o.events.event(pair, "Normal", "Deleted", `replication set ${setName} removed from source agent ${source}; the replicas on the targets are kept`);
-    await this.o.writer.removeFinalizer(pair);
-    return {};
+    return undefined;
   }
 }

@@ -158,3 +158,58 @@ export function renderMarkdownReport(o: { machine: MachineInfo; results: BenchRe
   out.push("## Method and caveats", "", ...o.methodology.map((m) => `- ${m}`), "");
   return out.join("\n");
 }
+
+/**
+ * BENCH_ONLY=… BENCH_UPDATE=1: put the given benchmarks into an existing
+ * BENCHMARKS.md without re-running the others — their summary and goal rows,
+ * their "Sizes used" line and their section are replaced (or added); the
+ * section says when and on what it was run, since the Machine block at the
+ * top describes the full run.
+ */
+export function mergeMarkdownReport(existing: string, o: { machine: MachineInfo; results: BenchResult[]; sizes: string[] }): string {
+  let lines = existing.split("\n");
+  const ids = new Set(o.results.map((r) => r.id));
+  const ownRow = (l: string) => [...ids].some((id) => l.startsWith(`| ${id}. `));
+  /** Replace this run's rows in the table that follows `heading`, keeping the other rows in place and appending new ones. */
+  const mergeTable = (heading: string, table: Table) => {
+    const h = lines.indexOf(heading);
+    if (h < 0) return;
+    let start = h + 1;
+    while (start < lines.length && !lines[start]!.startsWith("|")) start++;
+    let end = start;
+    while (end < lines.length && lines[end]!.startsWith("|")) end++;
+    const kept = lines.slice(start, end).filter((l) => !ownRow(l));
+    const fresh = renderMarkdown(table).split("\n").slice(2);
+    lines = [...lines.slice(0, start), ...kept, ...fresh, ...lines.slice(end)];
+  };
+  mergeTable("## Summary", summaryTable(o.results));
+  mergeTable("## Goals", goalsTable(o.results));
+  // Sizes used
+  const sh = lines.indexOf("## Sizes used");
+  if (sh >= 0) {
+    let end = sh + 2;
+    while (end < lines.length && lines[end]!.startsWith("- ")) end++;
+    const kept = lines.slice(sh + 2, end).filter((l) => ![...ids].some((id) => l.startsWith(`- Benchmark ${id}:`)));
+    lines = [...lines.slice(0, sh + 2), ...kept, ...o.sizes.map((s) => `- ${s}`), ...lines.slice(end)];
+  }
+  // Sections: drop the old ones, insert the new ones before "## Method and caveats".
+  for (const id of ids) {
+    const s = lines.findIndex((l) => l.startsWith(`## ${id}. `));
+    if (s < 0) continue;
+    let e = s + 1;
+    while (e < lines.length && !lines[e]!.startsWith("## ")) e++;
+    lines.splice(s, e - s);
+  }
+  const sections: string[] = [];
+  for (const r of o.results) {
+    sections.push(`## ${r.id}. ${r.title}`, "", `Sizes: ${r.sizes}. Took ${(r.ms / 1000).toFixed(1)} s. ${outsideText(r)}`, "");
+    sections.push(`Run on its own (\`BENCH_ONLY=${r.id} BENCH_UPDATE=1 ${o.machine.command}\`) at ${o.machine.date}; ${o.machine.cpu}, ${o.machine.cores} cores, Node ${o.machine.node}, ${o.machine.rsync}.`, "");
+    if (r.error) sections.push("**Did not finish:**", "", ...r.error.split("\n").map((l) => `> ${l}`), "");
+    for (const t of r.tables) sections.push(renderMarkdown(t), "");
+    if (r.notes.length) sections.push(...r.notes.map((n) => `- ${n}`), "");
+  }
+  let at = lines.indexOf("## Method and caveats");
+  if (at < 0) at = lines.length;
+  lines.splice(at, 0, ...sections);
+  return lines.join("\n");
+}

@@ -3,9 +3,10 @@
 // progress on stderr, and rewrites BENCHMARKS.md at the repo root.
 //   BENCH_QUICK=1      smaller sizes (see the "Sizes used" section of the output)
 //   BENCH_ONLY=1,3     run only these benchmarks (BENCHMARKS.md is then not rewritten)
+//   BENCH_UPDATE=1     with BENCH_ONLY: replace just those benchmarks' rows and sections in BENCHMARKS.md
 //   KEEP_BENCH_DIRS=1  keep the work directories (agent logs, configs) for a look
 import { execFileSync } from "node:child_process";
-import { mkdtemp, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -15,12 +16,13 @@ import { benchInitialCopy } from "./initial-copy.ts";
 import { benchLatency } from "./latency.ts";
 import { LSYNCD } from "./lsyncd.ts";
 import { benchMemory } from "./memory.ts";
-import { goalsTable, machineInfo, machineLines, metText, outsideText, renderMarkdownReport, renderText, summaryTable, type BenchResult } from "./report.ts";
+import { goalsTable, machineInfo, machineLines, mergeMarkdownReport, metText, outsideText, renderMarkdownReport, renderText, summaryTable, type BenchResult } from "./report.ts";
 import { benchThroughput } from "./throughput.ts";
 import { benchVerify } from "./verify.ts";
 import { benchWireBytes } from "./wire-bytes.ts";
 import { benchOperatorScale } from "./operator-scale.ts";
 import { benchFailoverRecovery } from "./failover-recovery.ts";
+import { benchDiskImage } from "./disk-image.ts";
 import { cpuSnapshot, nowMs, outsideCores, progress, type BenchContext } from "./util.ts";
 
 const BENCHMARKS: [string, (ctx: BenchContext) => Promise<BenchResult>][] = [
@@ -33,6 +35,7 @@ const BENCHMARKS: [string, (ctx: BenchContext) => Promise<BenchResult>][] = [
   ["7", benchVerify],
   ["8", benchOperatorScale],
   ["9", benchFailoverRecovery],
+  ["10", benchDiskImage],
 ];
 
 const METHODOLOGY = [
@@ -111,6 +114,13 @@ async function main(): Promise<void> {
   out.push(`total ${(totalMs / 1000).toFixed(0)} s`);
   process.stdout.write(out.join("\n") + "\n");
 
+  if (only && process.env.BENCH_UPDATE === "1") {
+    const file = path.join(REPO, "BENCHMARKS.md");
+    const merged = mergeMarkdownReport(await readFile(file, "utf8"), { machine, results, sizes: results.map((r) => `Benchmark ${r.id}: ${r.sizes}${quick ? " (BENCH_QUICK=1)" : ""}`) });
+    await writeFile(file, merged);
+    progress(`BENCH_UPDATE=1: replaced benchmark ${results.map((r) => r.id).join(", ")} in BENCHMARKS.md`);
+    return;
+  }
   if (only) {
     progress("BENCH_ONLY set: BENCHMARKS.md left as it was");
     return;

@@ -13,6 +13,7 @@ import { existsSync } from "node:fs";
 import { appendFile, cp, lstat, mkdir, open, readdir, readFile, readlink, realpath, rm, stat, symlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import YAML from "yaml";
+import { setAttribute } from "@napi-rs/xattr";
 import { ChildProc, REPO, compareTrees, freePort, snapshotTree, tmpDir, waitFor } from "./harness.ts";
 
 const PKG = JSON.parse(await readFile(path.join(REPO, "package.json"), "utf8")) as { version: string; dependencies: Record<string, string> };
@@ -158,6 +159,8 @@ describe("agent bundle", { timeout: 900_000 }, () => {
     const w = path.join(tmp, "agents");
     await mkdir(path.join(w, "src", "sub"), { recursive: true });
     await writeFile(path.join(w, "src", "hello.txt"), "from the bundle\n");
+    // The xattr addon (a prebuilt N-API binary in node_modules) must load from the bundle too: compareTrees compares xattrs.
+    await setAttribute(path.join(w, "src", "hello.txt"), "user.origin", Buffer.from("bundle"));
     await writeFile(path.join(w, "src", "sub", "data.bin"), Buffer.alloc(300_000, 7));
     const [sp, tp] = [await freePort(), await freePort()];
     await writeFile(path.join(w, "dr1.yaml"), YAML.stringify({ name: "dr1", listen: `127.0.0.1:${tp}`, dataDir: "s-dr1", tls: { insecure: true }, target: { root: "dst" } }));
@@ -189,6 +192,7 @@ describe("agent bundle", { timeout: 900_000 }, () => {
       const human = await run(bin, ["status", "--agent", `127.0.0.1:${tp}`], bare);
       assert.equal(human.code, 0, human.stderr);
       assert.match(human.stdout, /web1/);
+      assert.doesNotMatch(await agents.web1.log(), /extended attributes are not replicated/);
     } finally {
       for (const a of Object.values(agents)) await a.stop();
     }

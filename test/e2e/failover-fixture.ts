@@ -25,7 +25,7 @@ export class FailoverWorld {
   tls!: TlsConfig;
   readonly agents: Record<string, AgentProc> = {};
   readonly hosts: Record<string, Host> = {};
-  private pki!: Pki;
+  pki!: Pki;
   private tlsDir!: string;
   private lease = "";
   readonly ns: string;
@@ -34,7 +34,11 @@ export class FailoverWorld {
     this.ns = ns;
   }
 
-  static async create(ns: string, agents: { name: string; target?: boolean }[]): Promise<FailoverWorld> {
+  /**
+   * `o.helmSet`: extra `--set`s for the chart; `o.beforeOperator` runs once the lab and
+   * the chart are there and returns extra operator flags (e.g. provisioning on the lab's gateway).
+   */
+  static async create(ns: string, agents: { name: string; target?: boolean }[], o: { helmSet?: string[]; beforeOperator?: (w: FailoverWorld) => Promise<string[]> } = {}): Promise<FailoverWorld> {
     const w = new FailoverWorld(ns);
     w.dir = await tmpDir("understudy-fo-");
     w.cluster = await startCluster({ dir: path.join(w.dir, "k8s") });
@@ -49,13 +53,14 @@ export class FailoverWorld {
     }
     for (const a of Object.values(w.agents)) await a.start(w.tls);
     await kubectlOk(w.cluster, ["create", "namespace", ns]);
-    const h = await w.cluster.helm(["install", "understudy", path.join(REPO, "charts/understudy"), "-n", SYS, "--create-namespace", "--set", "agentTLS.secretName=agent-tls"]);
+    const h = await w.cluster.helm(["install", "understudy", path.join(REPO, "charts/understudy"), "-n", SYS, "--create-namespace", "--set", "agentTLS.secretName=agent-tls", ...(o.helmSet ?? []).flatMap((x) => ["--set", x])]);
     assert.equal(h.code, 0, h.stderr);
     const sa = (await kubectlOk(w.cluster, ["get", "serviceaccount", "-n", SYS, "-l", "app.kubernetes.io/instance=understudy", "-o", "jsonpath={.items[0].metadata.name}"])).trim();
     w.kubeconfig = await w.cluster.writeKubeconfigForToken(await w.cluster.createToken(SYS, sa), path.join(w.dir, "operator.kubeconfig"));
     const args = JSON.parse(await kubectlOk(w.cluster, ["get", "deployment", "-n", SYS, "-o", "jsonpath={.items[0].spec.template.spec.containers[0].args}"])) as string[];
     w.lease = args[args.indexOf("--leader-election-id") + 1]!;
-    w.op = await OperatorProc.create({ kubeconfig: w.kubeconfig, tlsDir: w.tlsDir, logPath: path.join(w.dir, "operator.log"), leaseNamespace: SYS, extra: ["--leader-election-id", w.lease] });
+    const extra = o.beforeOperator ? await o.beforeOperator(w) : [];
+    w.op = await OperatorProc.create({ kubeconfig: w.kubeconfig, tlsDir: w.tlsDir, logPath: path.join(w.dir, "operator.log"), leaseNamespace: SYS, extra: ["--leader-election-id", w.lease, ...extra] });
     await w.op.start();
     return w;
   }

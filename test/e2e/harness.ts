@@ -1,7 +1,8 @@
 // Test harness for real agent processes: temp dirs, agent configs, spawning
 // and kill -9, polling assertions that re-read the truth with a deadline, and
-// byte-for-byte tree comparison (content, modes, owners, mtimes, link targets,
-// hard-link groups).
+// byte-for-byte tree comparison (type, content, modes, owners, mtimes, link
+// targets, device numbers, extended attributes, hard-link groups, and on
+// request allocated blocks).
 import { spawn, type ChildProcess, type SpawnOptions } from "node:child_process";
 import { createHash } from "node:crypto";
 import { closeSync, createReadStream, openSync } from "node:fs";
@@ -11,6 +12,7 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import YAML from "yaml";
+import { getAttribute, listAttributes } from "@napi-rs/xattr";
 import { fetchStatus } from "../../agent/control-client.ts";
 import type { StatusResponse } from "../../agent/wire.ts";
 import type { TlsConfig } from "../../common/config.ts";
@@ -166,6 +168,8 @@ export class AgentProc extends ChildProc {
 
 export interface PairOptions {
   sets?: Record<string, unknown>[];
+  /** Top-level fields of the source agent's config (e.g. another dataDir). */
+  sourceConfig?: Record<string, unknown>;
   setOptions?: Record<string, unknown>;
   targetOptions?: Record<string, unknown>;
 }
@@ -194,7 +198,7 @@ export class Pair {
     await mkdir(p.src, { recursive: true });
     const [sp, tp] = [await freePort(), await freePort()];
     const tcfg = { name: "dst-agent", listen: `127.0.0.1:${tp}`, dataDir: "state-dst", tls: { insecure: true }, target: { root: "dst", ...o.targetOptions } };
-    const scfg = { name: "src-agent", listen: `127.0.0.1:${sp}`, dataDir: "state-src", tls: { insecure: true }, source: { sets: o.sets ?? [{ name: "data", path: "src", targets: [`127.0.0.1:${tp}`], ...o.setOptions }] } };
+    const scfg = { name: "src-agent", listen: `127.0.0.1:${sp}`, dataDir: "state-src", tls: { insecure: true }, source: { sets: o.sets ?? [{ name: "data", path: "src", targets: [`127.0.0.1:${tp}`], ...o.setOptions }] }, ...o.sourceConfig };
     await writeFile(path.join(p.dir, "target.yaml"), YAML.stringify(tcfg));
     await writeFile(path.join(p.dir, "source.yaml"), YAML.stringify(scfg));
     p.target = new AgentProc("dst-agent", path.join(p.dir, "target.yaml"), tp, path.join(p.dir, "target.log"));
@@ -238,7 +242,8 @@ export class Pair {
 }
 
 export interface NodeInfo {
-  type: "f" | "d" | "l" | "o";
+  /** f, d, l, p (fifo), c, b (devices), s (socket), o (other) */
+  type: "f" | "d" | "l" | "p" | "c" | "b" | "s" | "o";
   mode: number;
   uid: number;
   gid: number;
@@ -248,6 +253,12 @@ export interface NodeInfo {
   link?: string;
   ino: bigint;
   nlink: number;
+  /** device number (c, b) */
+  rdev: bigint;
+  /** every extended attribute, name=hex(value), sorted (read here with the syscalls, not the agent's filter) */
+  xattrs: string[];
+  /** bytes allocated on disk (st_blocks × 512) */
+  allocated: number;
 }
 
 async function sha256(file: string): Promise<string> {
@@ -272,8 +283,10 @@ export async function snapshotTree(root: string): Promise<Map<string, NodeInfo>>
       const r = rel ? `${rel}/${n}` : n;
       const p = path.join(root, r);
       const st = await lstat(p, { bigint: true });
-      const type = st.isFile() ? "f" : st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : "o";
-      const info: NodeInfo = { type, mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), size: type === "f" ? Number(st.size) : 0, mtimeUs: st.mtimeNs / 1000n, ino: st.ino, nlink: Number(st.nlink) };
+      const type = st.isFile() ? "f" : st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : st.isFIFO() ? "p" : st.isCharacterDevice() ? "c" : st.isBlockDevice() ? "b" : st.isSocket() ? "s" : "o";
+      const xattrs: string[] = [];
+      for (const name of (await listAttributes(p).catch(() => [] as string[])).sort()) xattrs.push(`${name}=${(await getAttribute(p, name))?.toString("hex") ?? "?"}`);
+      const info: NodeInfo = { type, mode: Number(st.mode & 0o7777n), uid: Number(st.uid), gid: Number(st.gid), size: type === "f" ? Number(st.size) : 0, mtimeUs: st.mtimeNs / 1000n, ino: st.ino, nlink: Number(st.nlink), rdev: type === "c" || type === "b" ? st.rdev : 0n, xattrs, allocated: Number(st.blocks) * 512 };
       if (type === "f") info.sha = await sha256(p);
       if (type === "l") info.link = await readlink(p);
       out.set(r, info);
@@ -284,8 +297,13 @@ export async function snapshotTree(root: string): Promise<Map<string, NodeInfo>>
   return out;
 }
 
+export interface CompareOptions {
+  /** Also compare allocated bytes of files: b's may differ from a's by at most this much (sparse files must stay sparse). */
+  allocSlack?: number;
+}
+
 /** Differences between two trees, one line each (empty = identical). */
-export function compareTrees(a: Map<string, NodeInfo>, b: Map<string, NodeInfo>): string[] {
+export function compareTrees(a: Map<string, NodeInfo>, b: Map<string, NodeInfo>, o: CompareOptions = {}): string[] {
   const diff: string[] = [];
   for (const [p, x] of a) {
     const y = b.get(p);
@@ -300,14 +318,17 @@ export function compareTrees(a: Map<string, NodeInfo>, b: Map<string, NodeInfo>)
       if (x.type !== "l" && x.mode !== y.mode) diff.push(`${p}: mode ${x.mode.toString(8)} vs ${y.mode.toString(8)}`);
       if (x.uid !== y.uid || x.gid !== y.gid) diff.push(`${p}: owner ${x.uid}:${x.gid} vs ${y.uid}:${y.gid}`);
       if (x.mtimeUs !== y.mtimeUs) diff.push(`${p}: mtime ${x.mtimeUs} vs ${y.mtimeUs} (µs)`);
-      if (x.type === "f" && x.nlink !== y.nlink) diff.push(`${p}: link count ${x.nlink} vs ${y.nlink}`);
+      if (x.type !== "d" && x.type !== "l" && x.nlink !== y.nlink) diff.push(`${p}: link count ${x.nlink} vs ${y.nlink}`);
+      if (x.rdev !== y.rdev) diff.push(`${p}: device number ${x.rdev} vs ${y.rdev}`);
+      if (x.xattrs.join("\n") !== y.xattrs.join("\n")) diff.push(`${p}: xattrs [${x.xattrs.join(", ")}] vs [${y.xattrs.join(", ")}]`);
+      if (o.allocSlack !== undefined && x.type === "f" && Math.abs(x.allocated - y.allocated) > o.allocSlack) diff.push(`${p}: ${x.allocated} bytes allocated vs ${y.allocated}`);
     }
   }
   for (const p of b.keys()) if (!a.has(p)) diff.push(`extra on target: ${p}`);
   // Hard-link groups must match: paths sharing an inode on one side share one on the other.
   const groups = (m: Map<string, NodeInfo>) => {
     const g = new Map<bigint, string[]>();
-    for (const [p, x] of m) if (x.type === "f" && x.nlink > 1) g.set(x.ino, [...(g.get(x.ino) ?? []), p]);
+    for (const [p, x] of m) if (x.type !== "d" && x.type !== "l" && x.nlink > 1) g.set(x.ino, [...(g.get(x.ino) ?? []), p]);
     return new Set([...g.values()].map((v) => v.sort().join("|")));
   };
   const ga = groups(a);

@@ -201,5 +201,5 @@ export const op = {
   link: (p: string, existing: string): Op => ({ path: p, kind: { $case: "link", value: { existing } } }),
   remove: (p: string, directory = false): Op => ({ path: p, kind: { $case: "remove", value: { directory } } }),
   rename: (p: string, to: string): Op => ({ path: p, kind: { $case: "rename", value: { to } } }),
-  attr: (p: string, mode: number, mtimeSec = 1_000_000_000): Op => ({ path: p, kind: { $case: "attr", value: { attr: { mode, uid: 0, gid: 0, mtimeSec, mtimeNsec: 0 } } } }),
+  attr: (p: string, mode: number, mtimeSec = 1_000_000_000): Op => ({ path: p, kind: { $case: "attr", value: { attr: { mode, uid: 0, gid: 0, mtimeSec, mtimeNsec: 0, xattrs: [], hasXattrs: false } } } }),
 };

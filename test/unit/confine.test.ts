@@ -169,7 +169,7 @@ const op = {
   link: (p: string, existing: string): Op => ({ path: p, kind: { $case: "link", value: { existing } } }),
   remove: (p: string): Op => ({ path: p, kind: { $case: "remove", value: { directory: false } } }),
   rename: (p: string, to: string): Op => ({ path: p, kind: { $case: "rename", value: { to } } }),
-  attr: (p: string, mode: number): Op => ({ path: p, kind: { $case: "attr", value: { attr: { mode, uid: 0, gid: 0, mtimeSec: 1_000_000_000, mtimeNsec: 0 } } } }),
+  attr: (p: string, mode: number): Op => ({ path: p, kind: { $case: "attr", value: { attr: { mode, uid: 0, gid: 0, mtimeSec: 1_000_000_000, mtimeNsec: 0, xattrs: [], hasXattrs: false } } } }),
 };
 
 /** Content, mode and inode of everything in the canary. */

@@ -9,11 +9,11 @@ import { desiredSetSpec, setNameFor } from "../../operator/controllers/desired.t
 import { setConfigFromSpec } from "../../agent/control/managed-sets.ts";
 import { SetSpec } from "../../agent/wire.ts";
 import { parseSetConfig } from "../../common/config.ts";
-import type { ReplicationPair, ReplicationPairSpec } from "../../operator/api/v1alpha1/index.ts";
+import type { ResolvedPair } from "../../operator/api/v1alpha1/index.ts";
 
 const AGENT_SET_NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 
-function pair(spec: Partial<ReplicationPairSpec> = {}, meta: { namespace?: string; name?: string } = {}): ReplicationPair {
+function pair(spec: Partial<ResolvedPair["spec"]> = {}, meta: { namespace?: string; name?: string } = {}): ResolvedPair {
   return {
     metadata: { namespace: "namespace" in meta ? meta.namespace : "prod", name: meta.name ?? "www", generation: 1 },
     spec: {
@@ -95,6 +95,7 @@ test("desiredSetSpec fills in the documented defaults", () => {
     verifyIntervalMs: 0,
     verifyRepair: false,
     epoch: 0,
+    wholeServer: false,
   } satisfies SetSpec);
 });
 
@@ -113,7 +114,7 @@ test("desiredSetSpec parses sizes and durations with the agent's syntax", () => 
   );
   assert.deepEqual(
     { ...s, name: undefined },
-    { name: undefined, path: "/data", include: ["*.db"], exclude: ["tmp/**"], targets: ["10.0.0.2:7702", "backup.example.com:7702"], mode: "scheduled", intervalMs: 300_000, compression: "max", bandwidthLimit: 10_485_760, blockSize: 1_048_576, queueMemory: 1.5 * 1024 ** 3, verifyIntervalMs: 86_400_000, verifyRepair: true, epoch: 0 },
+    { name: undefined, path: "/data", include: ["*.db"], exclude: ["tmp/**"], targets: ["10.0.0.2:7702", "backup.example.com:7702"], mode: "scheduled", intervalMs: 300_000, compression: "max", bandwidthLimit: 10_485_760, blockSize: 1_048_576, queueMemory: 1.5 * 1024 ** 3, verifyIntervalMs: 86_400_000, verifyRepair: true, epoch: 0, wholeServer: false },
   );
   assert.equal(desiredSetSpec(pair({ bandwidthLimit: "64KB", queueMemory: "4096", verify: { interval: "250ms" } })).bandwidthLimit, 64_000);
   assert.equal(desiredSetSpec(pair({ queueMemory: "4096" })).queueMemory, 4096);

@@ -9,7 +9,7 @@ import { FailoverFlow } from "../../operator/controllers/failover.ts";
 import type { AgentDirectory } from "../../operator/agents.ts";
 import type { EventRecorder, IdentityMover, PairWriter } from "../../operator/controllers/replicationpair.ts";
 import type { ImageStatus, SetSpec, SourceSetStatus, StatusResponse, TargetStatus as WireTarget } from "../../agent/wire.ts";
-import type { Condition, FailoverPolicy, ReplicationPair, ReplicationPairStatus, TargetStatus } from "../../operator/api/v1alpha1/index.ts";
+import type { Condition, FailoverPolicy, ReplicationPair, ResolvedPair, ReplicationPairStatus, TargetStatus } from "../../operator/api/v1alpha1/index.ts";
 
 const SRC = "10.0.0.1:7702";
 const TGT = "10.0.0.2:7702";
@@ -142,7 +142,7 @@ function recorded(p: Partial<TargetStatus> = {}): TargetStatus {
 }
 
 /** A pair replicating web1 → dr at epoch 4, now asked to make `want` active. */
-function pair(want: string, status: ReplicationPairStatus = {}): ReplicationPair {
+function pair(want: string, status: ReplicationPairStatus = {}): ResolvedPair {
   return {
     metadata: { namespace: "prod", name: "www", generation: 3 },
     spec: { source: { agent: { address: SRC } }, targets: [{ name: "dr", agent: { address: TGT } }], replicationSet: { path: "/srv/www" }, activeSide: want },
@@ -345,7 +345,7 @@ test("takeOver: a failed identity move does not stop the failover (no serviceAdd
 
 // (e) failed over
 
-function failedOverPair(want: string, status: ReplicationPairStatus = {}): ReplicationPair {
+function failedOverPair(want: string, status: ReplicationPairStatus = {}): ResolvedPair {
   return pair(want, { phase: "FailedOver", activeSide: "dr", epoch: 5, serviceAddress: "10.0.0.2", failover: { target: "dr", reason: "source down", finishedAt: isoAgo(60_000) }, ...status });
 }
 

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import { knownGood, pickTarget, selects, type GateInput, type GateResult } from "../../operator/controllers/known-good.ts";
 import type { ImageStatus } from "../../agent/wire.ts";
-import type { FailoverPolicy, ReplicationPair, TargetStatus } from "../../operator/api/v1alpha1/index.ts";
+import type { FailoverPolicy, ResolvedPair, TargetStatus } from "../../operator/api/v1alpha1/index.ts";
 
 const NOW = new Date("2025-03-01T12:00:00Z");
 const HOUR = 3_600_000;
@@ -142,7 +142,7 @@ test("several failing checks are all reported", () => {
 
 // pickTarget
 
-function pair(names: string[]): ReplicationPair {
+function pair(names: string[]): ResolvedPair {
   return {
     metadata: { namespace: "prod", name: "www" },
     spec: { source: { agent: { address: "10.0.0.1:7702" } }, targets: names.map((n, i) => ({ name: n, agent: { address: `10.0.1.${i}:7702` } })), replicationSet: { path: "/srv/www" } },

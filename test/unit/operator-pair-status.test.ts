@@ -5,7 +5,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { computeStatus, type AgentView, type Observation } from "../../operator/controllers/pair-status.ts";
 import type { Difference, ImageStatus, MirrorProgress, SourceSetStatus, StatusResponse, TargetStatus, VerifyReport } from "../../agent/wire.ts";
-import type { Condition, ReplicationPair, ReplicationPairStatus } from "../../operator/api/v1alpha1/index.ts";
+import type { Condition, ResolvedPair, ReplicationPairStatus } from "../../operator/api/v1alpha1/index.ts";
 
 const SRC = "10.0.0.1:7702";
 const TGT = "10.0.0.2:7702";
@@ -14,7 +14,7 @@ const SET = "prod.www";
 const T0 = 1_740_000_000; // unix seconds
 const NOW = new Date((T0 + 3600) * 1000);
 
-function pair(status?: ReplicationPairStatus, o: { generation?: number; twoTargets?: boolean } = {}): ReplicationPair {
+function pair(status?: ReplicationPairStatus, o: { generation?: number; twoTargets?: boolean } = {}): ResolvedPair {
   return {
     metadata: { namespace: "prod", name: "www", generation: o.generation ?? 1 },
     spec: {
@@ -311,7 +311,7 @@ test("a deleted pair is in phase Deleting whatever its agents say", () => {
 
 test("every reason fits the CRD's reason pattern and the status has no undefined members", () => {
   const reason = /^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$/;
-  const observations: [ReplicationPair, Observation][] = [
+  const observations: [ResolvedPair, Observation][] = [
     [pair(), observe(source())],
     [pair(), observe({ error: "x" })],
     [pair(), observe(source([target({ state: "connecting", mirror: undefined })]))],

@@ -25,7 +25,7 @@ test("hand-framed Packet bytes equal protobuf's encoding and decode back", () =>
 test("op batches round-trip through every compression level", () => {
   const ops = [
     { path: "a/b.txt", kind: { $case: "write" as const, value: { offset: 7, data: Buffer.alloc(100_000, 3) } } },
-    { path: "a", kind: { $case: "attr" as const, value: { attr: { mode: 0o755, uid: 1, gid: 2, mtimeSec: 1_700_000_000, mtimeNsec: 999_999_999 } } } },
+    { path: "a", kind: { $case: "attr" as const, value: { attr: { mode: 0o755, uid: 1, gid: 2, mtimeSec: 1_700_000_000, mtimeNsec: 999_999_999, xattrs: [{ name: "user.k", value: Buffer.from("v") }], hasXattrs: true } } } },
     { path: "x", kind: { $case: "rename" as const, value: { to: "y" } } },
   ];
   for (const level of ["none", "fast", "balanced", "max"] as const) {

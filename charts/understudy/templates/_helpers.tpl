@@ -71,6 +71,9 @@ Deployment so that every render runs them.
 {{- if and (not .Values.leaderElection.enabled) (gt (int .Values.replicaCount) 1) }}
 {{- fail (printf "leaderElection.enabled=false needs replicaCount 0 or 1 (it is %d): several replicas without leader election would all reconcile the same pairs" (int .Values.replicaCount)) }}
 {{- end }}
+{{- if and .Values.provisioning.enabled (or (not .Values.provisioning.caSecretName) (not .Values.provisioning.enrollURL)) }}
+{{- fail "provisioning.enabled needs provisioning.caSecretName (a Secret with the agents' ca.crt and ca.key) and provisioning.enrollURL (the https URL instances reach the enrollment endpoint at)" }}
+{{- end }}
 {{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int .Values.health.port)) }}
 {{- fail (printf "metrics.port and health.port must differ (both are %d)" (int .Values.health.port)) }}
 {{- end }}

@@ -3,7 +3,21 @@
 // setCondition helper.
 import type { Condition } from "./gen/replicationpair.ts";
 
-export type { ReplicationPair, ReplicationPairSpec, ReplicationPairStatus, TargetStatus, VerifyResult, MirrorStatus, Condition } from "./gen/replicationpair.ts";
+import type { AgentEndpoint, ReplicationPair, ReplicationPairSpec, SourceEndpoint, TargetEndpoint } from "./gen/replicationpair.ts";
+
+export type { ReplicationPair, ReplicationPairSpec, ReplicationPairStatus, TargetStatus, VerifyResult, MirrorStatus, Condition, EndpointStatus, Ec2Endpoint, SshEndpoint, TargetEndpoint, AgentEndpoint } from "./gen/replicationpair.ts";
+
+/**
+ * A pair whose every endpoint has an agent address: given in the spec (kind
+ * agent), or found by the operator (ec2 and ssh endpoints, once their agent is
+ * enrolled or installed). Controllers past provisioning work on this.
+ */
+export type ResolvedPair = Omit<ReplicationPair, "spec"> & {
+  spec: Omit<ReplicationPairSpec, "source" | "targets"> & {
+    source: SourceEndpoint & { agent: AgentEndpoint };
+    targets: (TargetEndpoint & { agent: AgentEndpoint })[];
+  };
+};
 export type { FailoverPolicy, FailoverPolicySpec, FailoverPolicyStatus } from "./gen/failoverpolicy.ts";
 
 export const GROUP = "understudy.dev";
@@ -33,6 +47,8 @@ export const ConditionType = {
   Replicating: "Replicating",
   Verified: "Verified",
   Degraded: "Degraded",
+  /** ec2 and ssh endpoints: the operator's agents are in place */
+  Provisioned: "Provisioned",
 } as const;
 
 export const Reason = {
@@ -56,6 +72,10 @@ export const Reason = {
   NeverVerified: "NeverVerified",
   AllHealthy: "AllHealthy",
   Deleting: "Deleting",
+  Provisioning: "Provisioning",
+  /** the agents of a pair run different understudy versions */
+  VersionMismatch: "VersionMismatch",
+  Provisioned: "Provisioned",
 } as const;
 
 export type ConditionStatus = "True" | "False" | "Unknown";

@@ -36,10 +36,56 @@ export interface ReplicationPairSpec {
   verify?: VerifySpec;
 }
 /**
- * The server whose files are protected. Cannot be changed; create a new pair instead.
+ * The server whose files are protected: an agent that runs already, or a host the operator installs the agent on over SSH. Cannot be changed; create a new pair instead.
  */
 export interface SourceEndpoint {
-  agent: AgentEndpoint;
+  ssh?: SshEndpoint;
+  agent?: AgentEndpoint;
+}
+/**
+ * A host the operator installs (and upgrades) the agent on over SSH. The host key is always checked against the known_hosts of the Secret; it is never trusted on first use.
+ */
+export interface SshEndpoint {
+  /**
+   * IP address or DNS name of the host.
+   */
+  host: string;
+  /**
+   * The SSH port.
+   */
+  port?: number;
+  /**
+   * Login user: root, or a user with passwordless sudo.
+   */
+  user?: string;
+  /**
+   * Secret in the pair's namespace with keys ssh-privatekey (the login key) and known_hosts (the host's key, e.g. from `ssh-keyscan -p PORT HOST`).
+   */
+  secretName: string;
+  /**
+   * Port the installed agent listens on (replication and control).
+   */
+  agentPort?: number;
+  /**
+   * Where the agent bundle is installed.
+   */
+  prefix?: string;
+  /**
+   * Where its config and certificate go.
+   */
+  etcDir?: string;
+  /**
+   * The agent's state (journal).
+   */
+  dataDir?: string;
+  /**
+   * Where replicas are kept when this host is a target.
+   */
+  targetRoot?: string;
+  /**
+   * How the agent is kept running: systemd unit, or a detached process (hosts without systemd); auto picks systemd when it runs.
+   */
+  start?: "auto" | "systemd" | "process";
 }
 /**
  * An agent that is already running, reached over mTLS at its listen address.
@@ -51,11 +97,75 @@ export interface AgentEndpoint {
   address: string;
 }
 export interface TargetEndpoint {
+  ssh?: SshEndpoint;
+  ec2?: Ec2Endpoint;
   /**
    * A short name for this target, unique within the pair.
    */
   name: string;
-  agent: AgentEndpoint;
+  agent?: AgentEndpoint;
+}
+/**
+ * An EC2 instance the operator launches as the disaster-recovery target: a small staging type while it replicates, resized to the failover type when it takes over. The agent bundle is uploaded to S3 and fetched by the instance's user data, which enrolls the agent with a single-use token.
+ */
+export interface Ec2Endpoint {
+  /**
+   * AWS region, e.g. eu-west-1.
+   */
+  region: string;
+  /**
+   * A Linux AMI with bash, curl, tar and sha256sum (any current distribution).
+   */
+  ami: string;
+  subnetId?: string;
+  /**
+   * Must let the source agent and the operator reach agentPort, and the instance reach S3 and the operator's enrollment address.
+   *
+   * @maxItems 16
+   */
+  securityGroupIds?: string[];
+  /**
+   * EC2 key pair for SSH access by people (optional).
+   */
+  keyName?: string;
+  /**
+   * Instance profile name or ARN (optional).
+   */
+  iamInstanceProfile?: string;
+  tags?: {
+    [k: string]: string | undefined;
+  };
+  /**
+   * Instance type while replicating.
+   */
+  stagingInstanceType?: string;
+  /**
+   * Instance type once it serves (after failover or cutover).
+   */
+  failoverInstanceType: string;
+  rootVolumeGiB?: number;
+  /**
+   * An extra EBS volume (the replicas should live on it; mount it with user data of your AMI).
+   */
+  dataVolumeGiB?: number;
+  /**
+   * S3 bucket for the agent bundle (created if missing).
+   */
+  bucket: string;
+  /**
+   * Secret in the pair's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN). Absent: the operator's own AWS credential chain (IRSA, instance role, environment).
+   */
+  credentialsSecret?: string;
+  /**
+   * Override of the EC2 and S3 endpoint, for S3/EC2-compatible services.
+   */
+  endpoint?: string;
+  agentPort?: number;
+  targetRoot?: string;
+  /**
+   * What deleting the pair does to the instance: terminate it, or leave it running (its replica stays).
+   */
+  onDelete?: "Terminate" | "Retain";
 }
 export interface ReplicationSetSpec {
   /**
@@ -74,6 +184,10 @@ export interface ReplicationSetSpec {
    * @maxItems 256
    */
   exclude?: string[];
+  /**
+   * Protect a whole server (path is usually /): /proc, /sys, /dev, /run, /tmp, /var/tmp, /mnt and /media are kept as empty directories, lost+found, swap files and the agent's own state are left out, and other file systems are not entered. Special files, extended attributes and sparse files are kept. See docs/whole-server.md for P2V, V2V and V2P.
+   */
+  wholeServer?: boolean;
 }
 export interface MirrorSpec {
   /**
@@ -101,6 +215,7 @@ export interface ReplicationPairStatus {
   observedGeneration?: number;
   phase?:
     | "Pending"
+    | "Provisioning"
     | "Configuring"
     | "Mirroring"
     | "Replicating"
@@ -160,6 +275,10 @@ export interface ReplicationPairStatus {
   lastHandledVerifyRequest?: string;
   lastHandledMirrorRequest?: string;
   targets?: TargetStatus[];
+  /**
+   * Agents the operator puts in place itself (ec2 and ssh endpoints), and how far it got.
+   */
+  endpoints?: EndpointStatus[];
   conditions?: Condition[];
 }
 export interface FailoverStatus {
@@ -264,6 +383,57 @@ export interface MirrorStatus {
   startedAt?: string;
   finishedAt?: string;
   result?: string;
+}
+export interface EndpointStatus {
+  /**
+   * source, or the target's name.
+   */
+  name: string;
+  kind: "ec2" | "ssh";
+  phase?:
+    | "Pending"
+    | "Uploading"
+    | "Launching"
+    | "Booting"
+    | "Enrolling"
+    | "Installing"
+    | "Ready"
+    | "Resizing"
+    | "Failed"
+    | "Terminating";
+  message?: string;
+  /**
+   * host:port where the agent is reached (once enrolled or installed).
+   */
+  agentAddress?: string;
+  agentName?: string;
+  agentVersion?: string;
+  instanceId?: string;
+  instanceState?: string;
+  instanceType?: string;
+  privateIp?: string;
+  publicIp?: string;
+  launchAttempt?: number;
+  bundle?: {
+    bucket?: string;
+    key?: string;
+    sha256?: string;
+  };
+  /**
+   * The instance's single-use enrollment (the token itself is never stored).
+   */
+  enrollment?: {
+    nonce?: string;
+    expiresAt?: string;
+    enrolledAt?: string;
+    enrolledFrom?: string;
+  };
+  lastError?: {
+    code?: string;
+    message?: string;
+    at?: string;
+    attempt?: number;
+  };
 }
 /**
  * metav1.Condition

@@ -96,6 +96,12 @@ export interface SetSpec {
   verifyIntervalMs: number;
   verifyRepair: boolean;
   epoch: number;
+  /**
+   * Whole-server preset: leave out /proc, /sys, /dev, /run, /tmp, ... (kept
+   * as empty directories), swap files and the agent's own state, and do not
+   * cross into other file systems (docs/whole-server.md).
+   */
+  wholeServer: boolean;
 }
 
 export interface ConfigureSetRequest {
@@ -142,7 +148,7 @@ export interface VerifyRequest {
 
 export interface Difference {
   path: string;
-  /** missing | extra | type | content | mode | owner | mtime | link */
+  /** missing | extra | type | content | mode | owner | mtime | link | rdev | xattr */
   kind: string;
   detail: string;
 }
@@ -747,6 +753,7 @@ function createBaseSetSpec(): SetSpec {
     verifyIntervalMs: 0,
     verifyRepair: false,
     epoch: 0,
+    wholeServer: false,
   };
 }
 
@@ -793,6 +800,9 @@ export const SetSpec: MessageFns<SetSpec> = {
     }
     if (message.epoch !== 0) {
       writer.uint32(112).uint64(message.epoch);
+    }
+    if (message.wholeServer !== false) {
+      writer.uint32(120).bool(message.wholeServer);
     }
     return writer;
   },
@@ -920,6 +930,14 @@ export const SetSpec: MessageFns<SetSpec> = {
             }
 
             message.epoch = longToNumber(reader.uint64());
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.wholeServer = reader.bool();
             continue;
           }
         }

@@ -142,7 +142,10 @@ export interface ManifestRequest {
 
 export interface ManifestEntry {
   name: string;
-  /** f, d, l, o (other) */
+  /**
+   * f(ile), d(irectory), l(symlink), p(fifo), c(har device), b(lock
+   * device), s(ocket); o: anything else
+   */
   type: string;
   attr: Attr | undefined;
   size: number;
@@ -152,6 +155,9 @@ export interface ManifestEntry {
   hasDigests: boolean;
   ino: number;
   nlink: number;
+  /** Device number of a c or b entry. */
+  rdevMajor: number;
+  rdevMinor: number;
 }
 
 export interface ManifestResponse {
@@ -233,6 +239,7 @@ export interface Op {
     | { $case: "remove"; value: Remove }
     | { $case: "rename"; value: Rename }
     | { $case: "attr"; value: SetAttr }
+    | { $case: "mknod"; value: Mknod }
     | undefined;
 }
 
@@ -243,6 +250,19 @@ export interface Attr {
   gid: number;
   mtimeSec: number;
   mtimeNsec: number;
+  /**
+   * Extended attributes (user.*, trusted.*, security.*, and POSIX ACLs as
+   * system.posix_acl_access/default), sorted by name. Only when has_xattrs is
+   * set: the object's attributes in those namespaces become exactly these;
+   * otherwise they are left as they are.
+   */
+  xattrs: Xattr[];
+  hasXattrs: boolean;
+}
+
+export interface Xattr {
+  name: string;
+  value: Buffer;
 }
 
 /** Make a directory (existing directory: only attributes are set). */
@@ -284,6 +304,18 @@ export interface Rename {
 }
 
 export interface SetAttr {
+  attr: Attr | undefined;
+}
+
+/**
+ * Make a special file (replacing anything else at the path): type p (fifo),
+ * c (character device), b (block device) or s (unix socket, a placeholder
+ * no process listens on); major/minor for c and b.
+ */
+export interface Mknod {
+  type: string;
+  major: number;
+  minor: number;
   attr: Attr | undefined;
 }
 
@@ -986,6 +1018,8 @@ function createBaseManifestEntry(): ManifestEntry {
     hasDigests: false,
     ino: 0,
     nlink: 0,
+    rdevMajor: 0,
+    rdevMinor: 0,
   };
 }
 
@@ -1017,6 +1051,12 @@ export const ManifestEntry: MessageFns<ManifestEntry> = {
     }
     if (message.nlink !== 0) {
       writer.uint32(72).uint32(message.nlink);
+    }
+    if (message.rdevMajor !== 0) {
+      writer.uint32(80).uint32(message.rdevMajor);
+    }
+    if (message.rdevMinor !== 0) {
+      writer.uint32(88).uint32(message.rdevMinor);
     }
     return writer;
   },
@@ -1104,6 +1144,22 @@ export const ManifestEntry: MessageFns<ManifestEntry> = {
             }
 
             message.nlink = reader.uint32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.rdevMajor = reader.uint32();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.rdevMinor = reader.uint32();
             continue;
           }
         }
@@ -1599,6 +1655,9 @@ export const Op: MessageFns<Op> = {
       case "attr":
         SetAttr.encode(message.kind.value, writer.uint32(146).fork()).join();
         break;
+      case "mknod":
+        Mknod.encode(message.kind.value, writer.uint32(154).fork()).join();
+        break;
     }
     return writer;
   },
@@ -1696,6 +1755,14 @@ export const Op: MessageFns<Op> = {
             message.kind = { $case: "attr", value: SetAttr.decode(reader, reader.uint32()) };
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.kind = { $case: "mknod", value: Mknod.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1710,7 +1777,7 @@ export const Op: MessageFns<Op> = {
 };
 
 function createBaseAttr(): Attr {
-  return { mode: 0, uid: 0, gid: 0, mtimeSec: 0, mtimeNsec: 0 };
+  return { mode: 0, uid: 0, gid: 0, mtimeSec: 0, mtimeNsec: 0, xattrs: [], hasXattrs: false };
 }
 
 export const Attr: MessageFns<Attr> = {
@@ -1729,6 +1796,12 @@ export const Attr: MessageFns<Attr> = {
     }
     if (message.mtimeNsec !== 0) {
       writer.uint32(40).uint32(message.mtimeNsec);
+    }
+    for (const v of message.xattrs) {
+      Xattr.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.hasXattrs !== false) {
+      writer.uint32(56).bool(message.hasXattrs);
     }
     return writer;
   },
@@ -1784,6 +1857,79 @@ export const Attr: MessageFns<Attr> = {
             }
 
             message.mtimeNsec = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.xattrs.push(Xattr.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.hasXattrs = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseXattr(): Xattr {
+  return { name: "", value: Buffer.alloc(0) };
+}
+
+export const Xattr: MessageFns<Xattr> = {
+  encode(message: Xattr, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.value.length !== 0) {
+      writer.uint32(18).bytes(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Xattr {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseXattr();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = Buffer.from(reader.bytes());
             continue;
           }
         }
@@ -2216,6 +2362,85 @@ export const SetAttr: MessageFns<SetAttr> = {
         switch (tag >>> 3) {
           case 1: {
             if (tag !== 10) {
+              break;
+            }
+
+            message.attr = Attr.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseMknod(): Mknod {
+  return { type: "", major: 0, minor: 0, attr: undefined };
+}
+
+export const Mknod: MessageFns<Mknod> = {
+  encode(message: Mknod, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.type !== "") {
+      writer.uint32(10).string(message.type);
+    }
+    if (message.major !== 0) {
+      writer.uint32(16).uint32(message.major);
+    }
+    if (message.minor !== 0) {
+      writer.uint32(24).uint32(message.minor);
+    }
+    if (message.attr !== undefined) {
+      Attr.encode(message.attr, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Mknod {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMknod();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.type = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.major = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.minor = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
               break;
             }
 

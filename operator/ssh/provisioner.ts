@@ -1,0 +1,169 @@
+// An ssh endpoint, from spec to a running agent: the operator signs the
+// agent's certificate with its CA, and installs (or upgrades) the bundle of
+// its own version over SSH with the host key checked against the Secret's
+// known_hosts (operator/ssh/installer.ts). An install takes seconds to
+// minutes (the bundle is uploaded), longer than a reconcile may take, so it
+// runs in the background: reconcile starts it, reports Installing, and picks
+// up the result on a later pass. Both sides of a pair get the operator's
+// version, so an operator upgrade moves them in step.
+import { createHash } from "node:crypto";
+import { isIP } from "node:net";
+import YAML from "yaml";
+import type { Logger } from "../../common/log.ts";
+import { signLeaf, type CaSigner } from "../../common/tls.ts";
+import type { EndpointStatus, ReplicationPair, SshEndpoint } from "../api/v1alpha1/index.ts";
+import type { EndpointProvisioner, FinalizeResult, ProvisionEvent, ProvisionResult } from "../controllers/endpoints.ts";
+import { SshError } from "./errors.ts";
+import { installAgent, type InstallResult } from "./installer.ts";
+
+export interface SshProvisionerOptions {
+  bundle: { path: string; version: string };
+  ca: CaSigner & { certPem: string };
+  /** CNs that may change installed agents (the operator's client certificate CN) */
+  admins: string[];
+  readSecret(namespace: string, name: string): Promise<Record<string, string> | undefined>;
+  log: Logger;
+  now?: () => Date;
+}
+
+type Outcome = { ok: true; result: InstallResult; agentName: string } | { ok: false; error: Error };
+
+/** The agent name for a host: ssh-<host>, made an agent name (lowercase, at most 63). */
+export function sshAgentName(host: string): string {
+  const base = `ssh-${host.toLowerCase().replace(/[^a-z0-9.-]+/g, "-")}`.replace(/[.-]+$/, "");
+  return base.length <= 63 ? base : `${base.slice(0, 54)}-${createHash("sha256").update(host).digest("hex").slice(0, 8)}`;
+}
+
+function hostPort(host: string, port: number): string {
+  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+export class SshProvisioner implements EndpointProvisioner {
+  readonly kind = "ssh" as const;
+  private readonly o: SshProvisionerOptions;
+  private readonly running = new Map<string, Promise<void>>();
+  private readonly done = new Map<string, Outcome>();
+  /**
+   * Config and certificate per host agent: pairs that share a host get the same
+   * files, so installing for one pair does not restart the agent under another.
+   */
+  private readonly issued = new Map<string, Promise<Record<string, { content: string; mode: number }>>>();
+
+  constructor(o: SshProvisionerOptions) {
+    this.o = o;
+  }
+
+  private spec(pair: ReplicationPair, name: string): SshEndpoint {
+    const s = name === "source" ? pair.spec.source.ssh : pair.spec.targets.find((t) => t.name === name)?.ssh;
+    if (!s) throw new Error(`${name} is not an ssh endpoint`);
+    return s;
+  }
+
+  private async target(pair: ReplicationPair, s: SshEndpoint) {
+    const ns = pair.metadata.namespace ?? "default";
+    const data = await this.o.readSecret(ns, s.secretName);
+    if (!data) throw new SshError("Invalid", `Secret ${ns}/${s.secretName} (spec ssh.secretName) does not exist`);
+    const privateKey = data["ssh-privatekey"];
+    const knownHosts = data["known_hosts"];
+    if (!privateKey) throw new SshError("Invalid", `Secret ${ns}/${s.secretName} has no key ssh-privatekey (the login key)`);
+    if (!knownHosts?.trim()) throw new SshError("HostKey", `Secret ${ns}/${s.secretName} has no known_hosts: the operator never trusts a host key on first use; add the host's key (ssh-keyscan -p ${s.port ?? 22} ${s.host})`);
+    return { host: s.host, port: s.port ?? 22, user: s.user ?? "root", privateKey, knownHosts };
+  }
+
+  private key(pair: ReplicationPair, name: string): string {
+    return `${pair.metadata.namespace}/${pair.metadata.name}/${name}`;
+  }
+
+  async reconcile(pair: ReplicationPair, name: string, prev: EndpointStatus | undefined, _serves: boolean): Promise<ProvisionResult> {
+    const s = this.spec(pair, name);
+    const st: EndpointStatus = { ...(prev ?? {}), name, kind: "ssh" };
+    const events: ProvisionEvent[] = [];
+    const key = this.key(pair, name);
+    const version = this.o.bundle.version;
+    const agentName = sshAgentName(s.host);
+
+    const outcome = this.done.get(key);
+    if (outcome) {
+      this.done.delete(key);
+      if (outcome.ok) {
+        const r = outcome.result;
+        st.agentName = outcome.agentName;
+        st.agentVersion = r.installedVersion;
+        st.agentAddress = hostPort(s.host, s.agentPort ?? 7702);
+        st.phase = "Ready";
+        st.message = `understudy ${r.installedVersion} on ${s.user ?? "root"}@${s.host} (${r.startMode})`;
+        delete st.lastError;
+        if (r.installed) events.push({ type: "Normal", reason: r.previousVersion && r.previousVersion !== r.installedVersion ? "AgentUpgraded" : "AgentInstalled", message: `understudy ${r.installedVersion} installed on ${s.host}${r.previousVersion && r.previousVersion !== r.installedVersion ? ` (was ${r.previousVersion})` : ""}` });
+        return { status: st, requeueAfterMs: 0, events };
+      }
+      const e = outcome.error;
+      const code = e instanceof SshError ? e.code : "Error";
+      const attempt = st.lastError?.code === code ? (st.lastError.attempt ?? 1) + 1 : 1;
+      st.lastError = { code: code === "HostKey" ? "HostKeyMismatch" : `Ssh${code}`, message: e.message, at: new Date().toISOString(), attempt };
+      st.phase = "Failed";
+      st.message = e.message;
+      if (attempt === 1) events.push({ type: "Warning", reason: st.lastError.code!, message: e.message });
+      const retryable = e instanceof SshError && e.retryable;
+      // a wrong host key or key is for a person to fix; network trouble passes
+      return { status: st, requeueAfterMs: retryable ? Math.min(300_000, 5000 * 2 ** Math.min(attempt, 6)) : 60_000, events };
+    }
+    if (this.running.has(key)) {
+      st.phase = "Installing";
+      return { status: st, requeueAfterMs: 2000 };
+    }
+    // Installed, this version, at this address: nothing to do (the pair's status checks the agent itself).
+    if (st.phase === "Ready" && st.agentVersion === version && st.agentAddress === hostPort(s.host, s.agentPort ?? 7702) && st.agentName === agentName) {
+      return { status: st, requeueAfterMs: 60_000 };
+    }
+    if (st.phase === "Failed" && st.lastError && prev?.lastError?.at && Date.now() - Date.parse(prev.lastError.at) < 30_000 * Math.min(st.lastError.attempt ?? 1, 10)) {
+      return { status: st, requeueAfterMs: 10_000 };
+    }
+    st.phase = "Installing";
+    st.message = `installing understudy ${version} on ${s.user ?? "root"}@${s.host}:${s.port ?? 22}${st.agentVersion && st.agentVersion !== version ? ` (upgrade from ${st.agentVersion})` : ""}`;
+    const job = (async () => {
+      try {
+        const target = await this.target(pair, s);
+        const fkey = JSON.stringify([s.host, s.agentPort ?? 7702, s.etcDir, s.dataDir, s.targetRoot, agentName]);
+        let files = this.issued.get(fkey);
+        if (!files) {
+          this.issued.set(fkey, (files = this.agentFiles(s, agentName)));
+          files.catch(() => this.issued.delete(fkey));
+        }
+        const result = await installAgent({ ...target, bundlePath: this.o.bundle.path, version, prefix: s.prefix ?? "/opt/understudy", etcDir: s.etcDir ?? "/etc/understudy", files: await files, start: s.start ?? "auto", log: this.o.log.child({ endpoint: key }) });
+        this.done.set(key, { ok: true, result, agentName });
+      } catch (e) {
+        this.done.set(key, { ok: false, error: e as Error });
+      } finally {
+        this.running.delete(key);
+      }
+    })();
+    this.running.set(key, job);
+    return { status: st, requeueAfterMs: 1000 };
+  }
+
+  /** agent.yaml and its certificate (CN = agent name, SAN = the host as the operator dials it). */
+  private async agentFiles(s: SshEndpoint, agentName: string) {
+    const etc = s.etcDir ?? "/etc/understudy";
+    const leaf = await signLeaf(this.o.ca, { commonName: agentName, usage: "both", sans: [{ type: isIP(s.host) ? "ip" : "dns", value: s.host }], days: 825 });
+    const config = {
+      name: agentName,
+      listen: hostPort(isIP(s.host) === 6 ? "::" : "0.0.0.0", s.agentPort ?? 7702),
+      dataDir: s.dataDir ?? "/var/lib/understudy",
+      tls: { ca: `${etc}/tls/ca.crt`, cert: `${etc}/tls/agent.crt`, key: `${etc}/tls/agent.key` },
+      control: { admins: this.o.admins },
+      // every host can receive: a source becomes the target of reverse replication after a failover
+      target: { root: s.targetRoot ?? "/var/lib/understudy/replicas" },
+    };
+    return {
+      "agent.yaml": { content: `# written by the understudy operator; changes are replaced at the next install\n${YAML.stringify(config)}`, mode: 0o600 },
+      "tls/ca.crt": { content: this.o.ca.certPem, mode: 0o644 },
+      "tls/agent.crt": { content: leaf.certPem, mode: 0o644 },
+      "tls/agent.key": { content: leaf.keyPem, mode: 0o600 },
+    };
+  }
+
+  async finalize(pair: ReplicationPair, name: string, prev: EndpointStatus | undefined): Promise<FinalizeResult> {
+    // The agent stays installed and running: it may serve other pairs, and the replicas it keeps are the user's.
+    return { done: true, status: { ...(prev ?? {}), name, kind: "ssh" } };
+  }
+}

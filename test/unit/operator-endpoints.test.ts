@@ -1,0 +1,78 @@
+// Provisioned endpoints before the rest of a reconcile: which sides have an
+// agent (resolvePair), and the user data an EC2 DR instance boots with.
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { test } from "node:test";
+import type { EndpointStatus, ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
+import { provisionedEndpoints, resolvePair } from "../../operator/controllers/endpoints.ts";
+import { renderUserData } from "../../operator/ec2/user-data.ts";
+import { sshAgentName } from "../../operator/ssh/provisioner.ts";
+
+const CA = "-----BEGIN CERTIFICATE-----\nMIIBcjCCARmgAwIBAgIQb4Gu\n-----END CERTIFICATE-----\n";
+
+function pair(): ReplicationPair {
+  return {
+    metadata: { namespace: "prod", name: "web", uid: "u1" },
+    spec: {
+      source: { ssh: { host: "10.0.0.5", secretName: "ssh" } },
+      targets: [
+        { name: "local", agent: { address: "10.0.0.6:7702" } },
+        { name: "dr", ec2: { region: "eu-west-1", ami: "ami-12345678", bucket: "b", failoverInstanceType: "m5.large" } },
+      ],
+      replicationSet: { path: "/srv" },
+    },
+  };
+}
+
+test("provisioned endpoints are listed by kind", () => {
+  assert.deepEqual(provisionedEndpoints(pair()), [
+    { name: "source", kind: "ssh" },
+    { name: "dr", kind: "ec2" },
+  ]);
+});
+
+test("resolvePair: nothing until the source has an agent; targets join as their agents come", () => {
+  const p = pair();
+  const none = resolvePair(p, []);
+  assert.equal(none.pair, undefined);
+  assert.deepEqual(none.pending, ["source: Pending", "dr: Pending"]);
+
+  const src: EndpointStatus = { name: "source", kind: "ssh", phase: "Ready", agentAddress: "10.0.0.5:7702" };
+  const dr: EndpointStatus = { name: "dr", kind: "ec2", phase: "Enrolling", message: "waiting for its agent", instanceId: "i-1" };
+  const some = resolvePair(p, [src, dr]);
+  assert.equal(some.pair?.spec.source.agent.address, "10.0.0.5:7702");
+  assert.deepEqual(some.pair?.spec.targets.map((t) => [t.name, t.agent.address]), [["local", "10.0.0.6:7702"]], "the ec2 target waits; the agent target replicates meanwhile");
+  assert.deepEqual(some.pending, ["dr: Enrolling (waiting for its agent)"]);
+
+  // an enrolled instance being resized keeps its address (its journal queues meanwhile)
+  const all = resolvePair(p, [src, { ...dr, phase: "Resizing", agentAddress: "10.1.0.9:7702" }]);
+  assert.deepEqual(all.pair?.spec.targets.map((t) => t.agent.address), ["10.0.0.6:7702", "10.1.0.9:7702"]);
+  assert.deepEqual(all.pending, []);
+  assert.equal(p.spec.targets[1]!.agent, undefined, "the pair itself is not modified");
+});
+
+test("user data: quoted for bash, the bundle checked by sha256, the token passed by environment", () => {
+  const ud = renderUserData({ target: "prod/web/dr", bundleUrl: "https://s3.example.com/b/k?X-Amz-Signature=abc&x=it's", bundleSha256: "a".repeat(64), enrollUrl: "https://10.0.0.1:7443", caPem: CA, token: "ust1.x.y", agentPort: 7702, targetRoot: "/var/lib/understudy/replicas" });
+  assert.match(ud, /^#!\/bin\/bash\n/);
+  assert.ok(ud.includes(`'https://s3.example.com/b/k?X-Amz-Signature=abc&x=it'\\''s'`), "single quotes survive");
+  assert.ok(ud.includes(`export UNDERSTUDY_ENROLL_TOKEN='ust1.x.y'`));
+  assert.doesNotMatch(ud, /--token/, "the token is not on a command line (ps would show it)");
+  assert.ok(ud.includes("sha256sum -c -"));
+  // bash parses it
+  execFileSync("bash", ["-n"], { input: ud });
+});
+
+test("user data: refuses what would not work", () => {
+  const base = { target: "a/b/c", bundleUrl: "https://x", bundleSha256: "a".repeat(64), enrollUrl: "https://e", caPem: CA, token: "t", agentPort: 7702, targetRoot: "/r" };
+  assert.throws(() => renderUserData({ ...base, bundleSha256: "xyz" }), /not a hex SHA-256/);
+  assert.throws(() => renderUserData({ ...base, caPem: "garbage" }), /not a PEM certificate/);
+  assert.throws(() => renderUserData({ ...base, bundleUrl: `https://x/${"a".repeat(17000)}` }), /EC2 takes at most 16384/);
+});
+
+test("ssh agent names are agent names", () => {
+  assert.equal(sshAgentName("10.0.0.5"), "ssh-10.0.0.5");
+  assert.equal(sshAgentName("Web1.Example.COM"), "ssh-web1.example.com");
+  assert.equal(sshAgentName("fd00::1"), "ssh-fd00-1");
+  const long = sshAgentName(`${"a".repeat(80)}.example.com`);
+  assert.ok(long.length <= 63 && /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/.test(long), long);
+});
