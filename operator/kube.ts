@@ -88,8 +88,9 @@ export class KubePairWriter implements PairWriter {
     await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, spec: { activeSide: side } });
   }
 
-  async patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void> {
-    await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status }, true);
+  async patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<string | undefined> {
+    const updated = (await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status }, true)) as ReplicationPair;
+    return updated.metadata?.resourceVersion;
   }
 }
 

@@ -5,7 +5,9 @@ import path from "node:path";
 import { existsSync } from "node:fs";
 import { parseDuration, type TlsConfig } from "../common/config.ts";
 import { createLogger } from "../common/log.ts";
-import { Operator } from "./manager.ts";
+// The manager (Kubernetes client, AWS SDK, ssh2) loads only when the operator runs:
+// every agent process starts through the same CLI and must not carry them.
+import type { Operator } from "./manager.ts";
 
 interface Flags {
   kubeconfig?: string;
@@ -84,9 +86,10 @@ export function operatorCommand(fail: (msg: string) => never): Command {
       }
       if (f.caDir && f.agentBundle) provisioning = { caDir: path.resolve(f.caDir), bundlePath: path.resolve(f.agentBundle), enrollListen: f.enrollListen, ...(f.enrollUrl ? { enrollUrl: f.enrollUrl } : {}) };
       const log = createLogger("understudy-operator", f.logLevel);
+      const { Operator: OperatorImpl } = await import("./manager.ts");
       let op: Operator;
       try {
-        op = new Operator({
+        op = new OperatorImpl({
         kubeconfig: f.kubeconfig,
         namespace: f.namespace,
         leaderElect: f.leaderElect,

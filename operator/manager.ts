@@ -12,6 +12,7 @@ import type { EndpointProvisioner } from "./controllers/endpoints.ts";
 import { Ec2Provisioner } from "./ec2/provisioner.ts";
 import { SshProvisioner } from "./ssh/provisioner.ts";
 import { KubeEnrollmentStore } from "./enroll/kube-store.ts";
+import { EnrollProvisioner } from "./enroll/provisioner.ts";
 import { EnrollmentServer } from "./enroll/server.ts";
 import { enrollmentKey, issueToken } from "./enroll/tokens.ts";
 import { randomBytes } from "node:crypto";
@@ -234,6 +235,7 @@ export class Operator {
     this.o.log.info({ listen: `${at.host}:${at.port}`, url: p.enrollUrl }, "enrollment endpoint serving");
     return [
       ssh,
+      new EnrollProvisioner({ url: p.enrollUrl, caPem, issueToken: (claims) => issueToken(key, claims), ledger: store, secrets: store, log: this.o.log.child({ component: "enroll" }) }),
       new Ec2Provisioner({
         bundle,
         enrollment: { url: p.enrollUrl, caPem, issueToken: (claims) => issueToken(key, claims) },

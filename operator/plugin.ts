@@ -3,7 +3,8 @@
 // CRD. Each command only changes the pair declaratively (spec.activeSide or an
 // annotation); the operator does the work and the status tells how it went.
 import { Command } from "commander";
-import { CustomObjectsApi, KubeConfig, PatchStrategy, setHeaderOptions } from "@kubernetes/client-node";
+import { CoreV1Api, CustomObjectsApi, KubeConfig, PatchStrategy, setHeaderOptions } from "@kubernetes/client-node";
+import { enrollSecretName } from "./enroll/provisioner.ts";
 import { GROUP, REPLICATION_PAIRS, VERIFY_ANNOTATION, VERIFY_REPAIR_ANNOTATION, VERSION, type ReplicationPair } from "./api/v1alpha1/index.ts";
 import { errText } from "./runtime/leader-election.ts";
 
@@ -14,12 +15,17 @@ interface Common {
   timeout: string;
 }
 
-function client(o: Common): { api: CustomObjectsApi; ns: string } {
+function client(o: Common): { api: CustomObjectsApi; ns: string; core: CoreV1Api } {
   const kc = new KubeConfig();
   if (o.kubeconfig) kc.loadFromFile(o.kubeconfig);
   else kc.loadFromDefault();
   const ns = o.namespace ?? kc.getContextObject(kc.getCurrentContext())?.namespace ?? "default";
-  return { api: kc.makeApiClient(CustomObjectsApi), ns };
+  return { api: kc.makeApiClient(CustomObjectsApi), ns, core: kc.makeApiClient(CoreV1Api) };
+}
+
+/** Single-quote for sh. */
+function shq(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
 }
 
 async function get(api: CustomObjectsApi, ns: string, name: string): Promise<ReplicationPair> {
@@ -130,6 +136,39 @@ export function pluginCommand(fail: (msg: string) => never): Command {
         await new Promise((r) => setTimeout(r, 500));
       }
       fail("verify did not finish in time");
+    })(...rest),
+  );
+  common(
+    cmd
+      .command("enroll-command <pair>")
+      .description("print the command that enrolls the agent of an enroll endpoint (a host the operator cannot reach); its token works once")
+      .option("--endpoint <name>", "source or a target's name (default: the pair's only enroll endpoint)")
+      .option("--bin <path>", "the understudy program on that host", "/opt/understudy/bin/understudy")
+      .option("--config-dir <dir>", "where the agent's config goes on that host", "/etc/understudy")
+      .option("--data-dir <dir>", "the agent's state directory on that host", "/var/lib/understudy"),
+  ).action((name: string, ...rest: unknown[]) =>
+    run(async (api, ns, o) => {
+      const f = o as Common & { endpoint?: string; bin: string; configDir: string; dataDir: string };
+      const p = await get(api, ns, name);
+      const enrollable = [...(p.spec.source.enroll ? ["source"] : []), ...p.spec.targets.filter((t) => t.enroll).map((t) => t.name)];
+      if (enrollable.length === 0) fail(`${ns}/${name} has no enroll endpoint (spec.source.enroll or spec.targets[].enroll)`);
+      const ep = f.endpoint ?? (enrollable.length === 1 ? enrollable[0]! : fail(`${ns}/${name} has several enroll endpoints: give --endpoint (${enrollable.join(", ")})`));
+      if (!enrollable.includes(ep)) fail(`${ep} is not an enroll endpoint of ${ns}/${name} (enroll endpoints: ${enrollable.join(", ")})`);
+      const st = p.status?.endpoints?.find((e) => e.name === ep);
+      if (st?.agentAddress) fail(`${ep} has enrolled already (agent ${st.agentName} at ${st.agentAddress}); its token is spent`);
+      const { core } = client(o);
+      const secret = enrollSecretName(name, ep);
+      let data: Record<string, string>;
+      try {
+        const s = await core.readNamespacedSecret({ namespace: ns, name: secret });
+        data = Object.fromEntries(Object.entries(s.data ?? {}).map(([k, v]) => [k, Buffer.from(v, "base64").toString("utf8")]));
+      } catch (e) {
+        fail(`cannot read Secret ${ns}/${secret} (${errText(e)}): is the operator running with provisioning (--enroll-url), and may you read Secrets in ${ns}?`);
+      }
+      const bin = shq(f.bin);
+      out(`# on the host of ${ep} (${ns}/${name}), as root, with the agent bundle installed (install.sh); the token works once, until ${data.expiresAt}`);
+      out(`UNDERSTUDY_ENROLL_TOKEN=${shq(data.token ?? "")} ${bin} enroll --url ${shq(data.url ?? "")} --ca-pem ${shq((data.caPem ?? "").trim().replaceAll("\n", "\\n"))} --dir ${shq(f.configDir)} --listen ${shq(`0.0.0.0:${data.agentPort}`)} --data-dir ${shq(f.dataDir)} --target-root ${shq(data.targetRoot ?? "")} --force && \\`);
+      out(`  { systemctl enable --now understudy-agent 2>/dev/null || ${bin} agent --config ${shq(`${f.configDir}/agent.yaml`)}; }`);
     })(...rest),
   );
   return cmd;

@@ -2,7 +2,8 @@
 // path goes through ConfinedRoot; files are opened with O_NOFOLLOW and changed
 // through their descriptor, so a replicated symlink is never followed.
 // Every op is idempotent and "setting" (create truncates, writes carry absolute
-// offsets, removes tolerate absence, a rename whose source is gone is done), so
+// offsets, removes tolerate absence, also of a directory on the way, a rename
+// whose source is gone is done), so
 // replaying a packet that was partly applied before a crash converges.
 // Special files are made by agent/fs/special.ts and never opened; their
 // attributes are set through an O_PATH descriptor. Extended attributes are
@@ -222,8 +223,9 @@ export class Applier {
         return;
       }
       case "remove": {
-        const abs = await this.image.resolve(op.path);
         await this.forget(op.path, true);
+        const abs = await this.resolvePresent(op.path);
+        if (abs === undefined) return; // its directory is gone: so is it (a replayed `rm -r`, see resolvePresent)
         this.image.invalidate();
         const st = await lstat(abs).catch(() => undefined);
         if (!st) return;
@@ -233,7 +235,8 @@ export class Applier {
         return;
       }
       case "rename": {
-        const from = await this.image.resolve(op.path);
+        const from = await this.resolvePresent(op.path);
+        if (from === undefined) return; // its directory is gone (replay): already renamed, or removed after
         const to = await this.image.resolve(k.value.to, true);
         await this.forget(op.path, true);
         await this.forget(k.value.to, true);
@@ -370,6 +373,29 @@ export class Applier {
     }
     this.keep(rel, fh);
     return fh;
+  }
+
+  /**
+   * The absolute path of rel when every directory on the way to it exists;
+   * undefined when one is missing, and then nothing is at rel. For the ops
+   * that only take something away (remove, and the old name of a rename): a
+   * target killed in the middle of a packet applies it again from its first
+   * op (appliedSeq is recorded after the whole packet), and capture journals
+   * an `rm -r` as one remove per path, deepest first, in one packet. On that
+   * replay the directories of the first removes are already gone with the
+   * later ones; ConfinedRoot.resolve then fails with ENOENT, the packet was
+   * refused on every retry, and the image stood still until the source gave
+   * up on the packet and resynchronised it with a checksum mirror (after
+   * three refusals and their backoff: longer than the e2e crash test waits).
+   * Symlinks and files on the way are still refused by resolve.
+   */
+  private async resolvePresent(rel: string): Promise<string | undefined> {
+    try {
+      return await this.image.resolve(rel);
+    } catch (e) {
+      if (!(e instanceof PathError) && (e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw e;
+    }
   }
 
   /** Stop using cached handles for rel (and below it): they may name another file after this op. */

@@ -1,6 +1,7 @@
 // Endpoints the operator puts in place itself: ec2 targets (launched and
-// enrolled, operator/ec2/provisioner.ts) and ssh hosts (installed over SSH,
-// operator/ssh/provisioner.ts). Provisioning runs before everything else in a
+// enrolled, operator/ec2/provisioner.ts), ssh hosts (installed over SSH,
+// operator/ssh/provisioner.ts) and hosts that enroll themselves with a token
+// the operator hands out (operator/enroll/provisioner.ts). Provisioning runs before everything else in a
 // pair's reconcile and ends in an agent address per endpoint; resolvePair then
 // gives the rest of the reconciler a pair in which every side is an agent.
 import type { EndpointStatus, ReplicationPair, ResolvedPair } from "../api/v1alpha1/index.ts";
@@ -34,7 +35,7 @@ export interface FinalizeResult {
 
 /** One kind of endpoint (ec2, ssh). Both calls are idempotent and never sleep. */
 export interface EndpointProvisioner {
-  readonly kind: "ec2" | "ssh";
+  readonly kind: EndpointKind;
   /**
    * Move the endpoint `name` (source, or a target's name) one step towards its
    * desired state. `serves`: the side is active or is to become active (an ec2
@@ -46,12 +47,21 @@ export interface EndpointProvisioner {
 }
 
 /** The provisioned endpoints of a pair: [name, kind]. */
-export function provisionedEndpoints(pair: ReplicationPair): { name: string; kind: "ec2" | "ssh" }[] {
-  const out: { name: string; kind: "ec2" | "ssh" }[] = [];
+/** "<namespace>/<pair>/<endpoint>": the enrollment subject (and an ec2 instance's target tag). */
+export function subjectOf(pair: ReplicationPair, endpoint: string): string {
+  return `${pair.metadata.namespace ?? "default"}/${pair.metadata.name ?? ""}/${endpoint}`;
+}
+
+export type EndpointKind = "ec2" | "ssh" | "enroll";
+
+export function provisionedEndpoints(pair: ReplicationPair): { name: string; kind: EndpointKind }[] {
+  const out: { name: string; kind: EndpointKind }[] = [];
   if (pair.spec.source.ssh) out.push({ name: "source", kind: "ssh" });
+  else if (pair.spec.source.enroll) out.push({ name: "source", kind: "enroll" });
   for (const t of pair.spec.targets) {
     if (t.ec2) out.push({ name: t.name, kind: "ec2" });
     else if (t.ssh) out.push({ name: t.name, kind: "ssh" });
+    else if (t.enroll) out.push({ name: t.name, kind: "enroll" });
   }
   return out;
 }

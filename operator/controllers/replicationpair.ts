@@ -21,7 +21,8 @@ export interface PairWriter {
   /** Returns the pair's new resourceVersion. */
   addFinalizer(pair: ReplicationPair): Promise<string | undefined>;
   removeFinalizer(pair: ReplicationPair): Promise<void>;
-  patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<void>;
+  /** Returns the pair's new resourceVersion (fakes may return nothing). */
+  patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<string | undefined | void>;
   /** Automatic failover declares its decision in spec.activeSide. */
   setActiveSide(pair: ReplicationPair, side: string): Promise<void>;
 }
@@ -110,8 +111,14 @@ export class ReplicationPairReconciler {
       // soon, not at once: the informer's copy should carry the write by then (else the write after it conflicts, and is retried)
       return { requeueAfterMs: 250 };
     }
+    if (prov.endpoints.length && JSON.stringify(prov.endpoints) !== JSON.stringify(pair.status?.endpoints ?? [])) {
+      // What provisioning found is written at once, so the steps below compare with what is stored.
+      const status = { ...pair.status, endpoints: prov.endpoints };
+      const rv = await this.o.writer.patchStatus(pair, status);
+      pair.status = status;
+      if (rv) pair.metadata = { ...pair.metadata, resourceVersion: rv };
+    }
     const { pair: resolved, pending } = resolvePair(pair, prov.endpoints);
-    if (prov.endpoints.length) pair.status = { ...pair.status, endpoints: prov.endpoints };
     const blocked = !resolved ? "the source" : resolved.spec.targets.length === 0 ? "every target" : want !== active && !resolved.spec.targets.some((t) => t.name === want) && want !== "source" ? want : undefined;
     const wantEndpoint = prov.endpoints.find((e) => e.name === want && want !== active);
     if (blocked || !resolved || (wantEndpoint && wantEndpoint.phase !== "Ready")) {
@@ -141,7 +148,7 @@ export class ReplicationPairReconciler {
     const results = await Promise.all(wanted.map(async ({ name, kind }) => {
       const p = this.o.provisioners?.find((x) => x.kind === kind);
       if (!p) {
-        const flags = kind === "ec2" ? "--enroll-url, --enroll-listen, --ca-dir and --agent-bundle" : "--ca-dir and --agent-bundle";
+        const flags = kind === "ssh" ? "--ca-dir and --agent-bundle" : "--ca-dir, --agent-bundle, --enroll-url and --enroll-listen";
         return { status: { name, kind, phase: "Failed", message: `this operator does not provision ${kind} endpoints: start it with ${flags}` } as EndpointStatus, requeueAfterMs: this.o.statusIntervalMs };
       }
       const r = await p.reconcile(pair, name, prev.get(name), want === name || active === name);

@@ -12,11 +12,11 @@ import { ModifyInstanceAttributeCommand, StartInstancesCommand, StopInstancesCom
 import { createHash, randomBytes } from "node:crypto";
 import type { Logger } from "../../common/log.ts";
 import type { Ec2Endpoint, EndpointStatus, ReplicationPair } from "../api/v1alpha1/index.ts";
-import type { EndpointProvisioner, FinalizeResult, ProvisionEvent, ProvisionResult } from "../controllers/endpoints.ts";
+import { subjectOf, type EndpointProvisioner, type FinalizeResult, type ProvisionEvent, type ProvisionResult } from "../controllers/endpoints.ts";
 import { deleteObject, ensureBucket, presignGet, putBundle } from "./bundle-store.ts";
 import { awsClients, type AwsClients, type AwsConfig } from "./clients.ts";
 import { awsError, backoffMs, Ec2Error } from "./errors.ts";
-import { clientToken, describe, findByTarget, launch, targetTag, terminate, type InstanceInfo } from "./instances.ts";
+import { clientToken, describe, findByTarget, launch, terminate, type InstanceInfo } from "./instances.ts";
 import { renderUserData } from "./user-data.ts";
 
 /** What an enrollment left behind (operator/enroll/kube-store.ts keeps it). */
@@ -55,10 +55,6 @@ export interface Ec2ProvisionerOptions {
 const POLL_MS = 5000;
 const BOOT_POLL_MS = 3000;
 
-/** "<namespace>/<pair>/<target>": the enrollment subject and the instance's target tag. */
-export function subjectOf(pair: ReplicationPair, target: string): string {
-  return targetTag(pair.metadata.namespace ?? "default", pair.metadata.name ?? "", target);
-}
 
 function iso(d: Date): string {
   return d.toISOString().replace(/\.\d+Z$/, "Z");

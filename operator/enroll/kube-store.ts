@@ -6,13 +6,14 @@
 // serves it, and whatever restarts happen in between: no lock, no lost update.
 // The ConfigMap holds no secret (the token is never stored) and is owned by
 // the pair, so it goes with it.
-import type { CoreV1Api, V1ConfigMap } from "@kubernetes/client-node";
+import type { CoreV1Api, V1ConfigMap, V1Secret } from "@kubernetes/client-node";
 import { createHash } from "node:crypto";
 import { isIP } from "node:net";
 import type { Logger } from "../../common/log.ts";
 import type { San } from "../../common/tls.ts";
 import { API_VERSION, type ReplicationPair } from "../api/v1alpha1/index.ts";
 import type { EnrollmentLedger, EnrollmentRecord } from "../ec2/provisioner.ts";
+import type { EnrollSecretData, EnrollSecrets } from "./provisioner.ts";
 import { EnrollmentRefused, type EnrollmentClaims, type EnrollmentInfo, type EnrollmentStore, type Grant } from "./server.ts";
 
 export const ENROLLMENT_LABEL = "understudy.dev/enrollment";
@@ -36,7 +37,13 @@ export interface KubeEnrollmentStoreOptions {
   log: Logger;
 }
 
-export class KubeEnrollmentStore implements EnrollmentStore, EnrollmentLedger {
+/** An agent name from what a host says it is called (informational), made unique per enrollment subject. */
+function hostAgentName(hostname: string, subject: string): string {
+  const h = hostname.toLowerCase().replace(/[^a-z0-9.-]+/g, "-").replace(/^[^a-z0-9]+|[^a-z0-9]+$/g, "").slice(0, 48) || "host";
+  return `${h}-${createHash("sha256").update(subject).digest("hex").slice(0, 6)}`;
+}
+
+export class KubeEnrollmentStore implements EnrollmentStore, EnrollmentLedger, EnrollSecrets {
   private readonly o: KubeEnrollmentStoreOptions;
   constructor(o: KubeEnrollmentStoreOptions) {
     this.o = o;
@@ -47,15 +54,18 @@ export class KubeEnrollmentStore implements EnrollmentStore, EnrollmentLedger {
     if (parts.length !== 3) throw new EnrollmentRefused("unknown", `this token's subject ${JSON.stringify(claims.sub)} is not a pair target`);
     const [namespace, name, target] = parts as [string, string, string];
     const pair = this.o.getPair(namespace, name);
-    const t = pair?.spec.targets.find((x) => x.name === target);
-    if (!pair || !t?.ec2 || pair.metadata.deletionTimestamp) throw new EnrollmentRefused("unknown", `no enrollment is pending for ${claims.sub}: the pair or its ec2 target is gone`);
+    const ec2 = pair?.spec.targets.find((x) => x.name === target)?.ec2;
+    const self = target === "source" ? pair?.spec.source.enroll : pair?.spec.targets.find((x) => x.name === target)?.enroll;
+    if (!pair || (!ec2 && !self) || pair.metadata.deletionTimestamp) throw new EnrollmentRefused("unknown", `no enrollment is pending for ${claims.sub}: the pair or its endpoint is gone`);
     const ep = pair.status?.endpoints?.find((e) => e.name === target);
-    if (ep?.enrollment?.nonce !== claims.nonce) throw new EnrollmentRefused("superseded", `this token belongs to an earlier launch for ${claims.sub}; the instance was replaced`);
-    const grant: Grant = {
-      agentName: `ec2-${(ep.instanceId ?? createHash("sha256").update(claims.sub).digest("hex").slice(0, 12)).toLowerCase()}`.replace(/[^a-z0-9.-]/g, "-").slice(0, 63),
-      sans: [ep.privateIp, ep.publicIp].filter((ip): ip is string => !!ip && isIP(ip) !== 0).map((value): San => ({ type: "ip", value })),
-      admins: this.o.admins,
-    };
+    if (ep?.enrollment?.nonce !== claims.nonce) throw new EnrollmentRefused("superseded", `this token is not the current one for ${claims.sub} (the instance was replaced or the token renewed)`);
+    const grant: Grant = ec2
+      ? {
+          agentName: `ec2-${(ep.instanceId ?? createHash("sha256").update(claims.sub).digest("hex").slice(0, 12)).toLowerCase()}`.replace(/[^a-z0-9.-]/g, "-").slice(0, 63),
+          sans: [ep.privateIp, ep.publicIp].filter((ip): ip is string => !!ip && isIP(ip) !== 0).map((value): San => ({ type: "ip", value })),
+          admins: this.o.admins,
+        }
+      : { agentName: hostAgentName(info.hostname, claims.sub), sans: [], admins: this.o.admins };
     const at = new Date().toISOString();
     const cm: V1ConfigMap = {
       metadata: {
@@ -74,7 +84,7 @@ export class KubeEnrollmentStore implements EnrollmentStore, EnrollmentLedger {
       const used = await this.read(namespace, cm.metadata!.name!);
       // the same key again: a client retrying after a lost response gets the same grant
       if (used?.publicKeySha256 === info.publicKeySha256) return { ...grant, agentName: used.agentName ?? grant.agentName };
-      throw new EnrollmentRefused("used", `enrollment token already used at ${used?.enrolledAt ?? "?"} by ${used?.peer ?? "?"} (${used?.hostname || "?"}); a token works once: terminate the instance and the operator launches a new one with a new token`);
+      throw new EnrollmentRefused("used", `enrollment token already used at ${used?.enrolledAt ?? "?"} by ${used?.peer ?? "?"} (${used?.hostname || "?"}); a token works once${ec2 ? ": terminate the instance and the operator launches a new one with a new token" : ""}`);
     }
     this.o.log.info({ subject: claims.sub, agent: grant.agentName, peer: info.peerAddress }, "enrollment recorded");
     return grant;
@@ -93,5 +103,35 @@ export class KubeEnrollmentStore implements EnrollmentStore, EnrollmentLedger {
     const d = await this.read(namespace, enrollmentRecordName(subject, nonce));
     if (!d?.agentName || !d.peer) return undefined;
     return { agentName: d.agentName, peer: d.peer, enrolledAt: d.enrolledAt ?? "" };
+  }
+
+  async put(pair: ReplicationPair, name: string, data: EnrollSecretData): Promise<void> {
+    const namespace = pair.metadata.namespace ?? "default";
+    const body: V1Secret = {
+      metadata: {
+        name,
+        namespace,
+        labels: { [ENROLLMENT_LABEL]: "pending", "app.kubernetes.io/managed-by": "understudy-operator" },
+        ownerReferences: [{ apiVersion: API_VERSION, kind: "ReplicationPair", name: pair.metadata.name ?? "", uid: pair.metadata.uid ?? "", controller: false }],
+      },
+      type: "Opaque",
+      stringData: data,
+    };
+    try {
+      const cur = await this.o.core.readNamespacedSecret({ namespace, name });
+      const same = Object.entries(data).every(([k, v]) => Buffer.from(cur.data?.[k] ?? "", "base64").toString("utf8") === v);
+      if (!same) await this.o.core.replaceNamespacedSecret({ namespace, name, body: { ...body, metadata: { ...body.metadata, resourceVersion: cur.metadata?.resourceVersion } } });
+    } catch (e) {
+      if (statusCode(e) !== 404) throw e;
+      await this.o.core.createNamespacedSecret({ namespace, body });
+    }
+  }
+
+  async remove(namespace: string, name: string): Promise<void> {
+    try {
+      await this.o.core.deleteNamespacedSecret({ namespace, name });
+    } catch (e) {
+      if (statusCode(e) !== 404) throw e;
+    }
   }
 }

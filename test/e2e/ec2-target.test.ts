@@ -213,6 +213,34 @@ describe("ec2 DR targets", { timeout: 900_000 }, () => {
     await waitFor("pair bad gone", async () => !(await w.get("bad")), 60_000, 500);
   });
 
+  test("a host the operator cannot reach enrolls itself with the command `kubectl understudy enroll-command` prints; the token works once", async () => {
+    const src3 = await w.sourceTree("onprem", 5);
+    await w.apply({ apiVersion: "understudy.dev/v1alpha1", kind: "ReplicationPair", metadata: { name: "onprem", namespace: NS }, spec: { source: { agent: { address: w.agents.web!.address } }, targets: [{ name: "vault", enroll: { targetRoot: path.join(w.dir, "root-vault") } }], replicationSet: { path: src3 } } });
+    await w.waitPair("onprem", "token handed out", (x) => endpoint(x, "vault")?.phase === "Enrolling", 60_000);
+    const bin = path.join(bootDir, "opt", "understudy", "bin", "understudy"); // the bundle the first test installed
+    const conf = path.join(w.dir, "vault-etc");
+    const printed = await w.plugin(["enroll-command", "onprem", "--bin", bin, "--config-dir", conf, "--data-dir", path.join(w.dir, "vault-state")]);
+    assert.equal(printed.code, 0, printed.out);
+    const line = printed.out.split("\n").find((l) => l.startsWith("UNDERSTUDY_ENROLL_TOKEN="));
+    assert.ok(line, printed.out);
+    const enrollCmd = line.replace(/ && \\$/, "");
+    const host = await w.lab.addHost("vault");
+    const r = await host.run("bash", ["-c", enrollCmd], { timeoutMs: 120_000 });
+    assert.equal(r.code, 0, `${r.stdout}\n${r.stderr}`);
+    host.exec(bin, ["agent", "--config", path.join(conf, "agent.yaml")], { stdio: "ignore", env: { ...process.env, MALLOC_MMAP_THRESHOLD_: "131072" } });
+
+    const ready = await w.waitPair("onprem", "enrolled, Ready", (x) => endpoint(x, "vault")?.phase === "Ready" && condition(x, "Ready").status === "True", 120_000);
+    assert.equal(endpoint(ready, "vault")?.agentAddress, `${host.ip}:7702`);
+    await w.waitTreesEqual(src3, path.join(w.dir, "root-vault", "web", `${NS}.onprem`), "the enrolled host holds the replica", 60_000);
+    const gone = await w.cluster.kubectl(["get", "secret", "understudy-enroll-onprem-vault", "-n", NS]);
+    assert.notEqual(gone.code, 0, "the spent token's Secret is removed");
+
+    const again = await host.run("bash", ["-c", enrollCmd.replace(conf, `${conf}-2`)], { timeoutMs: 120_000 });
+    assert.equal(again.code, 2, again.stdout + again.stderr);
+    assert.match(again.stdout + again.stderr, /already used/);
+    await kubectlOk(w.cluster, ["delete", "replicationpair", "onprem", "-n", NS]);
+  });
+
   test("failover resizes the instance to the failover type and starts it; failback returns the staging type; deletion terminates and cleans up", async () => {
     await kubectlOk(w.cluster, ["annotate", "replicationpair", "web", "-n", NS, "understudy.dev/verify=1", "--overwrite"]);
     await w.waitPair("web", "verify passed", (x) => x.status?.targets?.find((t) => t.name === "dr")?.lastVerify?.result === "Passed", 120_000);

@@ -31,6 +31,17 @@ test("provisioned endpoints are listed by kind", () => {
   ]);
 });
 
+test("an enroll source and enroll targets are provisioned endpoints too", () => {
+  const p = pair();
+  p.spec.source = { enroll: {} };
+  p.spec.targets.push({ name: "vault", enroll: { tokenTTL: "1h" } });
+  assert.deepEqual(provisionedEndpoints(p), [
+    { name: "source", kind: "enroll" },
+    { name: "dr", kind: "ec2" },
+    { name: "vault", kind: "enroll" },
+  ]);
+});
+
 test("resolvePair: nothing until the source has an agent; targets join as their agents come", () => {
   const p = pair();
   const none = resolvePair(p, []);

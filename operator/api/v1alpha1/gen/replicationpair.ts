@@ -39,8 +39,26 @@ export interface ReplicationPairSpec {
  * The server whose files are protected: an agent that runs already, or a host the operator installs the agent on over SSH. Cannot be changed; create a new pair instead.
  */
 export interface SourceEndpoint {
+  enroll?: EnrollEndpoint;
   ssh?: SshEndpoint;
   agent?: AgentEndpoint;
+}
+/**
+ * A host the operator cannot reach by SSH: its agent enrolls itself with a single-use token. `kubectl understudy enroll-command PAIR --endpoint NAME` prints the command to run on it (from a Secret the operator writes).
+ */
+export interface EnrollEndpoint {
+  /**
+   * Port the agent listens on; it is reached at the address it enrolled from.
+   */
+  agentPort?: number;
+  /**
+   * Where replicas are kept when this host is a target.
+   */
+  targetRoot?: string;
+  /**
+   * How long the token is good for; an expired unused token is replaced by a new one.
+   */
+  tokenTTL?: string;
 }
 /**
  * A host the operator installs (and upgrades) the agent on over SSH. The host key is always checked against the known_hosts of the Secret; it is never trusted on first use.
@@ -98,6 +116,7 @@ export interface AgentEndpoint {
 }
 export interface TargetEndpoint {
   ssh?: SshEndpoint;
+  enroll?: EnrollEndpoint;
   ec2?: Ec2Endpoint;
   /**
    * A short name for this target, unique within the pair.
@@ -276,7 +295,7 @@ export interface ReplicationPairStatus {
   lastHandledMirrorRequest?: string;
   targets?: TargetStatus[];
   /**
-   * Agents the operator puts in place itself (ec2 and ssh endpoints), and how far it got.
+   * Agents the operator puts in place itself (ec2, ssh and enroll endpoints), and how far it got.
    */
   endpoints?: EndpointStatus[];
   conditions?: Condition[];
@@ -389,7 +408,7 @@ export interface EndpointStatus {
    * source, or the target's name.
    */
   name: string;
-  kind: "ec2" | "ssh";
+  kind: "ec2" | "ssh" | "enroll";
   phase?:
     | "Pending"
     | "Uploading"
