@@ -234,25 +234,37 @@ export class Mirror {
 
   /**
    * Hard links: the group's first name (in path order, whatever order names
-   * are visited in) is mirrored (by `mirrorOne`); every other name is linked
-   * to it. Returns true when q was linked.
+   * are visited in) that can be sent carries the content (mirrored by
+   * `mirrorOne`, which marks it in linkDone once sent); every other name is
+   * linked to it. Returns true when q was linked.
+   *
+   * A name is only linked to a name this run has sent. The index may lag
+   * behind the tree while the mirror runs (capture keeps going between
+   * directories): the group's first name may be gone, or be another file now,
+   * with its old inode number even reused by a new file. Linking to it anyway
+   * made the target's Link fail (the whole batch refused, the mirror cut off
+   * and retried) or, worse, joined an unrelated file into the group on the
+   * target, which nothing repaired afterwards (e2e crash.test.ts: "link count
+   * 2 vs 3"). Such a name is skipped and the next one carries the content.
    */
   private async linkedToFirst(q: string, e: IndexEntry, mirrorOne: (first: string, fe: IndexEntry, h: ManifestEntryMsg | undefined) => Promise<void>): Promise<boolean> {
     if (e.nlink <= 1) return false;
     const group = this.src.index.pathsWithIno(e.ino).filter((x) => this.src.index.get(x)?.t === e.t).sort();
-    const first = group[0];
-    if (first === undefined || first === q) {
-      this.linkDone.add(q);
-      return false;
+    for (const first of group) {
+      if (first === q) return false; // q carries the content
+      if (!this.linkDone.has(first)) {
+        const fe = this.src.index.get(first);
+        if (!fe) continue;
+        const listing = await this.tgt.manifest(parentOf(first), 0);
+        const name = first.slice(first.lastIndexOf("/") + 1);
+        // (only names before `first` are tried in there: the recursion ends)
+        await mirrorOne(first, { ...fe }, listing.exists ? listing.entries.find((x) => x.name === name) : undefined);
+        if (!this.linkDone.has(first)) continue; // not sent: not what the index says any more
+      }
+      await this.push({ path: q, kind: { $case: "link", value: { existing: first } } });
+      return true;
     }
-    if (!this.linkDone.has(first)) {
-      const fe = this.src.index.get(first);
-      const listing = await this.tgt.manifest(parentOf(first), 0);
-      const name = first.slice(first.lastIndexOf("/") + 1);
-      if (fe) await mirrorOne(first, { ...fe }, listing.exists ? listing.entries.find((x) => x.name === name) : undefined);
-    }
-    await this.push({ path: q, kind: { $case: "link", value: { existing: first } } });
-    return true;
+    return false;
   }
 
   /** A fifo, device or socket: made again when missing or another device, else its attributes. */
@@ -263,6 +275,7 @@ export class Mirror {
       const [major, minor] = (e.rdev ?? "0,0").split(",").map(Number);
       await this.push({ path: q, kind: { $case: "mknod", value: { type: e.t, major: major ?? 0, minor: minor ?? 0, attr: a } } });
     } else if (!sameAttr(h.attr, a)) await this.push({ path: q, kind: { $case: "attr", value: { attr: a } } });
+    if (e.nlink > 1) this.linkDone.add(q);
   }
 
   private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined): Promise<void> {
@@ -327,6 +340,7 @@ export class Mirror {
       await flushWrite();
       if (size !== theirSize || (fresh && size > 0)) await this.push({ path: q, kind: { $case: "truncate", value: { size } } });
       if (fresh || wrote || size !== theirSize || !sameAttr(h?.attr, attr)) await this.push({ path: q, kind: { $case: "attr", value: { attr } } });
+      if (e.nlink > 1) this.linkDone.add(q); // the group's other names may be linked to it now
       p.filesDone++;
       this.updateRate();
     } finally {

@@ -335,6 +335,7 @@ export class Capture {
         }
         this.touch(parentOf(p));
         this.touch(parentOf(rel));
+        // (update, deep for a directory, watches rel again and lists it: see DirWatcher.rename)
         if (t === "d") this.o.watcher?.rename(p, rel);
         const e = this.o.index.get(rel)!;
         await this.update(rel, e, st, t === "d");

@@ -84,7 +84,16 @@ export class DirWatcher {
 
   /**
    * A directory was renamed: its inotify watches follow the inode, so keep them
-   * and only re-map the paths their events are reported under.
+   * and only re-map the paths their events are reported under. The watch of
+   * the renamed directory itself is dropped, for the caller to add again (on
+   * the inode now at `to`): capture takes a new directory for a renamed one
+   * when it has the inode number of one the index still lists, and that is
+   * also what a directory deleted and another made (which got the freed
+   * number) looks like before the deletion is seen. The moved watch was then
+   * on the deleted inode, which reports nothing any more, and add() took the
+   * path for watched: nothing made in the new directory was ever captured
+   * (e2e crash.test.ts: a directory's later files missing on the target, for
+   * good, with the source idle).
    */
   rename(from: string, to: string): void {
     this.remove(to);
@@ -95,6 +104,12 @@ export class DirWatcher {
       this.watchers.delete(p);
       this.watchers.set(q, w);
       this.rel.set(w, q);
+    }
+    const self = this.watchers.get(to);
+    if (self) {
+      this.watchers.delete(to);
+      this.rel.delete(self);
+      self.close();
     }
   }
 

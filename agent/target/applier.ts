@@ -3,8 +3,8 @@
 // through their descriptor, so a replicated symlink is never followed.
 // Every op is idempotent and "setting" (create truncates, writes carry absolute
 // offsets, removes tolerate absence, also of a directory on the way, a rename
-// whose source is gone is done), so
-// replaying a packet that was partly applied before a crash converges.
+// whose source is gone is done), so replaying a packet that was partly applied
+// before a crash converges (test/unit/applier-replay.test.ts).
 // Special files are made by agent/fs/special.ts and never opened; their
 // attributes are set through an O_PATH descriptor. Extended attributes are
 // set after chown (which drops security.capability) and after the content

@@ -196,7 +196,10 @@ export class Pair {
   static async create(o: PairOptions = {}): Promise<Pair> {
     const p = new Pair(await tmpDir());
     await mkdir(p.src, { recursive: true });
-    const [sp, tp] = [await freePort(), await freePort()];
+    // two free ports, not the same one twice (the kernel may hand a just-closed port out again)
+    const sp = await freePort();
+    let tp = await freePort();
+    while (tp === sp) tp = await freePort();
     const tcfg = { name: "dst-agent", listen: `127.0.0.1:${tp}`, dataDir: "state-dst", tls: { insecure: true }, target: { root: "dst", ...o.targetOptions } };
     const scfg = { name: "src-agent", listen: `127.0.0.1:${sp}`, dataDir: "state-src", tls: { insecure: true }, source: { sets: o.sets ?? [{ name: "data", path: "src", targets: [`127.0.0.1:${tp}`], ...o.setOptions }] }, ...o.sourceConfig };
     await writeFile(path.join(p.dir, "target.yaml"), YAML.stringify(tcfg));
