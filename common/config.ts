@@ -52,6 +52,11 @@ export function splitHostPort(addr: string): { host: string; port: number } | un
   return { host: (m[1] ?? m[2])!, port };
 }
 
+/** host:port, with an IPv6 host in brackets: the inverse of splitHostPort. */
+export function joinHostPort(host: string, port: number): string {
+  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
 export function isLoopback(host: string): boolean {
   if (host === "localhost") return true;
   if (isIP(host) === 4) return host.startsWith("127.");

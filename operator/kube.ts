@@ -5,7 +5,7 @@ import { ApiException, CoreV1Api, CustomObjectsApi, DiscoveryV1Api, PatchStrateg
 import { randomBytes } from "node:crypto";
 import { isIP } from "node:net";
 import type { Logger } from "../common/log.ts";
-import { FAILOVER_POLICIES, GROUP, PAIR_FINALIZER, REPLICATION_PAIRS, VERSION, type FailoverPolicy, type ReplicationPair, type ReplicationPairStatus } from "./api/v1alpha1/index.ts";
+import { FAILOVER_POLICIES, GROUP, PAIR_FINALIZER, REPLICATION_PAIRS, VERSION, timestamp, type FailoverPolicy, type ReplicationPair, type ReplicationPairStatus } from "./api/v1alpha1/index.ts";
 import type { EventRecorder, IdentityMover, PairWriter } from "./controllers/replicationpair.ts";
 import { errText } from "./runtime/leader-election.ts";
 
@@ -192,7 +192,7 @@ export class KubePolicyWriter {
   }
 
   async patchStatus(p: FailoverPolicy, pairs: string[]): Promise<void> {
-    const now = new Date().toISOString().replace(/\.\d+Z$/, "Z");
+    const now = timestamp(new Date());
     const prev = p.status?.conditions?.find((c) => c.type === "Ready");
     const status = {
       observedGeneration: p.metadata.generation,

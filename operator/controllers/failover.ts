@@ -15,7 +15,7 @@ import { parseDuration, splitHostPort } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
 import type { ImageStatus, StatusResponse } from "../../agent/wire.ts";
 import type { AgentDirectory } from "../agents.ts";
-import { ConditionType, setCondition, type Condition, type FailoverPolicy, type ResolvedPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
+import { ConditionType, setCondition, timestamp, type Condition, type FailoverPolicy, type ResolvedPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
 import { knownGood } from "./known-good.ts";
 import { desiredSetSpec, setNameFor } from "./desired.ts";
 import { dropUndefined } from "./pair-status.ts";
@@ -33,7 +33,6 @@ export interface FailoverOptions {
 /** Reasons a person should look at (everything else in a move is progress). */
 const WARNINGS = new Set(["FailoverRefused", "UnsupportedMove", "SourceUnreachable", "TargetUnreachable"]);
 
-const iso = (d: Date) => d.toISOString().replace(/\.\d+Z$/, "Z");
 
 /** The host part of an agent address: where the service lives when that side is active. */
 export function hostOf(address: string): string {
@@ -106,7 +105,7 @@ export class FailoverFlow {
       if (policy?.spec.quiesce?.length && !(fo?.quiesced && fo.reason === "cutover" && fo.target === name && !fo.finishedAt)) {
         // Stop the application on the source first: nothing it writes afterwards could reach the target.
         const done = await this.runActions(pair, policy.spec.quiesce, pair.spec.source.agent.address, "source");
-        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: { target: name, reason: "cutover", startedAt: iso(now), quiesced: true, actions: done } };
+        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: { target: name, reason: "cutover", startedAt: timestamp(now), quiesced: true, actions: done } };
         this.cond(status, pair, "FailedOver", "False", "Quiesced", `cutover to ${name}: the source's application was stopped (${done.join(", ")}); final sync next`);
         await this.write(pair, status);
         return { requeueAfterMs: 100 };
@@ -114,7 +113,7 @@ export class FailoverFlow {
       const { lastSeq } = await this.o.agents.drain(pair.spec.source.agent.address, setName);
       const acked = (await this.agentStatus(pair.spec.source.agent.address)).status?.sets.find((s) => s.name === setName)?.targets.find((x) => x.address === t.agent.address)?.lastAckedSeq ?? 0;
       if (acked < lastSeq) {
-        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: fo && !fo.finishedAt && fo.target === name ? { ...fo, reason: "cutover" } : { target: name, reason: "cutover", startedAt: iso(now) } };
+        const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: fo && !fo.finishedAt && fo.target === name ? { ...fo, reason: "cutover" } : { target: name, reason: "cutover", startedAt: timestamp(now) } };
         this.cond(status, pair, "FailedOver", "False", "Draining", `cutover to ${name}: waiting for ${lastSeq - acked} change(s) to be acknowledged`);
         await this.write(pair, status);
         return { requeueAfterMs: 250 };
@@ -131,7 +130,7 @@ export class FailoverFlow {
     if (src.status) await this.o.agents.removeSet(pair.spec.source.agent.address, setName, true).catch(() => undefined);
     const downSince = pair.status?.health?.sourceDownSince;
     const prevFo = pair.status?.failover;
-    const startedAt = prevFo?.startedAt && prevFo.target === name && !prevFo.finishedAt ? prevFo.startedAt : iso(now);
+    const startedAt = prevFo?.startedAt && prevFo.target === name && !prevFo.finishedAt ? prevFo.startedAt : timestamp(now);
     const from = downSince ? Date.parse(downSince) : Date.parse(startedAt);
     const status: ReplicationPairStatus = {
       ...(pair.status ?? {}),
@@ -139,7 +138,7 @@ export class FailoverFlow {
       activeSide: name,
       serviceAddress,
       epoch,
-      failover: { target: name, reason: src.status ? "cutover" : "source down", sourceDownSince: downSince, startedAt, finishedAt: iso(this.o.now()), recoverySeconds: Math.round((this.o.now().getTime() - from) / 100) / 10, appliedSeq: promoted.durableSeq, actions: [...(prevFo?.target === name && !prevFo.finishedAt ? (prevFo.actions ?? []) : []), ...actions], quiesced: prevFo?.quiesced && !prevFo.finishedAt ? true : undefined },
+      failover: { target: name, reason: src.status ? "cutover" : "source down", sourceDownSince: downSince, startedAt, finishedAt: timestamp(this.o.now()), recoverySeconds: Math.round((this.o.now().getTime() - from) / 100) / 10, appliedSeq: promoted.durableSeq, actions: [...(prevFo?.target === name && !prevFo.finishedAt ? (prevFo.actions ?? []) : []), ...actions], quiesced: prevFo?.quiesced && !prevFo.finishedAt ? true : undefined },
     };
     this.cond(status, pair, "FailedOver", "True", src.status ? "CutOver" : "FailedOver", `${name} serves at epoch ${epoch} with every change up to ${promoted.durableSeq}; the source is fenced`);
     this.cond(status, pair, ConditionType.Ready, "False", "FailedOver", `${name} serves; no copy until the source returns and is brought up to date`);

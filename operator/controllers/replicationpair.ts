@@ -14,6 +14,7 @@ import { knownGood, pickTarget } from "./known-good.ts";
 import { parseDuration } from "../../common/config.ts";
 import { setCondition, type Condition, type EndpointStatus, type FailoverPolicy, type ReplicationPair as Pair, type ResolvedPair } from "../api/v1alpha1/index.ts";
 import { provisionedEndpoints, resolvePair, type EndpointProvisioner } from "./endpoints.ts";
+import { conditionReason } from "../ec2/errors.ts";
 import * as grpc from "@grpc/grpc-js";
 
 /** Writes to the API server (the real one is operator/kube.ts; tests may fake it). */
@@ -166,7 +167,7 @@ export class ReplicationPairReconciler {
     const err = endpoints.find((e) => e.lastError || e.phase === "Failed");
     const c = notReady.length === 0 && !err
       ? { status: "True" as const, reason: Reason.Provisioned, message: endpoints.map((e) => `${e.name}: ${e.message ?? e.phase}`).join("; ") }
-      : { status: "False" as const, reason: err?.lastError?.code ? err.lastError.code.replace(/[^A-Za-z0-9_,:]+/g, "_").replace(/^[^A-Za-z]+/, "") || Reason.Provisioning : Reason.Provisioning, message: (err ? [err] : notReady).map((e) => `${e.name}: ${e.phase}${e.message ? ` (${e.message})` : ""}`).join("; ") };
+      : { status: "False" as const, reason: err?.lastError?.code ? conditionReason(err.lastError.code) : Reason.Provisioning, message: (err ? [err] : notReady).map((e) => `${e.name}: ${e.phase}${e.message ? ` (${e.message})` : ""}`).join("; ") };
     setCondition(conds, { type: "Provisioned", ...c }, pair.metadata.generation ?? 0, this.now());
   }
 

@@ -10,8 +10,9 @@
 //                                                              └ Resizing (stop, modify, start)
 import { ModifyInstanceAttributeCommand, StartInstancesCommand, StopInstancesCommand } from "@aws-sdk/client-ec2";
 import { createHash, randomBytes } from "node:crypto";
+import { joinHostPort } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
-import type { Ec2Endpoint, EndpointStatus, ReplicationPair } from "../api/v1alpha1/index.ts";
+import { timestamp, type Ec2Endpoint, type EndpointStatus, type ReplicationPair } from "../api/v1alpha1/index.ts";
 import { subjectOf, type EndpointProvisioner, type FinalizeResult, type ProvisionEvent, type ProvisionResult } from "../controllers/endpoints.ts";
 import { deleteObject, ensureBucket, presignGet, putBundle } from "./bundle-store.ts";
 import { awsClients, type AwsClients, type AwsConfig } from "./clients.ts";
@@ -56,13 +57,7 @@ const POLL_MS = 5000;
 const BOOT_POLL_MS = 3000;
 
 
-function iso(d: Date): string {
-  return d.toISOString().replace(/\.\d+Z$/, "Z");
-}
 
-function hostPort(host: string, port: number): string {
-  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
-}
 
 export class Ec2Provisioner implements EndpointProvisioner {
   readonly kind = "ec2" as const;
@@ -116,7 +111,7 @@ export class Ec2Provisioner implements EndpointProvisioner {
 
     // 0. The enrollment nonce is recorded before the instance that will carry its token exists.
     if (!st.enrollment?.nonce) {
-      st.enrollment = { nonce: randomBytes(16).toString("hex"), expiresAt: iso(new Date(now.getTime() + (this.o.tokenTtlMs ?? 24 * 3600_000))) };
+      st.enrollment = { nonce: randomBytes(16).toString("hex"), expiresAt: timestamp(new Date(now.getTime() + (this.o.tokenTtlMs ?? 24 * 3600_000))) };
       st.phase = "Pending";
       st.message = "enrollment prepared; uploading the agent bundle next";
       return { status: st, requeueAfterMs: 0, persist: true };
@@ -190,7 +185,7 @@ export class Ec2Provisioner implements EndpointProvisioner {
           return { status: st, requeueAfterMs: BOOT_POLL_MS, events };
         }
         st.agentName = rec.agentName;
-        st.agentAddress = hostPort(rec.peer, spec.agentPort ?? 7702);
+        st.agentAddress = joinHostPort(rec.peer, spec.agentPort ?? 7702);
         st.enrollment = { ...st.enrollment, enrolledAt: rec.enrolledAt, enrolledFrom: rec.peer };
         events.push({ type: "Normal", reason: "AgentEnrolled", message: `agent ${rec.agentName} on ${inst.id} enrolled from ${rec.peer}` });
       }
@@ -229,7 +224,7 @@ export class Ec2Provisioner implements EndpointProvisioner {
     const info = awsError(e);
     const attempt = st.lastError?.code === info.code ? (st.lastError.attempt ?? 1) + 1 : 1;
     const first = attempt === 1;
-    st.lastError = { code: info.code, message: info.message, at: first ? iso(this.now()) : (st.lastError?.at ?? iso(this.now())), attempt };
+    st.lastError = { code: info.code, message: info.message, at: first ? timestamp(this.now()) : (st.lastError?.at ?? timestamp(this.now())), attempt };
     st.message = `${info.message}${info.retryable ? ` (retrying, attempt ${attempt})` : ""}`;
     if (!info.retryable) st.phase = "Failed";
     if (first) events.push({ type: "Warning", reason: info.reason, message: info.message });

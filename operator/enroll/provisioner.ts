@@ -7,9 +7,9 @@
 // it), the Secret goes: its token is spent. An expired, unused token is
 // replaced by a new one.
 import { createHash, randomBytes } from "node:crypto";
-import { parseDuration } from "../../common/config.ts";
+import { joinHostPort, parseDuration } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
-import type { EndpointStatus, ReplicationPair } from "../api/v1alpha1/index.ts";
+import { timestamp, type EndpointStatus, type ReplicationPair } from "../api/v1alpha1/index.ts";
 import { subjectOf, type EndpointProvisioner, type FinalizeResult, type ProvisionEvent, type ProvisionResult } from "../controllers/endpoints.ts";
 import type { EnrollmentLedger } from "../ec2/provisioner.ts";
 
@@ -40,13 +40,7 @@ export interface EnrollProvisionerOptions {
   now?: () => Date;
 }
 
-function iso(d: Date): string {
-  return d.toISOString().replace(/\.\d+Z$/, "Z");
-}
 
-function hostPort(host: string, port: number): string {
-  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
-}
 
 export class EnrollProvisioner implements EndpointProvisioner {
   readonly kind = "enroll" as const;
@@ -78,7 +72,7 @@ export class EnrollProvisioner implements EndpointProvisioner {
     if (!st.enrollment?.nonce || !(expires > now.getTime())) {
       // first token, or the last one expired unused: a new nonce (the old token dies with it)
       if (st.enrollment?.nonce) events.push({ type: "Warning", reason: "EnrollmentTokenExpired", message: `the token for ${name} expired unused at ${st.enrollment.expiresAt}; a new one is in Secret ${secret}` });
-      st.enrollment = { nonce: randomBytes(16).toString("hex"), expiresAt: iso(new Date(now.getTime() + parseDuration(s.tokenTTL ?? "24h"))) };
+      st.enrollment = { nonce: randomBytes(16).toString("hex"), expiresAt: timestamp(new Date(now.getTime() + parseDuration(s.tokenTTL ?? "24h"))) };
       st.phase = "Pending";
       return { status: st, requeueAfterMs: 250, persist: true, events };
     }
@@ -87,7 +81,7 @@ export class EnrollProvisioner implements EndpointProvisioner {
       const rec = await this.o.ledger.lookup(ns, sub, st.enrollment.nonce);
       if (rec) {
         st.agentName = rec.agentName;
-        st.agentAddress = hostPort(rec.peer, port);
+        st.agentAddress = joinHostPort(rec.peer, port);
         st.enrollment = { ...st.enrollment, enrolledAt: rec.enrolledAt, enrolledFrom: rec.peer };
         st.phase = "Ready";
         st.message = `agent ${rec.agentName} enrolled from ${rec.peer}`;
@@ -104,7 +98,7 @@ export class EnrollProvisioner implements EndpointProvisioner {
       return { status: st, requeueAfterMs: 3000, events };
     } catch (e) {
       const msg = (e as Error).message;
-      st.lastError = { code: "EnrollmentSecret", message: msg, at: iso(now), attempt: (prev?.lastError?.attempt ?? 0) + 1 };
+      st.lastError = { code: "EnrollmentSecret", message: msg, at: timestamp(now), attempt: (prev?.lastError?.attempt ?? 0) + 1 };
       st.message = `cannot write Secret ${secret}: ${msg}`;
       this.o.log.warn({ endpoint: `${ns}/${pair.metadata.name}/${name}`, err: msg }, "enroll endpoint: Secret not written");
       return { status: st, requeueAfterMs: 10_000, events };

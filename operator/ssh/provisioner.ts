@@ -9,6 +9,7 @@
 import { createHash } from "node:crypto";
 import { isIP } from "node:net";
 import YAML from "yaml";
+import { joinHostPort } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
 import { signLeaf, type CaSigner } from "../../common/tls.ts";
 import type { EndpointStatus, ReplicationPair, SshEndpoint } from "../api/v1alpha1/index.ts";
@@ -34,9 +35,6 @@ export function sshAgentName(host: string): string {
   return base.length <= 63 ? base : `${base.slice(0, 54)}-${createHash("sha256").update(host).digest("hex").slice(0, 8)}`;
 }
 
-function hostPort(host: string, port: number): string {
-  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
-}
 
 export class SshProvisioner implements EndpointProvisioner {
   readonly kind = "ssh" as const;
@@ -89,7 +87,7 @@ export class SshProvisioner implements EndpointProvisioner {
         const r = outcome.result;
         st.agentName = outcome.agentName;
         st.agentVersion = r.installedVersion;
-        st.agentAddress = hostPort(s.host, s.agentPort ?? 7702);
+        st.agentAddress = joinHostPort(s.host, s.agentPort ?? 7702);
         st.phase = "Ready";
         st.message = `understudy ${r.installedVersion} on ${s.user ?? "root"}@${s.host} (${r.startMode})`;
         delete st.lastError;
@@ -112,7 +110,7 @@ export class SshProvisioner implements EndpointProvisioner {
       return { status: st, requeueAfterMs: 2000 };
     }
     // Installed, this version, at this address: nothing to do (the pair's status checks the agent itself).
-    if (st.phase === "Ready" && st.agentVersion === version && st.agentAddress === hostPort(s.host, s.agentPort ?? 7702) && st.agentName === agentName) {
+    if (st.phase === "Ready" && st.agentVersion === version && st.agentAddress === joinHostPort(s.host, s.agentPort ?? 7702) && st.agentName === agentName) {
       return { status: st, requeueAfterMs: 60_000 };
     }
     if (st.phase === "Failed" && st.lastError && prev?.lastError?.at && Date.now() - Date.parse(prev.lastError.at) < 30_000 * Math.min(st.lastError.attempt ?? 1, 10)) {
@@ -147,7 +145,7 @@ export class SshProvisioner implements EndpointProvisioner {
     const leaf = await signLeaf(this.o.ca, { commonName: agentName, usage: "both", sans: [{ type: isIP(s.host) ? "ip" : "dns", value: s.host }], days: 825 });
     const config = {
       name: agentName,
-      listen: hostPort(isIP(s.host) === 6 ? "::" : "0.0.0.0", s.agentPort ?? 7702),
+      listen: joinHostPort(isIP(s.host) === 6 ? "::" : "0.0.0.0", s.agentPort ?? 7702),
       dataDir: s.dataDir ?? "/var/lib/understudy",
       tls: { ca: `${etc}/tls/ca.crt`, cert: `${etc}/tls/agent.crt`, key: `${etc}/tls/agent.key` },
       control: { admins: this.o.admins },

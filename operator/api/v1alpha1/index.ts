@@ -78,6 +78,11 @@ export const Reason = {
   Provisioned: "Provisioned",
 } as const;
 
+/** A time as Kubernetes writes metav1.Time: RFC 3339 in UTC, whole seconds. */
+export function timestamp(d: Date): string {
+  return d.toISOString().replace(/\.\d+Z$/, "Z");
+}
+
 export type ConditionStatus = "True" | "False" | "Unknown";
 
 /**
@@ -87,7 +92,7 @@ export type ConditionStatus = "True" | "False" | "Unknown";
  */
 export function setCondition(conds: Condition[], c: { type: string; status: ConditionStatus; reason: string; message: string }, generation: number, now: Date): boolean {
   const cur = conds.find((x) => x.type === c.type);
-  const next: Condition = { type: c.type, status: c.status, reason: c.reason, message: c.message.slice(0, 32_000), observedGeneration: generation, lastTransitionTime: now.toISOString().replace(/\.\d+Z$/, "Z") };
+  const next: Condition = { type: c.type, status: c.status, reason: c.reason, message: c.message.slice(0, 32_000), observedGeneration: generation, lastTransitionTime: timestamp(now) };
   if (!cur) {
     conds.push(next);
     return true;
