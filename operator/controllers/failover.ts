@@ -94,11 +94,12 @@ export class FailoverFlow {
     const t = this.target(pair, name);
     // A source the health checks found down is not asked again (it may be a black hole).
     const src = pair.status?.health?.sourceDown ? { error: "source down (health checks)" } : await this.agentStatus(pair.spec.source.agent.address);
-    const tv = await this.agentStatus(t.agent.address);
-    const image = src.status ? tv.status?.images.find((i) => i.source === src.status!.name && i.set === setName) : tv.status?.images.find((i) => i.set === setName && i.source === pair.status?.sourceAgent?.name);
+    let tv = await this.agentStatus(t.agent.address);
+    const imageOf = (v: typeof tv) => (src.status ? v.status?.images.find((i) => i.source === src.status!.name && i.set === setName) : v.status?.images.find((i) => i.set === setName && i.source === pair.status?.sourceAgent?.name));
+    let image = imageOf(tv);
     const recorded = pair.status?.targets?.find((x) => x.name === name);
     const set = src.status?.sets.find((s) => s.name === setName);
-    const live = set?.targets.find((x) => x.address === t.agent.address);
+    let live = set?.targets.find((x) => x.address === t.agent.address);
     // With the source alive this is a planned cutover: the target must first hold every write made so far.
     if (src.status && set && live) {
       const fo = pair.status?.failover;
@@ -111,7 +112,16 @@ export class FailoverFlow {
         return { requeueAfterMs: 100 };
       }
       const { lastSeq } = await this.o.agents.drain(pair.spec.source.agent.address, setName);
-      const acked = (await this.agentStatus(pair.spec.source.agent.address)).status?.sets.find((s) => s.name === setName)?.targets.find((x) => x.address === t.agent.address)?.lastAckedSeq ?? 0;
+      const drained = (await this.agentStatus(pair.spec.source.agent.address)).status?.sets.find((s) => s.name === setName)?.targets.find((x) => x.address === t.agent.address);
+      const acked = drained?.lastAckedSeq ?? 0;
+      if (acked >= lastSeq) {
+        // The gate compares what the source saw acknowledged with what the target applied:
+        // both as of now, after the drain (a target status from before it would show a false gap).
+        this.o.agents.invalidate(t.agent.address);
+        tv = await this.agentStatus(t.agent.address);
+        image = imageOf(tv);
+        live = drained;
+      }
       if (acked < lastSeq) {
         const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: fo && !fo.finishedAt && fo.target === name ? { ...fo, reason: "cutover" } : { target: name, reason: "cutover", startedAt: timestamp(now) } };
         this.cond(status, pair, "FailedOver", "False", "Draining", `cutover to ${name}: waiting for ${lastSeq - acked} change(s) to be acknowledged`);
