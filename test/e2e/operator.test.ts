@@ -205,9 +205,12 @@ describe("operator on a real API server", { timeout: 900_000 }, () => {
     await waitEqual(["d0/noise.log"]);
     await waitFor("operator-3 leads", async () => (await again.log()).includes("became leader"), 30_000, 500);
     assert.equal(await mirrorsStarted(), mirrors, "no new mirror after restart");
-    const m = await again.metrics();
-    assert.match(m, /understudy_operator_reconcile_total\{controller="replicationpair",result="success"\} [1-9]/);
-    assert.match(m, /understudy_pair_ready\{namespace="apps",name="web"\} 1/);
+    // "became leader" is logged before the first reconcile finishes; its metrics follow it.
+    let m = "";
+    await waitFor("operator-3 to count a successful reconcile", async () => {
+      m = await again.metrics();
+      return /understudy_operator_reconcile_total\{controller="replicationpair",result="success"\} [1-9]/.test(m) && /understudy_pair_ready\{namespace="apps",name="web"\} 1/.test(m);
+    }, 30_000, 250).catch((e: Error) => assert.fail(`${e.message}\n${m.split("\n").filter((l) => l.startsWith("understudy_operator_reconcile_total") || l.startsWith("understudy_pair")).join("\n")}`));
   });
 
   test("deleting the pair stops replication on the source and the finalizer completes", async () => {
