@@ -33,11 +33,24 @@ const MAX_PACKET_OPS = 4096;
 
 export type PacketSink = (ops: Op[], deltas: IndexDelta[]) => Promise<void>;
 
-/** Groups ops into packets; renames travel alone so replaying a packet stays idempotent. */
+/**
+ * Groups ops into packets so that replaying a packet stays idempotent. A
+ * target killed while it applies a packet applies it again from its first op
+ * (appliedSeq is recorded per packet), so every op must still mean the same
+ * when the packet's later ops already happened. Renames therefore travel
+ * alone, and a packet is also cut before an op that would take away or
+ * replace a path an earlier op of the packet depends on: the first name of a
+ * Link (replayed after the name was removed, the link would have nothing to
+ * link to; after it was re-created, it would link to the new file) and the
+ * path of a Write or Truncate (replayed after the path became a symlink, the
+ * write would be refused).
+ */
 export class Packetizer {
   private ops: Op[] = [];
   private deltas: IndexDelta[] = [];
   private bytes = 0;
+  /** Paths earlier ops of this packet depend on, with every directory above them. */
+  private needed = new Set<string>();
   private readonly sink: PacketSink;
   private readonly maxData: number;
   constructor(sink: PacketSink, maxData = MAX_PACKET_DATA) {
@@ -46,8 +59,12 @@ export class Packetizer {
   }
   async push(op: Op | undefined, delta?: IndexDelta): Promise<void> {
     if (op) {
+      if (this.needed.size > 0 && replaces(op) && this.needed.has(op.path)) await this.flush();
       this.ops.push(op);
-      if (op.kind?.$case === "write") this.bytes += op.kind.value.data.length;
+      const k = op.kind;
+      if (k?.$case === "write") this.bytes += k.value.data.length;
+      if (k?.$case === "link") this.need(k.value.existing);
+      else if (k?.$case === "write" || k?.$case === "truncate") this.need(op.path);
     }
     if (delta) this.deltas.push(delta);
     if (this.bytes >= this.maxData || this.ops.length >= MAX_PACKET_OPS) await this.flush();
@@ -64,7 +81,27 @@ export class Packetizer {
     this.ops = [];
     this.deltas = [];
     this.bytes = 0;
+    this.needed.clear();
     await this.sink(ops, deltas);
+  }
+  private need(rel: string): void {
+    for (let p = rel; p !== "." && p !== "" && !this.needed.has(p); p = path.posix.dirname(p)) this.needed.add(p);
+  }
+}
+
+/** Ops that remove whatever is at their path or put another object there (rename's old name travels alone anyway). */
+function replaces(op: Op): boolean {
+  switch (op.kind?.$case) {
+    case "remove":
+    case "create":
+    case "mkdir":
+    case "symlink":
+    case "mknod":
+    case "link":
+    case "rename":
+      return true;
+    default:
+      return false;
   }
 }
 
