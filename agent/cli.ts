@@ -282,6 +282,12 @@ program
   });
 
 program.addCommand((await import("../operator/main.ts")).operatorCommand(fail));
-program.addCommand((await import("../operator/plugin.ts")).pluginCommand(fail));
+// The kubectl plugin loads @kubernetes/client-node (~60 MB of heap): an agent,
+// running on every protected server, must not pay for it. It is added only
+// when it is asked for, or for help (which lists it).
+const words = process.argv.slice(2);
+if (words.length === 0 || words.some((w) => w === "kubectl" || w === "help" || w === "--help" || w === "-h")) {
+  program.addCommand((await import("../operator/plugin.ts")).pluginCommand(fail));
+}
 
 await program.parseAsync(process.argv);
