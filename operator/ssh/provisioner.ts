@@ -29,6 +29,15 @@ export interface SshProvisionerOptions {
 
 type Outcome = { ok: true; result: InstallResult; agentName: string } | { ok: false; error: Error };
 
+/** The parts of an ssh endpoint that make up the one agent on its host: pairs sharing a host must agree on them. */
+const LAYOUT_DEFAULTS = { agentPort: 7702, prefix: "/opt/understudy", etcDir: "/etc/understudy", dataDir: "/var/lib/understudy", targetRoot: "/var/lib/understudy/replicas", start: "auto" } as const;
+type Layout = { -readonly [K in keyof typeof LAYOUT_DEFAULTS]: string | number };
+function layoutOf(s: SshEndpoint): Layout {
+  return { agentPort: s.agentPort ?? LAYOUT_DEFAULTS.agentPort, prefix: s.prefix ?? LAYOUT_DEFAULTS.prefix, etcDir: s.etcDir ?? LAYOUT_DEFAULTS.etcDir, dataDir: s.dataDir ?? LAYOUT_DEFAULTS.dataDir, targetRoot: s.targetRoot ?? LAYOUT_DEFAULTS.targetRoot, start: s.start ?? LAYOUT_DEFAULTS.start };
+}
+/** A claim on a host's layout not refreshed for this long is dropped (its pair went away, or stopped using ssh, while this operator ran). */
+const CLAIM_TTL_MS = 10 * 60_000;
+
 /** The agent name for a host: ssh-<host>, made an agent name (lowercase, at most 63). */
 export function sshAgentName(host: string): string {
   const base = `ssh-${host.toLowerCase().replace(/[^a-z0-9.-]+/g, "-")}`.replace(/[.-]+$/, "");
@@ -46,6 +55,13 @@ export class SshProvisioner implements EndpointProvisioner {
    * files, so installing for one pair does not restart the agent under another.
    */
   private readonly issued = new Map<string, Promise<Record<string, { content: string; mode: number }>>>();
+  /**
+   * Which endpoint's layout each host's agent has, by host. One host runs one
+   * agent with one agent.yaml: a second pair asking for another target root
+   * or port would silently move the first pair's replicas (the last install
+   * wins), so it is refused instead, naming the pair that has the host.
+   */
+  private readonly claims = new Map<string, { owner: string; layout: Layout; at: number }>();
 
   constructor(o: SshProvisionerOptions) {
     this.o = o;
@@ -79,6 +95,15 @@ export class SshProvisioner implements EndpointProvisioner {
     const key = this.key(pair, name);
     const version = this.o.bundle.version;
     const agentName = sshAgentName(s.host);
+
+    const conflict = this.claim(s, key);
+    if (conflict) {
+      const attempt = st.lastError?.code === "SshLayoutConflict" ? (st.lastError.attempt ?? 1) + 1 : 1;
+      st.lastError = { code: "SshLayoutConflict", message: conflict, at: new Date().toISOString(), attempt };
+      st.phase = "Failed";
+      st.message = conflict;
+      return { status: st, requeueAfterMs: 60_000, events: attempt === 1 ? [{ type: "Warning", reason: "SshLayoutConflict", message: conflict }] : [] };
+    }
 
     const outcome = this.done.get(key);
     if (outcome) {
@@ -139,6 +164,25 @@ export class SshProvisioner implements EndpointProvisioner {
     return { status: st, requeueAfterMs: 1000 };
   }
 
+  /** Claim the host's layout for key; a message when another live endpoint has it with a different layout. */
+  private claim(s: SshEndpoint, key: string): string | undefined {
+    const now = (this.o.now?.() ?? new Date()).getTime();
+    const layout = layoutOf(s);
+    const host = s.host.toLowerCase();
+    const c = this.claims.get(host);
+    if (c && c.owner !== key && now - c.at < CLAIM_TTL_MS) {
+      const diff = (Object.keys(layout) as (keyof Layout)[]).filter((k) => layout[k] !== c.layout[k]);
+      if (diff.length > 0) {
+        const [ns, pair, endpoint] = c.owner.split("/");
+        return `host ${s.host} already runs the agent installed for pair ${ns}/${pair} (endpoint ${endpoint}) with ${diff.map((k) => `${k} ${c.layout[k]}`).join(", ")}; this endpoint asks for ${diff.map((k) => `${k} ${layout[k]}`).join(", ")}. One host runs one agent: give every pair on it the same ssh ${diff.join(", ")}`;
+      }
+      c.at = now; // same layout: the host is shared, and still in use
+      return undefined;
+    }
+    this.claims.set(host, { owner: key, layout, at: now });
+    return undefined;
+  }
+
   /** agent.yaml and its certificate (CN = agent name, SAN = the host as the operator dials it). */
   private async agentFiles(s: SshEndpoint, agentName: string) {
     const etc = s.etcDir ?? "/etc/understudy";
@@ -162,6 +206,8 @@ export class SshProvisioner implements EndpointProvisioner {
 
   async finalize(pair: ReplicationPair, name: string, prev: EndpointStatus | undefined): Promise<FinalizeResult> {
     // The agent stays installed and running: it may serve other pairs, and the replicas it keeps are the user's.
+    const key = this.key(pair, name);
+    for (const [host, c] of this.claims) if (c.owner === key) this.claims.delete(host);
     return { done: true, status: { ...(prev ?? {}), name, kind: "ssh" } };
   }
 }

@@ -6,7 +6,10 @@ import { test } from "node:test";
 import type { EndpointStatus, ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
 import { provisionedEndpoints, resolvePair } from "../../operator/controllers/endpoints.ts";
 import { renderUserData } from "../../operator/ec2/user-data.ts";
-import { sshAgentName } from "../../operator/ssh/provisioner.ts";
+import { SshProvisioner, sshAgentName } from "../../operator/ssh/provisioner.ts";
+import type { SshEndpoint } from "../../operator/api/v1alpha1/index.ts";
+import { createLogger } from "../../common/log.ts";
+import { newCA } from "../../common/tls.ts";
 
 const CA = "-----BEGIN CERTIFICATE-----\nMIIBcjCCARmgAwIBAgIQb4Gu\n-----END CERTIFICATE-----\n";
 
@@ -86,4 +89,28 @@ test("ssh agent names are agent names", () => {
   assert.equal(sshAgentName("fd00::1"), "ssh-fd00-1");
   const long = sshAgentName(`${"a".repeat(80)}.example.com`);
   assert.ok(long.length <= 63 && /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/.test(long), long);
+});
+
+test("ssh: a second pair asking one host for another layout is refused, naming the pair that has it; same layout shares", async () => {
+  let now = Date.parse("2026-01-01T00:00:00Z");
+  const p = new SshProvisioner({ bundle: { path: "/nonexistent", version: "1.0.0" }, ca: await newCA("test CA", 1), admins: ["op"], readSecret: async () => undefined, log: createLogger("test", "silent"), now: () => new Date(now) });
+  const on = (name: string, ssh: SshEndpoint): ReplicationPair => ({ metadata: { namespace: "prod", name, uid: name }, spec: { source: { ssh }, targets: [{ name: "local", agent: { address: "10.0.0.6:7702" } }], replicationSet: { path: "/srv" } } });
+  const a = on("web", { host: "10.0.0.5", secretName: "ssh", targetRoot: "/replicas-a" });
+  const b = on("db", { host: "10.0.0.5", secretName: "ssh", targetRoot: "/replicas-b", agentPort: 7800 });
+  const c = on("mail", { host: "10.0.0.5", secretName: "ssh", targetRoot: "/replicas-a" });
+  assert.notEqual((await p.reconcile(a, "source", undefined, true)).status.phase, "Failed");
+  const r = await p.reconcile(b, "source", undefined, true);
+  assert.equal(r.status.phase, "Failed");
+  assert.equal(r.status.lastError?.code, "SshLayoutConflict");
+  assert.match(r.status.message ?? "", /host 10\.0\.0\.5 already runs the agent installed for pair prod\/web \(endpoint source\) with agentPort 7702, targetRoot \/replicas-a; this endpoint asks for agentPort 7800, targetRoot \/replicas-b/);
+  assert.deepEqual(r.events?.map((e) => e.reason), ["SshLayoutConflict"]);
+  assert.deepEqual((await p.reconcile(b, "source", r.status, true)).events, [], "the Warning event once, not on every pass");
+  assert.notEqual((await p.reconcile(c, "source", undefined, true)).status.phase, "Failed", "pairs with the same layout share the host");
+  // The pair that had the host goes: the other one may have it.
+  await p.finalize(a, "source", undefined);
+  await p.finalize(c, "source", undefined);
+  assert.notEqual((await p.reconcile(b, "source", undefined, true)).status.lastError?.code, "SshLayoutConflict");
+  // A claim not refreshed (its pair stopped using ssh while the operator ran) lapses.
+  now += 11 * 60_000;
+  assert.notEqual((await p.reconcile(a, "source", undefined, true)).status.lastError?.code, "SshLayoutConflict");
 });
