@@ -3,7 +3,7 @@
 // must never wait on an agent without a bound.
 import * as grpc from "@grpc/grpc-js";
 import type { TlsConfig } from "../common/config.ts";
-import { clientCredentials } from "../common/tls.ts";
+import { clientCredentials, dialOptions } from "../common/tls.ts";
 import { ControlClient, type SetSpec, type StatusResponse, type VerifyReport } from "./wire.ts";
 
 type Method = "status" | "mirror" | "verify" | "configureSet" | "removeSet" | "promote" | "mapImage" | "runCommand" | "drain";
@@ -29,7 +29,7 @@ export class AgentCallError extends Error {
 }
 
 function call<Q, R>(address: string, tls: TlsConfig, method: Method, req: Q, timeoutMs: number, client?: ControlClient): Promise<R> {
-  const c = client ?? new ControlClient(address, clientCredentials(tls));
+  const c = client ?? new ControlClient(address, clientCredentials(tls), dialOptions(address));
   const fn = c[method] as unknown as (q: Q, md: grpc.Metadata, o: Partial<grpc.CallOptions>, cb: (e: grpc.ServiceError | null, r?: R) => void) => void;
   return new Promise<R>((resolve, reject) =>
     fn.call(c, req, new grpc.Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) => {
@@ -63,7 +63,7 @@ export class AgentConnection {
   constructor(address: string, tls: TlsConfig) {
     this.address = address;
     this.tls = tls;
-    this.client = new ControlClient(address, clientCredentials(tls), { "grpc.max_receive_message_length": 64 * 1024 * 1024 });
+    this.client = new ControlClient(address, clientCredentials(tls), { ...dialOptions(address), "grpc.max_receive_message_length": 64 * 1024 * 1024 });
   }
   status(timeoutMs = 5000): Promise<StatusResponse> {
     return call(this.address, this.tls, "status", {}, timeoutMs, this.client);

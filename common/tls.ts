@@ -6,10 +6,10 @@ import { readFileSync } from "node:fs";
 import { mkdir, readFile, rename, stat, unlink, writeFile } from "node:fs/promises";
 import { isIP } from "node:net";
 import path from "node:path";
-import type { PeerCertificate } from "node:tls";
+import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import type * as X509 from "@peculiar/x509";
-import type { TlsConfig } from "./config.ts";
+import { splitHostPort, type TlsConfig } from "./config.ts";
 
 const CA_DAYS = 3650;
 const CERT_DAYS = 825;
@@ -476,7 +476,37 @@ export function serverCredentials(tls: TlsConfig): grpc.ServerCredentials {
 export function clientCredentials(tls: TlsConfig): grpc.ChannelCredentials {
   if (tls.insecure === true) return grpc.credentials.createInsecure();
   const m = loadMaterial(tls);
-  return grpc.credentials.createSsl(m.ca, m.key, m.cert);
+  return grpc.credentials.createSsl(m.ca, m.key, m.cert, { checkServerIdentity: (host, cert) => checkServerIdentity(ipOfServerName(host) ?? host, cert) });
+}
+
+// gRPC sends the dialled host as the TLS server name (SNI), and Node warns when
+// that is an IP address (DEP0123: RFC 6066 allows only DNS names there). Agents
+// are mostly dialled by IP, so an IP goes as a name under .invalid (RFC 6761:
+// never resolves, never a real name) that stands for it, and the identity
+// check above turns it back into the IP and checks the certificate's IP SANs
+// with it: the same check as before, without the warning.
+const IP_NAME = /^(ip4|ip6)-([0-9a-f-]+)\.understudy\.invalid$/;
+
+/** The server name to send for an IP host, or undefined for a DNS name. */
+export function serverNameForIp(host: string): string | undefined {
+  const v = isIP(host);
+  if (v === 4) return `ip4-${host.replace(/\./g, "-")}.understudy.invalid`;
+  if (v === 6 && !host.includes("%") && !host.includes(".")) return `ip6-${host.toLowerCase().replace(/:/g, "-")}.understudy.invalid`;
+  return undefined;
+}
+
+function ipOfServerName(name: string): string | undefined {
+  const m = IP_NAME.exec(name);
+  if (!m) return undefined;
+  const ip = m[1] === "ip4" ? m[2]!.replace(/-/g, ".") : m[2]!.replace(/-/g, ":");
+  return isIP(ip) ? ip : undefined;
+}
+
+/** Channel options for dialling address with clientCredentials (see serverNameForIp). */
+export function dialOptions(address: string): grpc.ChannelOptions {
+  const host = splitHostPort(address)?.host;
+  const name = host === undefined ? undefined : serverNameForIp(host);
+  return name ? { "grpc.ssl_target_name_override": name } : {};
 }
 
 /**

@@ -15,6 +15,7 @@ import { hashBlocks } from "../source/blocks.ts";
 import { parentOf } from "../source/file-index.ts";
 import { attrOf, kindOf, rdevOf } from "../fs/stat.ts";
 import { readXattrs, xattrDifference } from "../fs/xattr.ts";
+import { dialOptions } from "../../common/tls.ts";
 import { MAX_MESSAGE_BYTES, PacketStreamClient, type Attr, type Difference, type ManifestEntryMsg, type ReplicationStreamClient, type VerifyReport } from "../wire.ts";
 
 export type VerifyResult = VerifyReport;
@@ -64,7 +65,7 @@ class Verifier {
 
   constructor(o: VerifyOptions) {
     this.o = o;
-    this.client = new PacketStreamClient(o.target, o.credentials, { "grpc.max_receive_message_length": MAX_MESSAGE_BYTES });
+    this.client = new PacketStreamClient(o.target, o.credentials, { ...dialOptions(o.target), "grpc.max_receive_message_length": MAX_MESSAGE_BYTES });
   }
 
   close(): void {

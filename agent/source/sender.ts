@@ -6,6 +6,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { EventEmitter, once } from "node:events";
 import type { Logger } from "../../common/log.ts";
+import { dialOptions } from "../../common/tls.ts";
 import { Backoff, sleep } from "../../common/retry.ts";
 import type { Journal } from "../queue/journal.ts";
 import { randomUUID } from "node:crypto";
@@ -295,6 +296,7 @@ export class Sender {
 
   private async session(backoff: Backoff): Promise<void> {
     const client = new PacketStreamClient(this.o.address, this.o.credentials, {
+      ...dialOptions(this.o.address),
       "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
       "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
       "grpc.keepalive_time_ms": 5_000,

@@ -7,7 +7,7 @@ import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import * as grpc from "@grpc/grpc-js";
-import { certFingerprint, clientCredentials, createCA, issueCert, peerCommonName, serverCredentials } from "../../common/tls.ts";
+import { certFingerprint, clientCredentials, createCA, dialOptions, issueCert, peerCommonName, serverCredentials } from "../../common/tls.ts";
 import { ControlClient, ControlService, type ControlServer, type StatusResponse } from "../../proto/gen/understudy/v1/control.ts";
 
 const SERVER_AUTH = "1.3.6.1.5.5.7.3.1";
@@ -21,6 +21,7 @@ let ca: { certPath: string; keyPath: string };
 let src: Issued; // client identity
 let tgt: Issued; // server identity
 let noIpSan: Issued; // server cert without the 127.0.0.1 SAN
+let nameForIp: Issued; // server cert whose DNS SAN is the name sent for 127.0.0.1, without the IP SAN
 let rogueSrc: Issued; // "src", but issued by another CA
 let rogueTgt: Issued; // a server cert (127.0.0.1) issued by another CA
 let otherCaPath: string;
@@ -30,6 +31,7 @@ before(async () => {
   ca = await createCA(path.join(dir, "ca"));
   src = await issueCert({ caDir: path.join(dir, "ca"), name: "src", hosts: ["127.0.0.1", "localhost"], outDir: path.join(dir, "src") });
   tgt = await issueCert({ caDir: path.join(dir, "ca"), name: "tgt", hosts: ["127.0.0.1", "localhost", "::1"], outDir: path.join(dir, "tgt") });
+  nameForIp = await issueCert({ caDir: path.join(dir, "ca"), name: "trick", hosts: ["ip4-127-0-0-1.understudy.invalid"], outDir: path.join(dir, "trick") });
   noIpSan = await issueCert({ caDir: path.join(dir, "ca"), name: "elsewhere", hosts: ["tgt.example.internal"], outDir: path.join(dir, "elsewhere") });
   const other = await createCA(path.join(dir, "other-ca"), { commonName: "someone else's CA" });
   otherCaPath = other.certPath;
@@ -42,6 +44,9 @@ after(async () => {
 });
 
 const read = (p: string) => readFile(p);
+/** Every process warning of this file (Node prints a deprecation once per process: collect from the start). */
+const warnings: string[] = [];
+process.on("warning", (w: Error & { code?: string }) => warnings.push(`${w.code ?? ""} ${w.message}`));
 const tlsOf = (c: Issued) => ({ ca: c.caPath, cert: c.certPath, key: c.keyPath });
 
 type Running = { port: number; seen: (string | undefined)[]; server: grpc.Server };
@@ -71,7 +76,7 @@ async function startServer(creds: grpc.ServerCredentials): Promise<Running> {
 
 /** One Status call on a fresh channel (own subchannel pool: no connection reuse between cases). */
 async function status(address: string, creds: grpc.ChannelCredentials): Promise<StatusResponse> {
-  const client = new ControlClient(address, creds, { "grpc.use_local_subchannel_pool": 1 });
+  const client = new ControlClient(address, creds, { ...dialOptions(address), "grpc.use_local_subchannel_pool": 1 });
   try {
     return await new Promise<StatusResponse>((resolve, reject) =>
       client.status({}, new grpc.Metadata(), { deadline: Date.now() + 5000 }, (e, r) => (e ? reject(e) : resolve(r))),
@@ -230,6 +235,24 @@ describe("mTLS over grpc", () => {
       await assertRefused(status(`127.0.0.1:${s.port}`, clientCredentials(tlsOf(src))), /127\.0\.0\.1|altnames/);
       assert.deepEqual(s.seen, []);
     });
+  });
+
+  test("an IP is checked as an IP: a DNS SAN spelling the server name sent for it does not pass", async () => {
+    await withServer(nameForIp, async (s) => {
+      await assertRefused(status(`127.0.0.1:${s.port}`, clientCredentials(tlsOf(src))), /127\.0\.0\.1|altnames/);
+      assert.deepEqual(s.seen, []);
+    });
+  });
+
+  test("dialling an IP: verified against the IP SANs, and no DEP0123 warning in this whole file", async () => {
+    await withServer(tgt, async (s) => {
+      assert.equal((await status(`127.0.0.1:${s.port}`, clientCredentials(tlsOf(src)))).name, "src");
+    });
+    await new Promise((r) => setImmediate(r));
+    assert.deepEqual(warnings.filter((w) => w.includes("DEP0123")), []);
+    assert.deepEqual(dialOptions("10.0.0.5:7701"), { "grpc.ssl_target_name_override": "ip4-10-0-0-5.understudy.invalid" });
+    assert.deepEqual(dialOptions("[fd00::1]:7701"), { "grpc.ssl_target_name_override": "ip6-fd00--1.understudy.invalid" });
+    assert.deepEqual(dialOptions("dr1.example.com:7701"), {});
   });
 
   test("insecure server: no peer name", async () => {
