@@ -8,7 +8,7 @@
 //   Pending ─ nonce persisted ─▶ Uploading ─▶ Launching ─▶ Booting/Enrolling ─▶ Ready
 //                                                              ▲      │ type ≠ desired
 //                                                              └ Resizing (stop, modify, start)
-import { ModifyInstanceAttributeCommand, StartInstancesCommand, StopInstancesCommand } from "@aws-sdk/client-ec2";
+import { CreateTagsCommand, DeleteTagsCommand, ModifyInstanceAttributeCommand, StartInstancesCommand, StopInstancesCommand } from "@aws-sdk/client-ec2";
 import { createHash, randomBytes } from "node:crypto";
 import { joinHostPort } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
@@ -17,7 +17,7 @@ import { subjectOf, type EndpointProvisioner, type FinalizeResult, type Provisio
 import { deleteObject, ensureBucket, presignGet, putBundle } from "./bundle-store.ts";
 import { awsClients, type AwsClients, type AwsConfig } from "./clients.ts";
 import { awsError, backoffMs, Ec2Error } from "./errors.ts";
-import { clientToken, describe, findByTarget, launch, terminate, type InstanceInfo } from "./instances.ts";
+import { clientToken, describe, findByTarget, launch, MANAGED_BY_TAG, TARGET_TAG, terminate, type InstanceInfo } from "./instances.ts";
 import { renderUserData } from "./user-data.ts";
 
 /** What an enrollment left behind (operator/enroll/kube-store.ts keeps it). */
@@ -55,9 +55,8 @@ export interface Ec2ProvisionerOptions {
 
 const POLL_MS = 5000;
 const BOOT_POLL_MS = 3000;
-
-
-
+/** replaces TARGET_TAG on an instance kept at deletion (onDelete Retain): <namespace>/<pair>/<target> it served */
+export const RETAINED_FROM_TAG = "understudy.dev/retained-from";
 
 export class Ec2Provisioner implements EndpointProvisioner {
   readonly kind = "ec2" as const;
@@ -240,17 +239,30 @@ export class Ec2Provisioner implements EndpointProvisioner {
     try {
       const aws = await this.aws(pair, spec);
       const sub = subjectOf(pair, name);
+      // the recorded instance, and any other tagged for this target (a launch whose id was never recorded)
+      const tagged = await findByTarget(aws.ec2, sub);
+      const ids = new Set([...(st.instanceId ? [st.instanceId] : []), ...tagged.map((i) => i.id)]);
       if ((spec.onDelete ?? "Terminate") === "Terminate") {
-        // the recorded instance, and any other tagged for this target (a launch whose id was never recorded)
-        const ids = new Set([...(st.instanceId ? [st.instanceId] : []), ...(await findByTarget(aws.ec2, sub)).map((i) => i.id)]);
         for (const id of ids) {
           const r = await terminate(aws.ec2, id);
           if (r.previousState && r.previousState !== "terminated") events.push({ type: "Normal", reason: "InstanceTerminated", message: `terminated ${id} (was ${r.previousState})` });
         }
-      } else if (st.instanceId) {
-        events.push({ type: "Normal", reason: "InstanceRetained", message: `instance ${st.instanceId} kept (spec ec2.onDelete Retain); its replica stays on it` });
+      } else {
+        // Retain: every live one is kept and named. It gives up the target tag, or a pair made later under
+        // the same name would adopt it (and wait for an enrollment that never comes) and terminate it when deleted.
+        for (const id of ids) {
+          const inst = tagged.find((i) => i.id === id) ?? (await describe(aws.ec2, id));
+          if (!inst || inst.state === "terminated" || inst.state === "shutting-down") continue;
+          if (inst.tags[TARGET_TAG] === sub) {
+            await aws.ec2.send(new CreateTagsCommand({ Resources: [id], Tags: [{ Key: RETAINED_FROM_TAG, Value: sub }] }));
+            await aws.ec2.send(new DeleteTagsCommand({ Resources: [id], Tags: [{ Key: TARGET_TAG }, { Key: MANAGED_BY_TAG }] }));
+          }
+          events.push({ type: "Normal", reason: "InstanceRetained", message: `instance ${id} kept (spec ec2.onDelete Retain) with what is on it; no longer managed (tagged ${RETAINED_FROM_TAG}=${sub}): terminate it yourself when done` });
+        }
       }
-      await deleteObject(aws.s3, spec.bucket, st.bundle?.key ?? this.bundleKey(pair, name));
+      // also on Retain: the user data fetched it once, at first boot; an instance that has not yet
+      // could not enroll any more (the pair is gone), and nothing would remove the object later
+      await deleteObject(aws.s3, st.bundle?.bucket ?? spec.bucket, st.bundle?.key ?? this.bundleKey(pair, name));
       return { done: true, status: st, events };
     } catch (e) {
       const r = this.failed(st, e, events);

@@ -15,7 +15,7 @@ import { CreateSecurityGroupCommand, CreateSubnetCommand, CreateVpcCommand, Desc
 import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import { fetchStatus } from "../../agent/control-client.ts";
 import { awsClients, type AwsClients } from "../../operator/ec2/clients.ts";
-import { describe as describeInstance, findByTarget } from "../../operator/ec2/instances.ts";
+import { describe as describeInstance, findByTarget, terminate } from "../../operator/ec2/instances.ts";
 import type { EndpointStatus, ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
 import { startMoto, type Moto } from "../env/moto.ts";
 import { buildBundle, type BuiltBundle } from "../env/bundle.ts";
@@ -201,6 +201,37 @@ describe("ec2 DR targets", { timeout: 900_000 }, () => {
     await waitFor("pair db gone", async () => !(await w.get("db")), 120_000, 500);
     assert.equal((await describeInstance(aws.ec2, first))?.state, "terminated");
     await assert.rejects(aws.s3.send(new HeadObjectCommand({ Bucket: BUCKET, Key: key })), "its bundle object is removed");
+  });
+
+  test("onDelete Retain: deletion keeps the instances, also one the status lost the id of, names them in events and untags them; the bundle objects are removed", async () => {
+    await applyPair("keep", await w.sourceTree("keep", 1), [ec2Target("kept", { onDelete: "Retain" }), ec2Target("lost", { onDelete: "Retain" })]);
+    const p = await w.waitPair("keep", "both launched", (x) => !!endpoint(x, "kept")?.instanceId && !!endpoint(x, "lost")?.instanceId, 120_000);
+    const ids = { kept: endpoint(p, "kept")!.instanceId!, lost: endpoint(p, "lost")!.instanceId! };
+    const keys = [endpoint(p, "kept")!.bundle!.key!, endpoint(p, "lost")!.bundle!.key!];
+    for (const key of keys) await aws.s3.send(new HeadObjectCommand({ Bucket: BUCKET, Key: key }));
+    // "lost": the status write after RunInstances never happened (the operator stopped), and the pair is deleted meanwhile
+    await w.op.stop();
+    const at = (await w.get("keep"))!.status!.endpoints!.findIndex((e) => e.name === "lost");
+    await kubectlOk(w.cluster, ["patch", "replicationpair", "keep", "-n", NS, "--subresource=status", "--type=json", "-p", JSON.stringify([{ op: "test", path: `/status/endpoints/${at}/name`, value: "lost" }, { op: "remove", path: `/status/endpoints/${at}/instanceId` }])]);
+    await kubectlOk(w.cluster, ["delete", "replicationpair", "keep", "-n", NS, "--wait=false"]);
+    await w.op.start();
+    await waitFor("pair keep gone (finalizer done)", async () => !(await w.get("keep")), 60_000, 500);
+
+    for (const [target, id] of Object.entries(ids)) {
+      const inst = await describeInstance(aws.ec2, id);
+      assert.ok(inst?.state === "running" || inst?.state === "pending", `${target}: ${id} is kept, not ${inst?.state}`);
+      assert.equal(inst.tags["understudy.dev/retained-from"], `${NS}/keep/${target}`, `${target}: says where it came from`);
+      assert.equal(inst.tags["understudy.dev/target"], undefined, `${target}: a later pair of the same name neither adopts nor terminates it`);
+      assert.equal((await findByTarget(aws.ec2, `${NS}/keep/${target}`)).length, 0);
+    }
+    const events = () => kubectlOk(w.cluster, ["get", "events", "-n", NS, "--field-selector", "involvedObject.name=keep", "-o", "jsonpath={range .items[*]}{.reason} {.message}{\"\\n\"}{end}"]);
+    await waitFor("an InstanceRetained event for each instance", async () => {
+      const ev = await events();
+      return Object.entries(ids).every(([t, id]) => ev.split("\n").some((l) => l.startsWith(`InstanceRetained ${t}: instance ${id} kept`)));
+    }, 15_000, 500);
+    assert.doesNotMatch(await events(), /InstanceTerminated/);
+    for (const key of keys) await assert.rejects(aws.s3.send(new HeadObjectCommand({ Bucket: BUCKET, Key: key })), `${key} is removed`);
+    for (const id of Object.values(ids)) await terminate(aws.ec2, id);
   });
 
   test("AWS errors become conditions with the AWS code and message", async () => {
