@@ -105,7 +105,9 @@ export class FailoverFlow {
       const fo = pair.status?.failover;
       if (policy?.spec.quiesce?.length && !(fo?.quiesced && fo.reason === "cutover" && fo.target === name && !fo.finishedAt)) {
         // Stop the application on the source first: nothing it writes afterwards could reach the target.
-        const done = await this.runActions(pair, policy.spec.quiesce, pair.spec.source.agent.address, "source");
+        const { done, failed } = await this.runActions(pair, policy.spec.quiesce, pair.spec.source.agent.address, "source");
+        // The application may still be writing: a cutover now could leave its last writes behind. The source keeps serving.
+        if (failed) return this.refuse(pair, "QuiesceFailed", `cutover to ${name} not started: quiesce on the source: ${failed}; replication from the source goes on (steps before it may have run). Fix it, or set that step's onFailure: Continue; the cutover is tried again in 30s`, 30_000);
         const status: ReplicationPairStatus = { ...(pair.status ?? {}), phase: "FailingOver", failover: { target: name, reason: "cutover", startedAt: timestamp(now), quiesced: true, actions: done } };
         this.cond(status, pair, "FailedOver", "False", "Quiesced", `cutover to ${name}: the source's application was stopped (${done.join(", ")}); final sync next`);
         await this.write(pair, status);
@@ -134,7 +136,8 @@ export class FailoverFlow {
 
     const epoch = (pair.status?.epoch ?? 0) + 1;
     const promoted = await this.o.agents.promote(t.agent.address, { source: image!.source, set: setName, epoch });
-    const actions = await this.runActions(pair, policy?.spec.actions ?? [], t.agent.address, name);
+    // Promoted already: a failed action cannot undo the failover, it only stops the actions after it.
+    const { done: actions } = await this.runActions(pair, policy?.spec.actions ?? [], t.agent.address, name);
     const serviceAddress = await this.moveIdentity(pair, policy, t.agent.address, name);
     // The old source is fenced by the epoch already; stop its set too when it is there to ask.
     if (src.status) await this.o.agents.removeSet(pair.spec.source.agent.address, setName, true).catch(() => undefined);
@@ -227,7 +230,12 @@ export class FailoverFlow {
       return { requeueAfterMs: 1000 };
     }
     if (policy?.spec.quiesce?.length && !(pair.status?.failover?.quiesced && pair.status.failover.reason === "failback")) {
-      const done = await this.runActions(pair, policy.spec.quiesce, t.agent.address, name);
+      const { done, failed } = await this.runActions(pair, policy.spec.quiesce, t.agent.address, name);
+      if (failed) {
+        this.cond(status, pair, "FailedOver", "True", "QuiesceFailed", `failback to the source not started: quiesce on ${name}: ${failed}; ${name} stays the active side (steps before it may have run). Fix it, or set that step's onFailure: Continue; the failback is tried again in 30s`);
+        await this.write(pair, status);
+        return { requeueAfterMs: 30_000 };
+      }
       status.failover = { ...(pair.status?.failover ?? {}), reason: "failback", quiesced: true, actions: done };
       this.cond(status, pair, "FailedOver", "True", "Quiesced", `failback: the application on ${name} was stopped (${done.join(", ")}); final sync next`);
       await this.write(pair, status);
@@ -252,14 +260,28 @@ export class FailoverFlow {
   }
 
   /** Run a policy's action list on an agent; one line per action for status. */
-  private async runActions(pair: ResolvedPair, list: { name: string; command: string[]; timeout?: string }[], address: string, side: string): Promise<string[]> {
+  /**
+   * Run actions in order on `address`. An action that fails (non-zero exit,
+   * timeout, agent unreachable) with onFailure Stop (the default) ends the
+   * list: the ones after it are skipped, as a shell script with `set -e`
+   * would (an image check that fails must not be followed by starting the
+   * VMs on it). `failed` names the action that stopped the list.
+   */
+  private async runActions(pair: ResolvedPair, list: { name: string; command: string[]; timeout?: string; onFailure?: "Stop" | "Continue" }[], address: string, side: string): Promise<{ done: string[]; failed?: string }> {
     const done: string[] = [];
-    for (const a of list) {
+    for (const [i, a] of list.entries()) {
       const r = await this.o.agents.runCommand(address, a.command, parseDuration(a.timeout ?? "60s")).catch((e: Error) => ({ exitCode: -1, output: e.message }));
-      done.push(`${a.name}: exit ${r.exitCode}${r.exitCode ? ` (${r.output.trim().split("\n").slice(-1)[0] ?? ""})` : ""}`);
+      const last = r.output.trim().split("\n").slice(-1)[0] ?? "";
+      done.push(`${a.name}: exit ${r.exitCode}${r.exitCode ? ` (${last})` : ""}`);
       this.o.events.event(pair, r.exitCode === 0 ? "Normal" : "Warning", r.exitCode === 0 ? "ActionDone" : "ActionFailed", `${a.name} on ${side}: exit ${r.exitCode}${r.output ? `: ${r.output.slice(-300)}` : ""}`);
+      if (r.exitCode !== 0 && (a.onFailure ?? "Stop") === "Stop") {
+        const skipped = list.slice(i + 1).map((x) => x.name);
+        for (const n of skipped) done.push(`${n}: skipped (${a.name} failed)`);
+        if (skipped.length) this.o.events.event(pair, "Warning", "ActionsSkipped", `${skipped.join(", ")} on ${side} not run: ${a.name} failed (exit ${r.exitCode}) and its onFailure is Stop`);
+        return { done, failed: `${a.name} failed (exit ${r.exitCode}${last ? `: ${last}` : ""})` };
+      }
     }
-    return done;
+    return { done };
   }
 
   /**

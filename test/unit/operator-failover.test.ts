@@ -207,6 +207,53 @@ test("takeOver, source down and target known good: promote at epoch+1, actions o
   assert.ok(r.requeueAfterMs !== undefined && r.requeueAfterMs > 0);
 });
 
+test("failover actions: a failed one stops the rest (onFailure Stop, the default); the failover stands; Continue goes on", async () => {
+  for (const onFailure of [undefined, "Continue"] as const) {
+    const h = harness();
+    h.agents.agents.set(TGT, agent("dr1", { images: [image()] }));
+    h.agents.promoted = { appliedSeq: 42, durableSeq: 42 };
+    h.agents.commandResult = (_a, cmd) => (cmd[0] === "fsck" ? { exitCode: 4, output: "checking...\n/srv/www: UNEXPECTED INCONSISTENCY\n" } : { exitCode: 0, output: "" });
+    const p = pair("dr", { health: { sourceDown: true, sourceDownSince: isoAgo(5_000), missedBeats: 3 } });
+    await h.flow.reconcile(p, policy({ actions: [{ ...ACTIONS[0]!, ...(onFailure ? { onFailure } : {}) }, ACTIONS[1]!] }), "source", "dr");
+    const s = last(h.writer);
+    assert.equal(s.activeSide, "dr", "promoted: a failed action does not undo the failover");
+    assert.equal(s.phase, "FailedOver");
+    if (onFailure === "Continue") {
+      assert.equal(h.of("runCommand").length, 2);
+      assert.deepEqual(s.failover?.actions, ["fsck: exit 4 (/srv/www: UNEXPECTED INCONSISTENCY)", "start: exit 0"]);
+    } else {
+      assert.deepEqual(h.of("runCommand").map((c) => c.args[0]), [ACTIONS[0]!.command], "start is not run after fsck failed");
+      assert.deepEqual(s.failover?.actions, ["fsck: exit 4 (/srv/www: UNEXPECTED INCONSISTENCY)", "start: skipped (fsck failed)"]);
+      assert.deepEqual(h.events.filter((e) => e.type === "Warning").map((e) => e.reason), ["ActionFailed", "ActionsSkipped"]);
+      assert.match(h.events.find((e) => e.reason === "ActionsSkipped")!.message, /start on dr not run: fsck failed \(exit 4\)/);
+    }
+  }
+});
+
+test("planned cutover: a failed quiesce step starts nothing (no drain, no promote, later steps skipped); QuiesceFailed; tried again later", async () => {
+  const h = harness();
+  h.agents.agents.set(SRC, agent("web1", { sets: [set([wireTarget()], { lastSeq: 42 })] }));
+  h.agents.agents.set(TGT, agent("dr1", { images: [image({ connected: true })] }));
+  h.agents.commandResult = (_a, cmd) => (cmd[1] === "stop" ? { exitCode: 1, output: "Job for www.service failed" } : { exitCode: 0, output: "" });
+  const quiesce = [{ name: "stop", command: ["systemctl", "stop", "www"] }, { name: "sync", command: ["sync"] }];
+  const r = await h.flow.reconcile(pair("dr"), policy({ quiesce }), "source", "dr");
+  assert.deepEqual(h.actions(), [`runCommand ${SRC}`], "only the failed step ran");
+  const s = last(h.writer);
+  assert.equal(s.activeSide, "source");
+  assert.notEqual(s.phase, "FailedOver");
+  assert.equal(s.failover?.quiesced, undefined, "not recorded as quiesced: the next pass runs quiesce again");
+  const c = cond(s, "FailedOver");
+  assert.equal(c.status, "False");
+  assert.equal(c.reason, "QuiesceFailed");
+  assert.match(c.message, /cutover to dr not started: quiesce on the source: stop failed \(exit 1: Job for www.service failed\)/);
+  assert.equal(r.requeueAfterMs, 30_000);
+  // With Continue the cutover goes on to the drain.
+  h.calls.length = 0;
+  await h.flow.reconcile(pair("dr"), policy({ quiesce: [{ ...quiesce[0]!, onFailure: "Continue" }, quiesce[1]!] }), "source", "dr");
+  assert.deepEqual(h.of("runCommand").map((x) => x.args[0]), [quiesce[0]!.command, quiesce[1]!.command]);
+  assert.equal(last(h.writer).failover?.quiesced, true);
+});
+
 test("takeOver, source unreachable (not yet found down): asked once, then fails over; recovery counted from the start", async () => {
   const h = harness();
   h.agents.agents.set(SRC, new Error("connect ECONNREFUSED"));

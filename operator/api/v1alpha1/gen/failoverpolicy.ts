@@ -44,6 +44,10 @@ export interface FailoverPolicySpec {
      */
     command: string[];
     timeout?: string;
+    /**
+     * What a failure (non-zero exit, timeout, agent unreachable) does. Stop skips the actions after this one (the failover itself stands); Continue runs them anyway.
+     */
+    onFailure?: "Stop" | "Continue";
   }[];
   /**
    * For planned moves (cutover, failback): run on the side that stops serving, in order, before the final sync, so the application writes nothing after it (e.g. stop the service). Not run when that side is down.
@@ -58,6 +62,10 @@ export interface FailoverPolicySpec {
      */
     command: string[];
     timeout?: string;
+    /**
+     * What a failure does. Stop skips the steps after this one and does not start the cutover or failback (it is tried again in 30s; the condition FailedOver shows QuiesceFailed); Continue goes on anyway.
+     */
+    onFailure?: "Stop" | "Continue";
   }[];
   /**
    * What moves to the new primary so clients follow it.
