@@ -12,8 +12,8 @@ import {
   SourceMessage,
   TargetMessage,
   Nack_Reason,
+  Op,
   type Attr,
-  type Op,
   type Xattr,
   type ReplicationServer,
   type ManifestEntry as ManifestEntryMsg,
@@ -59,6 +59,122 @@ export function encodePacket(seq: number, ops: Op[], level: CompressionLevel): P
     if (z.length < raw.length * 0.95) return { seq, compression: Compression.COMPRESSION_ZSTD, body: z, rawSize: raw.length };
   }
   return { seq, compression: Compression.COMPRESSION_NONE, body: raw, rawSize: raw.length };
+}
+
+/**
+ * A packet as the journal stores it: encodePacketBytes(encodePacket(seq, ops,
+ * level)), byte for byte, built with exact sizes so that the data of Write ops
+ * (megabytes per packet) is copied once, into the one buffer that is the
+ * result when the body goes uncompressed. Protobuf's growing writer copied it
+ * several times (doubling, the length prefixes' shifts, the final slice) and
+ * encodePacketBytes once more. Large bodies that a sample shows to be
+ * incompressible skip the compression attempt (see worthCompressing).
+ */
+export function encodePacketPayload(seq: number, ops: Op[], level: CompressionLevel): Buffer {
+  const parts: (Buffer | undefined)[] = [];
+  const sizes: number[] = [];
+  let rawSize = 0;
+  for (const op of ops) {
+    let n: number;
+    if (op.kind?.$case === "write") {
+      n = writeOpSize(op.path, op.kind.value.offset, op.kind.value.data.length);
+      parts.push(undefined);
+    } else {
+      const b = asBuffer(Op.encode(op).finish());
+      n = b.length;
+      parts.push(b);
+    }
+    sizes.push(n);
+    rawSize += 1 + varintSize(n) + n;
+  }
+  // The uncompressed packet: seq, body, rawSize (compression NONE is the default: not written).
+  const head = (seq !== 0 ? 1 + varintSize(seq) : 0) + (rawSize ? 1 + varintSize(rawSize) : 0);
+  const out = Buffer.allocUnsafe(head + rawSize + (rawSize ? 1 + varintSize(rawSize) : 0));
+  let pos = 0;
+  if (seq !== 0) pos = putVarint(out, putVarint(out, pos, 0x08), seq);
+  if (rawSize) pos = putVarint(out, putVarint(out, pos, 0x1a), rawSize);
+  for (let i = 0; i < ops.length; i++) {
+    const op = ops[i]!;
+    pos = putVarint(out, putVarint(out, pos, 0x0a), sizes[i]!);
+    const b = parts[i];
+    if (b) pos += b.copy(out, pos);
+    else if (op.kind?.$case === "write") pos = putWriteOp(out, pos, op.path, op.kind.value.offset, op.kind.value.data);
+  }
+  if (rawSize) pos = putVarint(out, putVarint(out, pos, 0x20), rawSize);
+  if (pos !== out.length) throw new Error(`encodePacketPayload: wrote ${pos} bytes of ${out.length}`);
+  const raw = out.subarray(head, head + rawSize);
+  if (level !== "none" && rawSize > 256 && worthCompressing(raw, level)) {
+    const z = zstdCompressSync(raw, { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL[level] } });
+    if (z.length < rawSize * 0.95) return encodePacketBytes({ seq, compression: Compression.COMPRESSION_ZSTD, body: z, rawSize });
+  }
+  return out;
+}
+
+/** Bodies at least this large are sampled before the whole is compressed. */
+const SAMPLE_ABOVE = 256 * 1024;
+const SAMPLES = 8;
+const SAMPLE_BYTES = 8 * 1024;
+
+/**
+ * Whether compressing a body may pay off. A small body: always try. A large
+ * one: compress SAMPLES slices of it spread over the whole (mixed batches,
+ * such as many small files, are sampled in many places); when together they
+ * do not shrink below 90%, the whole would not go below the 95% that makes a
+ * compressed packet worth it (random or already compressed data: zstd's
+ * attempt cost about as much as encoding, journaling and sending the packet).
+ */
+function worthCompressing(raw: Buffer, level: CompressionLevel): boolean {
+  if (raw.length < SAMPLE_ABOVE) return true;
+  const step = Math.floor((raw.length - SAMPLE_BYTES) / (SAMPLES - 1));
+  const sample = Buffer.allocUnsafe(SAMPLES * SAMPLE_BYTES);
+  for (let i = 0; i < SAMPLES; i++) raw.copy(sample, i * SAMPLE_BYTES, i * step, i * step + SAMPLE_BYTES);
+  const z = zstdCompressSync(sample, { params: { [zc.ZSTD_c_compressionLevel]: Math.min(ZSTD_LEVEL[level], 3) } });
+  return z.length < sample.length * 0.9;
+}
+
+/** Size of an Op { path, write: { offset, data } } of `dataLength` bytes, encoded. */
+function writeOpSize(path: string, offset: number, dataLength: number): number {
+  const w = writeBodySize(offset, dataLength);
+  const p = Buffer.byteLength(path, "utf8");
+  return (path !== "" ? 1 + varintSize(p) + p : 0) + 1 + varintSize(w) + w;
+}
+
+function writeBodySize(offset: number, dataLength: number): number {
+  return (offset !== 0 ? 1 + varintSize(offset) : 0) + (dataLength !== 0 ? 1 + varintSize(dataLength) + dataLength : 0);
+}
+
+/** Write an Op { path, write: { offset, data } } at pos (as Op.encode does); returns the position after it. */
+function putWriteOp(out: Buffer, pos: number, path: string, offset: number, data: Uint8Array): number {
+  if (path !== "") {
+    pos = putVarint(out, putVarint(out, pos, 0x0a), Buffer.byteLength(path, "utf8"));
+    pos += out.write(path, pos, "utf8");
+  }
+  pos = putVarint(out, putVarint(out, pos, 98), writeBodySize(offset, data.length));
+  if (offset !== 0) pos = putVarint(out, putVarint(out, pos, 0x08), offset);
+  if (data.length !== 0) {
+    pos = putVarint(out, putVarint(out, pos, 0x12), data.length);
+    out.set(data, pos);
+    pos += data.length;
+  }
+  return pos;
+}
+
+function varintSize(n: number): number {
+  let s = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 0x80);
+    s++;
+  }
+  return s;
+}
+
+function putVarint(out: Buffer, pos: number, n: number): number {
+  while (n >= 0x80) {
+    out[pos++] = (n % 0x80) | 0x80;
+    n = Math.floor(n / 0x80);
+  }
+  out[pos++] = n;
+  return pos;
 }
 
 export class PacketError extends Error {}

@@ -32,6 +32,8 @@ export class FileIndex {
   private readonly entries = new Map<string, IndexEntry>();
   private readonly byIno = new Map<number, Set<string>>();
   private readonly kids = new Map<string, Set<string>>(); // dir ("" = root) -> child paths
+  /** Sum of the sizes of the file entries, kept up to date by set and delete (entries are never changed in place). */
+  private fileBytes = 0;
 
   get size(): number {
     return this.entries.size;
@@ -59,9 +61,7 @@ export class FileIndex {
   }
 
   totalBytes(): number {
-    let n = 0;
-    for (const e of this.entries.values()) if (e.t === "f") n += e.size;
-    return n;
+    return this.fileBytes;
   }
 
   /** Paths strictly below dir. */
@@ -86,6 +86,8 @@ export class FileIndex {
   private set(p: string, e: IndexEntry): void {
     const old = this.entries.get(p);
     if (old) this.unlinkIno(old.ino, p);
+    if (old?.t === "f") this.fileBytes -= old.size;
+    if (e.t === "f") this.fileBytes += e.size;
     this.entries.set(p, e);
     const parent = parentOf(p);
     let k = this.kids.get(parent);
@@ -102,6 +104,7 @@ export class FileIndex {
       const e = this.entries.get(q);
       if (!e) continue;
       this.unlinkIno(e.ino, q);
+      if (e.t === "f") this.fileBytes -= e.size;
       this.entries.delete(q);
       const k = this.kids.get(parentOf(q));
       k?.delete(q);

@@ -9,7 +9,7 @@ import type * as grpc from "@grpc/grpc-js";
 import type { SetConfig } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
 import { Journal } from "../queue/journal.ts";
-import { encodePacket, encodePacketBytes, type SourceSetStatus } from "../wire.ts";
+import { encodePacketPayload, type Op, type SourceSetStatus } from "../wire.ts";
 import { Capture, packetDataLimit } from "./capture.ts";
 import { FileIndex, type IndexDelta } from "./file-index.ts";
 import { Sender, type MirrorHost, type MirrorState } from "./sender.ts";
@@ -341,9 +341,9 @@ export class SourceSet {
     return run;
   }
 
-  private async append(ops: Parameters<typeof encodePacket>[1], deltas: IndexDelta[]): Promise<void> {
+  private async append(ops: Op[], deltas: IndexDelta[]): Promise<void> {
     const seq = this.journal.lastSeq + 1;
-    const payload = encodePacketBytes(encodePacket(seq, ops, this.cfg.compression));
+    const payload = encodePacketPayload(seq, ops, this.cfg.compression);
     const got = await this.journal.append(payload, FileIndex.encodeDeltas(deltas));
     if (got !== seq) throw new Error(`journal assigned seq ${got}, expected ${seq}`);
     this.appendTimes.set(seq, Date.now());

@@ -13,7 +13,7 @@ import type { TlsConfig } from "../../common/config.ts";
 import { fetchStatus } from "../../agent/control-client.ts";
 import type { SourceSetStatus, StatusResponse } from "../../agent/wire.ts";
 import { AGENT_ENV, CLI, freePort } from "../e2e/harness.ts";
-import { fmtMs, mustRun, nowMs, pollUntil, sleep } from "./util.ts";
+import { fmtMs, mustRun, nowMs, pollUntil, progress, sleep } from "./util.ts";
 
 export class BenchAgent {
   readonly name: string;
@@ -47,7 +47,9 @@ export class BenchAgent {
   /** Spawn the agent and wait until its Control service answers. */
   async start(): Promise<void> {
     const fd = openSync(this.logPath, "a");
-    const p = spawn(process.execPath, [CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
+    // BENCH_CPU_PROF=<dir>: V8 CPU profiles of the agents (one .cpuprofile per process, written on exit), for finding where the time goes.
+    const prof = process.env.BENCH_CPU_PROF ? ["--cpu-prof", `--cpu-prof-dir=${path.resolve(process.env.BENCH_CPU_PROF)}`, `--cpu-prof-name=${this.name}-${Date.now()}.cpuprofile`] : [];
+    const p = spawn(process.execPath, [...prof, CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
     closeSync(fd);
     this.proc = p;
     this.exited = new Promise((r) => p.once("exit", () => r()));
@@ -94,8 +96,21 @@ export class BenchAgent {
     return (await readFile(this.logPath, "utf8").catch(() => "")).split("\n").slice(-lines).join("\n");
   }
 
+  /** CPU seconds (user, system) the agent process has used so far, from /proc; undefined when it is not running. */
+  async cpuSeconds(): Promise<{ user: number; system: number } | undefined> {
+    const s = await readFile(`/proc/${this.pid}/stat`, "utf8").catch(() => undefined);
+    if (!s) return undefined;
+    const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
+    return { user: Number(f[11]) / 100, system: Number(f[12]) / 100 }; // utime, stime in USER_HZ (100 on Linux)
+  }
+
   async stop(): Promise<void> {
     if (!this.proc || !this.running) return;
+    // BENCH_AGENT_CPU=1: say how much CPU the agent used (robust to a busy machine, unlike wall times).
+    if (process.env.BENCH_AGENT_CPU === "1") {
+      const c = await this.cpuSeconds();
+      if (c) progress(`agent ${this.name}: ${c.user.toFixed(2)} s user + ${c.system.toFixed(2)} s system CPU`);
+    }
     this.proc.kill("SIGTERM");
     const t = setTimeout(() => this.proc?.kill("SIGKILL"), 15_000);
     await this.exited;

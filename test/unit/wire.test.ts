@@ -42,3 +42,29 @@ test("garbage bodies give a PacketError that says what is wrong", () => {
   assert.throws(() => decodePacket({ seq: 3, compression: 7 as 0, body: Buffer.alloc(1), rawSize: 1 }), /unknown compression/);
   assert.throws(() => decodePacket({ seq: 4, compression: 0, body: Buffer.alloc(4), rawSize: 5 }), /header says 5/);
 });
+
+test("encodePacketPayload equals encodePacketBytes(encodePacket(...)) byte for byte", async () => {
+  const { encodePacketPayload } = await import("../../agent/wire.ts");
+  const attr = { mode: 0o644, uid: 1000, gid: 1000, mtimeSec: 1_700_000_000, mtimeNsec: 123_456_789, xattrs: [], hasXattrs: false };
+  const opArb = fc.oneof(
+    fc.record({ path: fc.string({ maxLength: 40, unit: "binary" }), off: fc.oneof(fc.constant(0), fc.nat({ max: 2 ** 40 }), fc.maxSafeNat()), data: fc.uint8Array({ maxLength: 600 }) }).map(({ path, off, data }) => ({ path, kind: { $case: "write" as const, value: { offset: off, data: Buffer.from(data) } } })),
+    fc.string({ maxLength: 20 }).map((path) => ({ path, kind: { $case: "create" as const, value: { attr } } })),
+    fc.record({ path: fc.string({ maxLength: 20 }), size: fc.nat() }).map(({ path, size }) => ({ path, kind: { $case: "truncate" as const, value: { size } } })),
+    fc.record({ path: fc.string({ maxLength: 20 }), to: fc.string({ maxLength: 20 }) }).map(({ path, to }) => ({ path, kind: { $case: "rename" as const, value: { to } } })),
+  );
+  fc.assert(
+    fc.property(fc.nat({ max: 2 ** 40 }), fc.array(opArb, { maxLength: 12 }), fc.constantFrom("none", "fast"), (seq, ops, level) => {
+      const want = encodePacketBytes(encodePacket(seq, ops, level as "none" | "fast"));
+      assert.deepEqual(encodePacketPayload(seq, ops, level as "none" | "fast"), want);
+    }),
+  );
+  // Large bodies: random data goes raw without the full attempt, repetitive data still compresses.
+  const rnd = (await import("node:crypto")).randomBytes(1024 * 1024);
+  const big = [{ path: "f", kind: { $case: "write" as const, value: { offset: 1 << 20, data: rnd } } }];
+  assert.deepEqual(encodePacketPayload(5, big, "fast"), encodePacketBytes(encodePacket(5, big, "fast")));
+  const rep = [{ path: "g", kind: { $case: "write" as const, value: { offset: 0, data: Buffer.alloc(1024 * 1024, 7) } } }];
+  const z = encodePacketPayload(6, rep, "fast");
+  assert.deepEqual(z, encodePacketBytes(encodePacket(6, rep, "fast")));
+  assert.ok(z.length < 10_000);
+  assert.deepEqual(decodePacket(decodePacketBytes(z)), rep);
+});
