@@ -504,10 +504,14 @@ export class Capture {
     const size = Number(st.size);
     // Changed blocks are copied once, straight into the data of the Write op they join.
     let pend: { offset: number; buf: Buffer; len: number } | undefined;
+    // Time spent handing writes on (journal, queue back-pressure) is not the read's cost: deferFor bounds re-reads only.
+    let emitMs = 0;
     const flushWrite = async () => {
       if (!pend) return;
       const data = pend.buf.subarray(0, pend.len);
+      const e0 = Date.now();
       await this.emit({ path: rel, kind: { $case: "write", value: { offset: pend.offset, data } } });
+      emitMs += Date.now() - e0;
       pend = undefined;
     };
     try {
@@ -528,7 +532,7 @@ export class Capture {
       await flushWrite();
       if (size >= LARGE_FILE) {
         if (this.cost.size > 1000) this.cost.clear();
-        this.cost.set(rel, { at: Date.now(), ms: Date.now() - t0 });
+        this.cost.set(rel, { at: Date.now(), ms: Math.max(0, Date.now() - t0 - emitMs) });
       }
       this.stats.filesHashed++;
       this.stats.bytesHashed += size;
