@@ -59,6 +59,13 @@ export interface InstallOptions extends SshCommon {
   files: Record<string, AgentFile>;
   /** systemd: the unit install.sh installs; process: detached with setsid/nohup and a pid file; auto: systemd when it runs */
   start: StartMode;
+  /**
+   * Keep the certificate and key already on the host when `accept` takes the
+   * certificate (e.g. issued by this CA, for this name, far from expiry):
+   * a new one for the same identity is not a change worth restarting the
+   * agent for (an operator restarted signs anew). Both names must be in files.
+   */
+  keepCertificate?: { cert: string; key: string; accept: (certPem: string) => boolean };
 }
 
 export interface InstallResult {
@@ -70,6 +77,8 @@ export interface InstallResult {
   installed: boolean;
   /** the config files this call wrote (the others were already the same) */
   filesWritten: string[];
+  /** the certificate and key left as they were on the host (keepCertificate accepted them) */
+  filesKept?: string[];
   /** whether this call started (or restarted) the agent */
   started: boolean;
   /** the agent's pid, when it runs */
@@ -113,7 +122,8 @@ function layout(o: RemoteLayout): Layout {
   return { link, prefixRoot: path.posix.dirname(link), conf, etcRoot: path.posix.dirname(conf), run };
 }
 
-function checkFiles(files: Record<string, AgentFile>): void {
+function checkFiles(files: Record<string, AgentFile>, keep?: InstallOptions["keepCertificate"]): void {
+  if (keep && (!files[keep.cert] || !files[keep.key])) throw new SshError("Invalid", `keepCertificate: ${keep.cert} and ${keep.key} must both be in files`);
   for (const [name, f] of Object.entries(files)) {
     if (!SAFE_FILE.test(name) || name.split("/").some((s) => s === "..")) throw new SshError("Invalid", `files: ${JSON.stringify(name)}: expected a relative path of letters, digits and . _ - (e.g. tls/agent.key)`);
     if (!Number.isInteger(f.mode) || f.mode < 0 || f.mode > 0o777) throw new SshError("Invalid", `files: ${name}: mode must be permission bits (0 to 0o777), got ${f.mode}`);
@@ -429,7 +439,7 @@ async function withRemote<T>(t: SshCommon, body: (r: Remote, progress: (m: strin
 /** Install or upgrade the agent, write its files, and make sure it runs. */
 export async function installAgent(o: InstallOptions): Promise<InstallResult> {
   const l = layout(o);
-  checkFiles(o.files);
+  checkFiles(o.files, o.keepCertificate);
   if (!/^[A-Za-z0-9.+_-]+$/.test(o.version)) throw new SshError("Invalid", `version: expected letters, digits and . + _ - (as install.sh accepts), got ${JSON.stringify(o.version)}`);
   if (!["systemd", "process", "auto"].includes(o.start)) throw new SshError("Invalid", `start: expected systemd, process or auto, got ${JSON.stringify(o.start)}`);
   const bundle = await stat(o.bundlePath).catch(() => undefined);
@@ -443,10 +453,25 @@ export async function installAgent(o: InstallOptions): Promise<InstallResult> {
     const mode = resolveMode(o.start, before, l);
     const running = mode === "systemd" ? before.unit : before.process;
     const needInstall = before.version !== o.version;
-    const changed = names.filter((n) => {
+    let changed = names.filter((n) => {
       const have = before.files.get(n);
       return !have || have.sha256 !== sha256(contents.get(n)!) || have.mode !== o.files[n]!.mode;
     });
+    const kept: string[] = [];
+    const k = o.keepCertificate;
+    if (k && changed.includes(k.cert) && before.files.get(k.cert)?.mode === o.files[k.cert]!.mode && before.files.get(k.key)?.mode === o.files[k.key]!.mode) {
+      const pem = (await r.rootOk("reading the installed certificate", "Install", 'cat -- "$1"', [`${l.conf}/${k.cert}`], 30_000)).stdout;
+      let ok = false;
+      try {
+        ok = k.accept(pem);
+      } catch {
+        ok = false; // unreadable: replace it
+      }
+      if (ok) {
+        kept.push(k.cert, k.key);
+        changed = changed.filter((n) => n !== k.cert && n !== k.key);
+      }
+    }
     o.log.info(
       { host: o.host, port: o.port, installed: before.version ?? null, want: o.version, filesChanged: changed, running: running ? { pid: running.pid, version: running.version ?? null } : null, startMode: mode },
       "ssh: install plan",
@@ -482,6 +507,7 @@ export async function installAgent(o: InstallOptions): Promise<InstallResult> {
       ...(before.version ? { previousVersion: before.version } : {}),
       installed: needInstall,
       filesWritten: changed,
+      ...(kept.length ? { filesKept: kept } : {}),
       started: st.get("started") === "yes",
       ...(pid > 0 ? { pid } : {}),
       startMode: mode,

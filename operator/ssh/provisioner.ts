@@ -6,7 +6,7 @@
 // runs in the background: reconcile starts it, reports Installing, and picks
 // up the result on a later pass. Both sides of a pair get the operator's
 // version, so an operator upgrade moves them in step.
-import { createHash } from "node:crypto";
+import { createHash, X509Certificate } from "node:crypto";
 import { isIP } from "node:net";
 import YAML from "yaml";
 import { joinHostPort } from "../../common/config.ts";
@@ -35,6 +35,23 @@ type Layout = { -readonly [K in keyof typeof LAYOUT_DEFAULTS]: string | number }
 function layoutOf(s: SshEndpoint): Layout {
   return { agentPort: s.agentPort ?? LAYOUT_DEFAULTS.agentPort, prefix: s.prefix ?? LAYOUT_DEFAULTS.prefix, etcDir: s.etcDir ?? LAYOUT_DEFAULTS.etcDir, dataDir: s.dataDir ?? LAYOUT_DEFAULTS.dataDir, targetRoot: s.targetRoot ?? LAYOUT_DEFAULTS.targetRoot, start: s.start ?? LAYOUT_DEFAULTS.start };
 }
+/** A certificate on a host with fewer days left than this is replaced at the next install. */
+const CERT_RENEW_DAYS = 30;
+/**
+ * Whether the certificate on a host can stay: issued by this CA, CN the agent
+ * name, the host as the operator dials it among its SANs, and more than
+ * CERT_RENEW_DAYS left. A restarted operator signs a new certificate for the
+ * same identity; replacing a good one would restart the agent for nothing.
+ */
+export function certStillGood(pem: string, caPem: string, host: string, agentName: string, now: Date): boolean {
+  const cert = new X509Certificate(pem);
+  const ca = new X509Certificate(caPem);
+  if (!cert.checkIssued(ca) || !cert.verify(ca.publicKey)) return false;
+  if (cert.subject.split("\n").find((l) => l.startsWith("CN="))?.slice(3) !== agentName) return false;
+  if ((isIP(host) ? cert.checkIP(host) : cert.checkHost(host)) === undefined) return false;
+  return cert.validFromDate.getTime() <= now.getTime() && cert.validToDate.getTime() - now.getTime() > CERT_RENEW_DAYS * 86_400_000;
+}
+
 /** A claim on a host's layout not refreshed for this long is dropped (its pair went away, or stopped using ssh, while this operator ran). */
 const CLAIM_TTL_MS = 10 * 60_000;
 
@@ -152,7 +169,8 @@ export class SshProvisioner implements EndpointProvisioner {
           this.issued.set(fkey, (files = this.agentFiles(s, agentName)));
           files.catch(() => this.issued.delete(fkey));
         }
-        const result = await installAgent({ ...target, bundlePath: this.o.bundle.path, version, prefix: s.prefix ?? "/opt/understudy", etcDir: s.etcDir ?? "/etc/understudy", files: await files, start: s.start ?? "auto", log: this.o.log.child({ endpoint: key }) });
+        const keepCertificate = { cert: "tls/agent.crt", key: "tls/agent.key", accept: (pem: string) => certStillGood(pem, this.o.ca.certPem, s.host, agentName, this.o.now?.() ?? new Date()) };
+        const result = await installAgent({ ...target, bundlePath: this.o.bundle.path, version, prefix: s.prefix ?? "/opt/understudy", etcDir: s.etcDir ?? "/etc/understudy", files: await files, keepCertificate, start: s.start ?? "auto", log: this.o.log.child({ endpoint: key }) });
         this.done.set(key, { ok: true, result, agentName });
       } catch (e) {
         this.done.set(key, { ok: false, error: e as Error });

@@ -180,6 +180,30 @@ describe("agent install over SSH", { timeout: 900_000 }, () => {
     assert.deepEqual(back.filesWritten, ["agent.yaml"]);
   });
 
+  test("a new certificate for the same identity: the installed one is kept when accepted (no restart), replaced when not", async () => {
+    const certPath = path.join(dirs("a").etcDir, "tls", "agent.crt");
+    const installed = await readFile(certPath, "utf8");
+    const pidBefore = Number(await readFile(path.join(dirs("a").etcDir, "run", "agent.pid"), "utf8"));
+    const again = await pki.tlsFor("web1", [host.ip]);
+    const files = { ...agentFiles, "tls/agent.crt": { content: await readFile(again.cert), mode: 0o644 }, "tls/agent.key": { content: await readFile(again.key), mode: 0o600 } };
+    assert.notEqual(String(files["tls/agent.crt"].content), installed, "a newly signed certificate");
+    const seen: string[] = [];
+    const kept = await installAgent({ ...base("a"), files, bundlePath: v1.tarball, version: v1.version, keepCertificate: { cert: "tls/agent.crt", key: "tls/agent.key", accept: (pem) => (seen.push(pem), true) } });
+    assert.deepEqual(seen, [installed], "accept is shown the installed certificate");
+    assert.deepEqual(kept.filesWritten, []);
+    assert.deepEqual(kept.filesKept, ["tls/agent.crt", "tls/agent.key"]);
+    assert.equal(kept.started, false);
+    assert.equal(kept.pid, pidBefore);
+    assert.equal(await readFile(certPath, "utf8"), installed);
+    const replaced = await installAgent({ ...base("a"), files, bundlePath: v1.tarball, version: v1.version, keepCertificate: { cert: "tls/agent.crt", key: "tls/agent.key", accept: () => false } });
+    assert.deepEqual(replaced.filesWritten, ["tls/agent.crt", "tls/agent.key"]);
+    assert.equal(replaced.started, true);
+    assert.equal(await readFile(certPath, "utf8"), String(files["tls/agent.crt"].content));
+    await waitFor("the restarted agent to answer with the new certificate", () => status().catch(() => undefined), 30_000, 250);
+    // and back, so later cases see the original files
+    assert.deepEqual((await installAgent({ ...base("a"), bundlePath: v1.tarball, version: v1.version })).filesWritten, ["tls/agent.crt", "tls/agent.key"]);
+  });
+
   test("host keys: a wrong key, an empty known_hosts, a host it has no line for are refused; ssh-keyscan output is accepted", async () => {
     const d = dirs("c");
     const other = await makeKeyPair(path.join(tmp, "keys"), "not-the-host-key");

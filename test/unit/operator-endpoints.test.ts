@@ -6,10 +6,10 @@ import { test } from "node:test";
 import type { EndpointStatus, ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
 import { provisionedEndpoints, resolvePair } from "../../operator/controllers/endpoints.ts";
 import { renderUserData } from "../../operator/ec2/user-data.ts";
-import { SshProvisioner, sshAgentName } from "../../operator/ssh/provisioner.ts";
+import { SshProvisioner, certStillGood, sshAgentName } from "../../operator/ssh/provisioner.ts";
 import type { SshEndpoint } from "../../operator/api/v1alpha1/index.ts";
 import { createLogger } from "../../common/log.ts";
-import { newCA } from "../../common/tls.ts";
+import { newCA, signLeaf } from "../../common/tls.ts";
 
 const CA = "-----BEGIN CERTIFICATE-----\nMIIBcjCCARmgAwIBAgIQb4Gu\n-----END CERTIFICATE-----\n";
 
@@ -113,4 +113,21 @@ test("ssh: a second pair asking one host for another layout is refused, naming t
   // A claim not refreshed (its pair stopped using ssh while the operator ran) lapses.
   now += 11 * 60_000;
   assert.notEqual((await p.reconcile(a, "source", undefined, true)).status.lastError?.code, "SshLayoutConflict");
+});
+
+test("ssh: an installed certificate stays when this CA issued it for this agent and host with over 30 days left", async () => {
+  const ca = await newCA("test CA", 3650);
+  const other = await newCA("another CA", 3650);
+  const now = new Date();
+  const leaf = async (c: typeof ca, cn: string, san: { type: "ip" | "dns"; value: string }, days = 825) => (await signLeaf(c, { commonName: cn, usage: "both", sans: [san], days })).certPem;
+  const good = await leaf(ca, "ssh-10.0.0.5", { type: "ip", value: "10.0.0.5" });
+  assert.equal(certStillGood(good, ca.certPem, "10.0.0.5", "ssh-10.0.0.5", now), true);
+  assert.equal(certStillGood(good, other.certPem, "10.0.0.5", "ssh-10.0.0.5", now), false, "another CA (rotated)");
+  assert.equal(certStillGood(good, ca.certPem, "10.0.0.6", "ssh-10.0.0.5", now), false, "another host");
+  assert.equal(certStillGood(good, ca.certPem, "10.0.0.5", "ssh-10.0.0.6", now), false, "another name");
+  assert.equal(certStillGood(await leaf(ca, "ssh-10.0.0.5", { type: "ip", value: "10.0.0.5" }, 20), ca.certPem, "10.0.0.5", "ssh-10.0.0.5", now), false, "20 days left");
+  assert.equal(certStillGood(good, ca.certPem, "10.0.0.5", "ssh-10.0.0.5", new Date(now.getTime() + 800 * 86_400_000)), false, "close to expiry later on");
+  const dns = await leaf(ca, "ssh-web1.example.com", { type: "dns", value: "web1.example.com" });
+  assert.equal(certStillGood(dns, ca.certPem, "web1.example.com", "ssh-web1.example.com", now), true);
+  assert.throws(() => certStillGood("not a certificate", ca.certPem, "10.0.0.5", "ssh-10.0.0.5", now));
 });
