@@ -19,6 +19,7 @@ import {
   type ManifestEntry as ManifestEntryMsg,
   type ManifestResponse,
   type DigestsResponse,
+  type SummaryResponse,
   type Welcome,
 } from "../proto/gen/understudy/v1/replication.ts";
 import { ControlClient, ControlService, SetSpec, type ControlServer, type StatusResponse, type SourceSetStatus, type TargetStatus, type ImageStatus, type MirrorProgress, type VerifyReport, type Difference } from "../proto/gen/understudy/v1/control.ts";
@@ -37,7 +38,7 @@ export const AGENT_VERSION: string = pkg.version;
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
 export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet, SetSpec };
-export type { Attr, Op, Xattr, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, Welcome, MirrorProgress, VerifyReport, Difference };
+export type { Attr, Op, Xattr, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, SummaryResponse, Welcome, MirrorProgress, VerifyReport, Difference };
 export type OpKind = NonNullable<Op["kind"]>["$case"];
 
 /**
@@ -71,9 +72,36 @@ export function encodePacket(seq: number, ops: Op[], level: CompressionLevel): P
  * incompressible skip the compression attempt (see worthCompressing).
  */
 export function encodePacketPayload(seq: number, ops: Op[], level: CompressionLevel): Buffer {
+  const enc = sizeOps(ops);
+  const rawSize = enc.bytes;
+  // The uncompressed packet: seq, body, rawSize (compression NONE is the default: not written).
+  const head = (seq !== 0 ? 1 + varintSize(seq) : 0) + (rawSize ? 1 + varintSize(rawSize) : 0);
+  const out = Buffer.allocUnsafe(head + rawSize + (rawSize ? 1 + varintSize(rawSize) : 0));
+  let pos = 0;
+  if (seq !== 0) pos = putVarint(out, putVarint(out, pos, 0x08), seq);
+  if (rawSize) pos = putVarint(out, putVarint(out, pos, 0x1a), rawSize);
+  pos = putOps(out, pos, 0x0a, ops, enc);
+  if (rawSize) pos = putVarint(out, putVarint(out, pos, 0x20), rawSize);
+  if (pos !== out.length) throw new Error(`encodePacketPayload: wrote ${pos} bytes of ${out.length}`);
+  const raw = out.subarray(head, head + rawSize);
+  if (level !== "none" && rawSize > 256 && worthCompressing(raw, level)) {
+    const z = zstdCompressSync(raw, { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL[level] } });
+    if (z.length < rawSize * 0.95) return encodePacketBytes({ seq, compression: Compression.COMPRESSION_ZSTD, body: z, rawSize });
+  }
+  return out;
+}
+
+/** Ops measured for encoding: each op's encoded size, the encoding of those that are not Writes, and the total as a repeated field (one-byte tag). */
+interface SizedOps {
+  sizes: number[];
+  parts: (Buffer | undefined)[];
+  bytes: number;
+}
+
+function sizeOps(ops: Op[]): SizedOps {
   const parts: (Buffer | undefined)[] = [];
   const sizes: number[] = [];
-  let rawSize = 0;
+  let bytes = 0;
   for (const op of ops) {
     let n: number;
     if (op.kind?.$case === "write") {
@@ -85,29 +113,57 @@ export function encodePacketPayload(seq: number, ops: Op[], level: CompressionLe
       parts.push(b);
     }
     sizes.push(n);
-    rawSize += 1 + varintSize(n) + n;
+    bytes += 1 + varintSize(n) + n;
   }
-  // The uncompressed packet: seq, body, rawSize (compression NONE is the default: not written).
-  const head = (seq !== 0 ? 1 + varintSize(seq) : 0) + (rawSize ? 1 + varintSize(rawSize) : 0);
-  const out = Buffer.allocUnsafe(head + rawSize + (rawSize ? 1 + varintSize(rawSize) : 0));
-  let pos = 0;
-  if (seq !== 0) pos = putVarint(out, putVarint(out, pos, 0x08), seq);
-  if (rawSize) pos = putVarint(out, putVarint(out, pos, 0x1a), rawSize);
+  return { sizes, parts, bytes };
+}
+
+/** Write ops as a repeated field with the given (one-byte) tag; returns the position after them. */
+function putOps(out: Buffer, pos: number, tag: number, ops: Op[], enc: SizedOps): number {
   for (let i = 0; i < ops.length; i++) {
     const op = ops[i]!;
-    pos = putVarint(out, putVarint(out, pos, 0x0a), sizes[i]!);
-    const b = parts[i];
+    pos = putVarint(out, putVarint(out, pos, tag), enc.sizes[i]!);
+    const b = enc.parts[i];
     if (b) pos += b.copy(out, pos);
     else if (op.kind?.$case === "write") pos = putWriteOp(out, pos, op.path, op.kind.value.offset, op.kind.value.data);
   }
-  if (rawSize) pos = putVarint(out, putVarint(out, pos, 0x20), rawSize);
-  if (pos !== out.length) throw new Error(`encodePacketPayload: wrote ${pos} bytes of ${out.length}`);
-  const raw = out.subarray(head, head + rawSize);
-  if (level !== "none" && rawSize > 256 && worthCompressing(raw, level)) {
-    const z = zstdCompressSync(raw, { params: { [zc.ZSTD_c_compressionLevel]: ZSTD_LEVEL[level] } });
-    if (z.length < rawSize * 0.95) return encodePacketBytes({ seq, compression: Compression.COMPRESSION_ZSTD, body: z, rawSize });
+  return pos;
+}
+
+/** A SourceMessage already encoded (PacketStreamClient sends its bytes as they are). */
+export class EncodedSourceMessage {
+  readonly bytes: Buffer;
+  constructor(bytes: Buffer) {
+    this.bytes = bytes;
   }
-  return out;
+}
+
+/**
+ * SourceMessage { mirrorOps: { mirrorId, ops, doneThrough, batch } }, byte
+ * for byte what SourceMessage.encode makes of it, in one pass with exact sizes
+ * (the data of Write ops is copied once; see encodePacketPayload).
+ */
+export function encodeMirrorOps(mirrorId: string, ops: Op[], doneThrough: string, batch: number): EncodedSourceMessage {
+  const enc = sizeOps(ops);
+  const str = (s: string) => {
+    const n = Buffer.byteLength(s, "utf8");
+    return n ? 1 + varintSize(n) + n : 0;
+  };
+  const body = str(mirrorId) + enc.bytes + str(doneThrough) + (batch !== 0 ? 1 + varintSize(batch) : 0);
+  const out = Buffer.allocUnsafe(1 + varintSize(body) + body);
+  let pos = putVarint(out, putVarint(out, 0, 0x1a), body);
+  const putStr = (tag: number, s: string) => {
+    const n = Buffer.byteLength(s, "utf8");
+    if (!n) return;
+    pos = putVarint(out, putVarint(out, pos, tag), n);
+    pos += out.write(s, pos, "utf8");
+  };
+  putStr(0x0a, mirrorId);
+  pos = putOps(out, pos, 0x12, ops, enc);
+  putStr(0x1a, doneThrough);
+  if (batch !== 0) pos = putVarint(out, putVarint(out, pos, 0x20), batch);
+  if (pos !== out.length) throw new Error(`encodeMirrorOps: wrote ${pos} bytes of ${out.length}`);
+  return new EncodedSourceMessage(out);
 }
 
 /** Bodies at least this large are sampled before the whole is compressed. */
@@ -259,19 +315,20 @@ export function versionMismatch(local: number, remote: number, who: string): str
 /**
  * Client for the Replication service whose request serializer also takes an
  * already-encoded Packet (the journal stores packets encoded): it is framed as
- * SourceMessage field 2 without decoding and re-encoding megabytes of data.
+ * SourceMessage field 2 without decoding and re-encoding megabytes of data;
+ * and an EncodedSourceMessage (mirror batches), sent as it is.
  */
 export const PacketStreamClient = grpcMakeClient(
   {
     ...ReplicationService,
     replicate: {
       ...ReplicationService.replicate,
-      requestSerialize: (v: SourceMessage | Buffer): Buffer => (Buffer.isBuffer(v) ? framePacket(v) : Buffer.from(SourceMessage.encode(v).finish())),
+      requestSerialize: (v: SourceMessage | Buffer | EncodedSourceMessage): Buffer => (v instanceof EncodedSourceMessage ? v.bytes : Buffer.isBuffer(v) ? framePacket(v) : Buffer.from(SourceMessage.encode(v).finish())),
     },
   },
   "understudy.v1.Replication",
 ) as unknown as new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>) => Client & {
-  replicate(options?: Partial<CallOptions>): ClientDuplexStream<SourceMessage | Buffer, TargetMessage>;
+  replicate(options?: Partial<CallOptions>): ClientDuplexStream<SourceMessage | Buffer | EncodedSourceMessage, TargetMessage>;
   manifest: ReplicationClient["manifest"];
   digests: ReplicationClient["digests"];
 };

@@ -11,8 +11,8 @@
 // resumes there (with the journal since its start to re-check what changed).
 // Special files are made with Mknod; extended attributes are read from the
 // source's files and compared with the target's listing.
-import { constants as C } from "node:fs";
-import { open } from "node:fs/promises";
+import { constants as C, type BigIntStats } from "node:fs";
+import { open, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Attr, DigestsResponse, ManifestEntryMsg, ManifestResponse, MirrorProgress, Op, Xattr } from "../wire.ts";
 import { digestAt, hashBlocks, isZero, READ_BYTES } from "../source/blocks.ts";
@@ -36,12 +36,22 @@ export interface MirrorSource {
   touchedSince(seq: number): Promise<{ paths: Set<string>; moved: Set<string> }>;
 }
 
-/** The target side as the mirror sees it (a Sender provides it over its stream). */
+/**
+ * The target side as the mirror sees it (a Sender provides it over its stream).
+ * Listings and digests show the target as it is when they are taken, which may
+ * be before batches still in flight are applied: the mirror asks for them only
+ * once every batch that could change what they show is applied (see
+ * TouchTracker).
+ */
 export interface MirrorTarget {
   manifest(dir: string, digestMaxBlocks: number): Promise<ManifestResponse>;
   digests(path: string): Promise<DigestsResponse>;
-  /** Send ops; resolves when more may be sent (flow control). */
+  /** Send ops as the next batch (batches are numbered 1, 2, … in call order); resolves when more may be sent (flow control). */
   send(ops: Op[], doneThrough: string): Promise<void>;
+  /** How many batches the target has applied (it applies them in order). */
+  applied(): number;
+  /** Resolves once the target has applied batch n (rejects if the stream fails). */
+  waitApplied(n: number): Promise<void>;
   /** All ops applied; the image now stands at seq. */
   done(seq: number): Promise<void>;
 }
@@ -64,6 +74,74 @@ const MAX_WRITE = 1024 * 1024;
 const LISTING_DIGEST_BLOCKS = 64;
 /** Changed directories below this count go straight to the final (paused) round. */
 const FINAL_ROUND_DIRS = 200;
+/** Files the target lacks of at most this size are read ahead, this many at a time. */
+const READ_AHEAD_MAX = MAX_WRITE;
+const READ_AHEAD_FILES = 8;
+
+/** A file read ahead: its stat, xattrs and content (buf[0, got)), or what mirrorFile does instead. */
+type ReadAhead = { st: BigIntStats; xs: Xattr[] | undefined; buf: Buffer; got: number } | "skip" | "normal";
+
+/** Read up to n bytes at off (fewer only at the end of the file). */
+async function readAt(fh: FileHandle, off: number, n: number): Promise<{ buf: Buffer; got: number }> {
+  const buf = Buffer.allocUnsafe(n);
+  let got = 0;
+  while (got < n) {
+    const { bytesRead } = await fh.read(buf, got, n - got, off + got);
+    if (bytesRead === 0) break;
+    got += bytesRead;
+  }
+  return { buf, got };
+}
+
+/** Directory listings asked for ahead of the directory being mirrored. */
+const PREFETCH_DIRS = 16;
+
+/**
+ * Which batch last changed what a listing of a directory shows, so that
+ * listings can be asked for while other batches are in flight without being
+ * taken for the truth too early. An op on path p changes the listing of
+ * p's parent (an entry), of p itself and of everything below p (p made,
+ * removed or replaced); a Link also changes the listed link count of the
+ * name it links to. A listing of d is current when it was taken after the
+ * target applied batch `need(d)`, and stays current until an op touching d
+ * is queued. (Ops on one name of a hard-linked file show in the listings of
+ * its other names too: content and attributes are only ever sent through a
+ * group's first name, the others are linked to it and not compared; and a
+ * name removed or replaced elsewhere only lowers a listed link count, with
+ * which the mirror at worst replaces a file instead of editing it.)
+ */
+export class TouchTracker {
+  private readonly entries = new Map<string, number>();
+  private readonly paths = new Map<string, number>();
+
+  /** Record op (in batch `batch`). */
+  touch(op: Op, batch: number): void {
+    this.entries.set(parentOf(op.path), batch);
+    this.paths.set(op.path, batch);
+    if (op.kind?.$case === "link") this.entries.set(parentOf(op.kind.value.existing), batch);
+  }
+
+  /** The last batch whose ops change what a listing of dir d shows (0: none). */
+  need(d: string): number {
+    let n = Math.max(this.entries.get(d) ?? 0, this.paths.get(d) ?? 0);
+    for (let q = d; q !== ""; ) {
+      q = parentOf(q);
+      n = Math.max(n, this.paths.get(q) ?? 0);
+    }
+    return n;
+  }
+
+  /**
+   * When much is recorded, forget what batches up to `applied` did: their
+   * effects show in any listing taken from now on, but not in one taken
+   * before (returns true: such listings must be dropped).
+   */
+  prune(applied: number, over = 50_000): boolean {
+    if (this.paths.size < over) return false;
+    for (const m of [this.entries, this.paths]) for (const [k, b] of m) if (b <= applied) m.delete(k);
+    return true;
+  }
+}
 
 function attrOfEntry(e: IndexEntry, xs?: Xattr[]): Attr {
   return { mode: e.mode, uid: e.uid, gid: e.gid, mtimeSec: e.mtimeSec, mtimeNsec: e.mtimeNsec, xattrs: xs ?? [], hasXattrs: xs !== undefined };
@@ -96,6 +174,11 @@ export class Mirror {
   private readonly t0 = Date.now();
   /** True inside the final round, which already holds the capture's turn. */
   private inLock = false;
+  /** Batches sent so far (the ops being gathered go into batch sent + 1). */
+  private sent = 0;
+  private readonly touched = new TouchTracker();
+  /** Listings asked for ahead: taken once the target had applied `at` batches. */
+  private prefetched = new Map<string, { at: number; listing: Promise<ManifestResponse> }>();
 
   constructor(src: MirrorSource, tgt: MirrorTarget, o: MirrorOptions) {
     this.src = src;
@@ -124,14 +207,14 @@ export class Mirror {
       dirs = dirs.filter((d) => d !== "" && d > after);
       p.resumed = true;
     }
-    for (const d of dirs) await this.mirrorDir(d, true);
+    await this.mirrorDirs(dirs, true);
     // Rounds for what changed meanwhile, until little is left.
     let since = this.o.pStart;
     for (let round = 0; round < 3; round++) {
       const now = this.src.lastSeq();
       const redo = await this.changedDirs(since);
       if (redo.length < FINAL_ROUND_DIRS) break; // few enough: the final round takes them
-      for (const d of redo) await this.mirrorDir(d, false);
+      await this.mirrorDirs(redo, false);
       since = now;
     }
     // Final round with capture paused: the image then equals the index at `end`.
@@ -139,7 +222,7 @@ export class Mirror {
       this.inLock = true;
       await this.src.flushCapture();
       const end = this.src.lastSeq();
-      for (const d of await this.changedDirs(since)) await this.mirrorDir(d, false);
+      await this.mirrorDirs(await this.changedDirs(since), false);
       await this.flush("");
       await this.tgt.done(end);
       p.finishedAt = Date.now() / 1000;
@@ -148,6 +231,53 @@ export class Mirror {
       p.etaSeconds = 0;
       return end;
     });
+  }
+
+  /** Mirror dirs in order, with the listings of the next ones asked for ahead. */
+  private async mirrorDirs(dirs: string[], firstPass: boolean): Promise<void> {
+    try {
+      for (let i = 0; i < dirs.length; i++) {
+        this.prefetch(dirs, i + 1);
+        await this.mirrorDir(dirs[i]!, firstPass);
+      }
+    } finally {
+      for (const p of this.prefetched.values()) p.listing.catch(() => undefined);
+      this.prefetched.clear();
+    }
+  }
+
+  private digestBlocks(): number {
+    return this.o.mode === "checksum" ? LISTING_DIGEST_BLOCKS : 0;
+  }
+
+  /** Ask for the listings of dirs[from..] (a few) that no batch still in flight can change. */
+  private prefetch(dirs: string[], from: number): void {
+    const applied = this.tgt.applied();
+    for (let j = from; j < dirs.length && j < from + PREFETCH_DIRS; j++) {
+      const d = dirs[j]!;
+      if (this.prefetched.has(d) || this.touched.need(d) > applied) continue;
+      const listing = this.tgt.manifest(d, this.digestBlocks());
+      listing.catch(() => undefined); // (awaited when used; dropped ones must not count as unhandled)
+      this.prefetched.set(d, { at: applied, listing });
+    }
+  }
+
+  /** Wait until the target has applied batch n (sending the ops being gathered first if n is theirs). */
+  private async settled(n: number): Promise<void> {
+    if (n > this.sent) await this.flush("");
+    await this.tgt.waitApplied(n);
+  }
+
+  /** The target's listing of d, taken after every op sent that changes it was applied. */
+  private async listing(d: string, digestMaxBlocks: number, usePrefetched: boolean): Promise<ManifestResponse> {
+    const need = this.touched.need(d);
+    const pre = usePrefetched ? this.prefetched.get(d) : undefined;
+    if (pre) {
+      this.prefetched.delete(d);
+      if (pre.at >= need) return pre.listing;
+    }
+    await this.settled(need);
+    return this.tgt.manifest(d, digestMaxBlocks);
   }
 
   private lock<T>(fn: () => Promise<T>): Promise<T> {
@@ -171,6 +301,7 @@ export class Mirror {
 
   private async push(op: Op): Promise<void> {
     this.ops.push(op);
+    this.touched.touch(op, this.sent + 1);
     if (op.kind?.$case === "write") {
       this.opBytes += op.kind.value.data.length;
       this.o.progress.bytesSent += op.kind.value.data.length;
@@ -184,7 +315,16 @@ export class Mirror {
     const ops = this.ops;
     this.ops = [];
     this.opBytes = 0;
+    this.sent++;
     await this.tgt.send(ops, doneThrough);
+    const applied = this.tgt.applied();
+    if (this.touched.prune(applied)) {
+      for (const [d, p] of this.prefetched) {
+        if (p.at >= applied) continue;
+        p.listing.catch(() => undefined);
+        this.prefetched.delete(d);
+      }
+    }
     this.updateRate();
   }
 
@@ -205,11 +345,24 @@ export class Mirror {
       // Gone from the source since: the parent's round removes it.
       return this.flush(firstPass ? d : "");
     }
-    const have = await this.tgt.manifest(d, this.o.mode === "checksum" ? LISTING_DIGEST_BLOCKS : 0);
+    const have = await this.listing(d, this.digestBlocks(), true);
     if (!have.exists && d !== "") await this.push({ path: d, kind: { $case: "mkdir", value: { attr: attrOfEntry(snap.self!) } } });
     const byName = new Map<string, ManifestEntryMsg>();
     for (const e of have.exists ? have.entries : []) byName.set(e.name, e);
-    for (const [q, e] of snap.kids) {
+    // Small regular files the target lacks are read a few ahead (their reads
+    // overlap), then sent in order as before.
+    const kids = snap.kids;
+    const readAhead = kids.map(([q, e]) => e.t === "f" && e.nlink <= 1 && e.size <= READ_AHEAD_MAX && !byName.has(q.slice(q.lastIndexOf("/") + 1)));
+    const ahead = new Map<number, Promise<ReadAhead>>();
+    let next = 0;
+    for (let i = 0; i < kids.length; i++) {
+      for (next = Math.max(next, i); next < kids.length && next < i + READ_AHEAD_FILES; next++) {
+        if (!readAhead[next]) continue;
+        const r = this.readAhead(kids[next]![0], kids[next]![1]);
+        r.catch(() => undefined); // (awaited in turn; one left behind by a failure must not count as unhandled)
+        ahead.set(next, r);
+      }
+      const [q, e] = kids[i]!;
       const name = q.slice(q.lastIndexOf("/") + 1);
       let h = byName.get(name);
       byName.delete(name);
@@ -224,7 +377,8 @@ export class Mirror {
         if (!h || h.link !== e.link) await this.push({ path: q, kind: { $case: "symlink", value: { target: e.link ?? "", attr: a } } });
         else if (!sameAttr(h.attr, a, true)) await this.push({ path: q, kind: { $case: "attr", value: { attr: a } } });
       } else if (isSpecial(e.t)) await this.mirrorSpecial(q, e, h);
-      else await this.mirrorFile(q, e, h);
+      else await this.mirrorFile(q, e, h, ahead.get(i));
+      ahead.delete(i);
     }
     // Entries the source does not have.
     for (const [name, h] of byName) await this.push({ path: d ? `${d}/${name}` : name, kind: { $case: "remove", value: { directory: h.type === "d" } } });
@@ -255,7 +409,7 @@ export class Mirror {
       if (!this.linkDone.has(first)) {
         const fe = this.src.index.get(first);
         if (!fe) continue;
-        const listing = await this.tgt.manifest(parentOf(first), 0);
+        const listing = await this.listing(parentOf(first), 0, false);
         const name = first.slice(first.lastIndexOf("/") + 1);
         // (only names before `first` are tried in there: the recursion ends)
         await mirrorOne(first, { ...fe }, listing.exists ? listing.entries.find((x) => x.name === name) : undefined);
@@ -278,8 +432,89 @@ export class Mirror {
     if (e.nlink > 1) this.linkDone.add(q);
   }
 
-  private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined): Promise<void> {
+  /**
+   * All of a file the target does not have, read straight into the data of
+   * the Write ops (no digests: there is nothing to compare them with).
+   * Blocks of zeros are left out (holes); returns where the last Write ends.
+   */
+  private async sendFresh(q: string, fh: FileHandle, size: number): Promise<number> {
+    const chunk = Math.max(MAX_WRITE, this.src.blockSize);
+    let end = 0;
+    for (let off = 0; off < size; ) {
+      if (this.o.signal.aborted) throw new Error("mirror cancelled");
+      const want = Math.min(chunk, size - off);
+      const { buf, got } = await readAt(fh, off, want);
+      end = Math.max(end, await this.sendData(q, buf, got, off));
+      off += got;
+      if (got < want) break; // shorter than it was: capture journals the change
+    }
+    return end;
+  }
+
+  /** Write ops for buf[0, got) at file offset off, all-zero blocks left out; returns where the last one ends (0: none). */
+  private async sendData(q: string, buf: Buffer, got: number, off: number): Promise<number> {
+    const bs = this.src.blockSize;
+    let end = 0;
+    let run = -1; // start of the pending run of non-zero blocks
+    for (let i = 0; ; i = Math.min(got, i + bs)) {
+      const zero = i === got || isZero(buf.subarray(i, Math.min(got, i + bs)));
+      if (!zero && run < 0) run = i;
+      else if (zero && run >= 0) {
+        await this.push({ path: q, kind: { $case: "write", value: { offset: off + run, data: buf.subarray(run, i) } } });
+        end = off + i;
+        run = -1;
+      }
+      if (i === got) break;
+    }
+    this.o.progress.bytesDone += got;
+    return end;
+  }
+
+  /**
+   * Read a small file the target lacks ahead of its turn (see mirrorDir):
+   * what mirrorFile reads of it, "skip" when mirrorFile would skip it (gone,
+   * or another file than the index says), "normal" when it is no longer small.
+   */
+  private async readAhead(q: string, e: IndexEntry): Promise<ReadAhead> {
+    const abs = path.join(this.src.root, q);
+    let fh;
+    try {
+      fh = await open(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK);
+    } catch {
+      return "skip";
+    }
+    try {
+      const st = await fh.stat({ bigint: true });
+      if (Number(st.ino) !== e.ino || !st.isFile()) return "skip";
+      if (st.size > BigInt(READ_AHEAD_MAX)) return "normal";
+      const xs = await readXattrs(abs);
+      const { buf, got } = await readAt(fh, 0, Number(st.size));
+      return { st, xs, buf, got };
+    } finally {
+      await fh.close();
+    }
+  }
+
+  /** A file read ahead, sent as new (mirrorFile's fresh case). */
+  private async sendReadAhead(q: string, e: IndexEntry, r: Exclude<ReadAhead, string>): Promise<void> {
+    const size = Number(r.st.size);
+    const attr: Attr = { ...attrOf(r.st), xattrs: r.xs ?? [], hasXattrs: r.xs !== undefined };
+    await this.push({ path: q, kind: { $case: "create", value: { attr: undefined } } });
+    const end = await this.sendData(q, r.buf, r.got, 0);
+    if (end < size) await this.push({ path: q, kind: { $case: "truncate", value: { size } } });
+    await this.push({ path: q, kind: { $case: "attr", value: { attr } } });
+    if (e.nlink > 1) this.linkDone.add(q);
+    this.o.progress.filesDone++;
+    this.updateRate();
+  }
+
+  private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined, ahead?: Promise<ReadAhead>): Promise<void> {
     const p = this.o.progress;
+    if (ahead) {
+      const r = await ahead;
+      if (r === "skip") return;
+      if (r !== "normal") return this.sendReadAhead(q, e, r);
+    }
     if (await this.linkedToFirst(q, e, (f, fe, fh) => this.mirrorFile(f, fe, fh))) {
       p.filesDone++;
       return;
@@ -299,12 +534,23 @@ export class Mirror {
       const fresh = !h || (h.nlink > 1 && e.nlink === 1); // a target file shared with other names is replaced, not edited
       let theirs: Buffer | undefined;
       let theirSize = 0;
-      if (fresh) await this.push({ path: q, kind: { $case: "create", value: { attr: attrOf(st) } } });
-      else {
+      if (fresh) {
+        // Created bare: the attr op after the content sets owner, mode, xattrs and times once.
+        await this.push({ path: q, kind: { $case: "create", value: { attr: undefined } } });
+        const end = await this.sendFresh(q, fh, size);
+        if (end < size) await this.push({ path: q, kind: { $case: "truncate", value: { size } } });
+        await this.push({ path: q, kind: { $case: "attr", value: { attr } } });
+        if (e.nlink > 1) this.linkDone.add(q);
+        p.filesDone++;
+        this.updateRate();
+        return;
+      }
+      {
         theirSize = Number(h!.size);
         if (this.o.mode === "checksum") {
           if (h!.hasDigests) theirs = Buffer.from(h!.digests);
           else {
+            await this.settled(this.touched.need(parentOf(q)));
             const r = await this.tgt.digests(q);
             theirs = r.exists ? Buffer.from(r.digests) : undefined;
             theirSize = r.exists ? Number(r.size) : 0;

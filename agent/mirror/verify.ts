@@ -1,6 +1,11 @@
 // Verify: compare a target's image with the source, directory by directory
 // (metadata from listings, content by block digests so large files are not
 // shipped), report each difference, and optionally repair exactly those.
+// Each directory is first compared by summary (agent/verify/summary.ts): both
+// sides digest everything compared in it, content included, and only when the
+// digests differ is the target's listing fetched and compared entry by entry.
+// Several directories are compared at once, and the entries of each several
+// at a time, so the target's reading and hashing overlaps the source's.
 // Bytes still in flight are not differences: every difference is checked
 // again after the target has caught up with the journal, and paths that keep
 // changing meanwhile are counted as in flight, not reported.
@@ -16,7 +21,8 @@ import { parentOf } from "../source/file-index.ts";
 import { attrOf, kindOf, rdevOf } from "../fs/stat.ts";
 import { readXattrs, xattrDifference } from "../fs/xattr.ts";
 import { dialOptions } from "../../common/tls.ts";
-import { MAX_MESSAGE_BYTES, PacketStreamClient, type Attr, type Difference, type ManifestEntryMsg, type ReplicationStreamClient, type VerifyReport } from "../wire.ts";
+import { mapLimit, mtimeUs as us, summarize, type SummaryEntry } from "../verify/summary.ts";
+import { MAX_MESSAGE_BYTES, ReplicationClient, type Attr, type Difference, type ManifestEntryMsg, type SummaryResponse, type VerifyReport } from "../wire.ts";
 
 export type VerifyResult = VerifyReport;
 
@@ -37,7 +43,10 @@ export interface VerifyOptions {
 }
 
 const RECHECKS = 3;
+/** Entries of one directory read and compared at once. */
 const COMPARE_PARALLEL = 8;
+/** Directories compared at once (each with its summary asked of the target first). */
+const DIR_PARALLEL = 3;
 
 interface Side {
   type: string;
@@ -48,34 +57,50 @@ interface Side {
   /** A directory on another file system than the set root (compared as empty). */
   mount: boolean;
   stamp: string; // changes when the source object changes
+  /** files: block digests of the content read (undefined: could not be read) */
+  digests?: Buffer;
 }
+
+type Manifest = { exists: boolean; entries: ManifestEntryMsg[] };
 
 const TYPE_NAMES: Record<string, string> = { f: "file", d: "directory", l: "symlink", p: "fifo", c: "character device", b: "block device", s: "socket" };
 const typeName = (t: string) => TYPE_NAMES[t] ?? "special file";
 
 
-const us = (a: Attr) => BigInt(a.mtimeSec) * 1_000_000n + BigInt(Math.floor(a.mtimeNsec / 1000));
-
 class Verifier {
   private readonly o: VerifyOptions;
-  private readonly client: ReplicationStreamClient;
+  private readonly client: ReplicationClient;
+  /** false once the target turned out not to know Summary (an older agent) */
+  private summaries = true;
   filesCompared = 0;
   bytesCompared = 0;
   private rootDev?: bigint;
 
   constructor(o: VerifyOptions) {
     this.o = o;
-    this.client = new PacketStreamClient(o.target, o.credentials, { ...dialOptions(o.target), "grpc.max_receive_message_length": MAX_MESSAGE_BYTES });
+    this.client = new ReplicationClient(o.target, o.credentials, { ...dialOptions(o.target), "grpc.max_receive_message_length": MAX_MESSAGE_BYTES });
   }
 
   close(): void {
     this.client.close();
   }
 
-  private unary<R>(method: "manifest" | "digests", req: object): Promise<R> {
+  private unary<R>(method: "manifest" | "digests" | "summary", req: object): Promise<R> {
     return new Promise((resolve, reject) =>
-      (this.client[method] as unknown as (q: object, md: grpc.Metadata, o: object, cb: (e: grpc.ServiceError | null, r?: R) => void) => void)(req, new grpc.Metadata(), { deadline: Date.now() + 120_000 }, (e, r) => (e ? reject(new Error(`target ${this.o.target}: ${e.details || e.message}`)) : resolve(r!))),
+      (this.client[method] as unknown as (q: object, md: grpc.Metadata, o: object, cb: (e: grpc.ServiceError | null, r?: R) => void) => void).call(this.client, req, new grpc.Metadata(), { deadline: Date.now() + 120_000 }, (e, r) => (e ? reject(Object.assign(new Error(`target ${this.o.target}: ${e.details || e.message}`), { code: e.code })) : resolve(r!))),
     );
+  }
+
+  /** The target's summary of dir; undefined from a target that has none to give. */
+  private async summary(dir: string): Promise<SummaryResponse | undefined> {
+    if (!this.summaries) return undefined;
+    try {
+      return await this.unary<SummaryResponse>("summary", { source: this.o.source, set: this.o.set, dir, blockSize: this.o.blockSize });
+    } catch (e) {
+      if ((e as { code?: number }).code !== grpc.status.UNIMPLEMENTED) throw e;
+      this.summaries = false;
+      return undefined;
+    }
   }
 
   private async sourceSide(rel: string): Promise<Side | undefined> {
@@ -88,18 +113,16 @@ class Verifier {
     const foreign = this.rootDev !== undefined && st.dev !== this.rootDev;
     if (foreign && type !== "d") return undefined;
     const xs = await readXattrs(abs);
-    return { type, attr: { ...attrOf(st), xattrs: xs ?? [], hasXattrs: xs !== undefined }, size: type === "f" ? Number(st.size) : 0, link: type === "l" ? await readlink(abs).catch(() => "") : "", rdev: rdevOf(st), mount: foreign, stamp: `${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}` };
+    return { type, attr: { ...attrOf(st), xattrs: xs ?? [], hasXattrs: xs !== undefined }, size: type === "f" ? Number(st.size) : 0, link: type === "l" ? await readlink(abs).catch(() => "") : "", rdev: rdevOf(st), mount: foreign, stamp: `${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`, digests: type === "f" ? await this.sourceDigests(abs) : undefined };
   }
 
-  private async sourceDigests(rel: string): Promise<Buffer | undefined> {
-    const fh = await open(path.join(this.o.root, rel), C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK).catch(() => undefined);
+  private async sourceDigests(abs: string): Promise<Buffer | undefined> {
+    const fh = await open(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK).catch(() => undefined);
     if (!fh) return undefined;
     try {
       const fst = await fh.stat();
       if (!fst.isFile()) return undefined;
-      const size = fst.size;
-      this.bytesCompared += size;
-      return await hashBlocks(fh, size, this.o.blockSize);
+      return await hashBlocks(fh, fst.size, this.o.blockSize);
     } finally {
       await fh.close();
     }
@@ -123,7 +146,9 @@ class Verifier {
       this.filesCompared++;
       if (s.size !== Number(t.size)) out.push({ path: rel, kind: "content", detail: `size ${s.size} on the source, ${t.size} on the target` });
       else {
-        const [a, b] = await Promise.all([this.sourceDigests(rel), this.targetDigests(rel, t)]);
+        const a = s.digests;
+        if (a) this.bytesCompared += s.size;
+        const b = a ? await this.targetDigests(rel, t) : undefined;
         if (a && b && !a.equals(b)) {
           let blocks = 0;
           for (let i = 0; i < a.length; i += 16) if (!a.subarray(i, i + 16).equals(b.subarray(i, i + 16))) blocks++;
@@ -144,40 +169,95 @@ class Verifier {
     return out;
   }
 
-  private manifest(dir: string): Promise<{ exists: boolean; entries: ManifestEntryMsg[] }> {
+  private manifest(dir: string): Promise<Manifest> {
     return this.unary("manifest", { source: this.o.source, set: this.o.set, dir, blockSize: this.o.blockSize, digestMaxBlocks: 64 });
   }
 
-  /** Walk both trees; returns every difference and the source stamps seen. */
-  async walk(dir: string, out: Difference[], stamps: Map<string, string>, mount = false): Promise<void> {
-    const [names, have] = await Promise.all([mount ? ([] as string[]) : readdir(dir ? path.join(this.o.root, dir) : this.o.root).catch(() => [] as string[]), this.manifest(dir)]);
+  /** Compare one directory's entries; returns the differences and the subdirectories to walk next. */
+  async walkDir(dir: string, mount: boolean, stamps: Map<string, string>): Promise<{ diffs: Difference[]; subdirs: { dir: string; mount: boolean }[] }> {
+    // The target starts on its summary while the source reads its side.
+    const theirSummary = this.summary(dir);
+    theirSummary.catch(() => undefined);
+    const names = mount ? [] : (await readdir(dir ? path.join(this.o.root, dir) : this.o.root).catch(() => [] as string[])).sort();
+    const rels = names.map((name) => (dir ? `${dir}/${name}` : name));
+    const mine = new Map<string, Side>();
+    await mapLimit(rels, COMPARE_PARALLEL, async (rel, i) => {
+      const s = await this.sourceSide(rel);
+      if (!s) return;
+      stamps.set(rel, s.stamp);
+      mine.set(names[i]!, s);
+    });
+    const sum = await theirSummary;
+    if (sum?.exists) {
+      const entries: SummaryEntry[] = [...mine].map(([name, s]) => ({ name, type: s.type, attr: s.attr, size: s.size, link: s.link, rdev: s.rdev, digests: s.digests }));
+      if (Buffer.from(sum.summary).equals(summarize(entries, this.o.blockSize, "source"))) {
+        // Everything compared is equal (a file's summary includes its digests, so it was read on both sides).
+        for (const s of mine.values()) {
+          if (s.type !== "f") continue;
+          this.filesCompared++;
+          this.bytesCompared += s.size;
+        }
+        return { diffs: [], subdirs: [...mine].filter(([, s]) => s.type === "d").map(([name, s]) => ({ dir: dir ? `${dir}/${name}` : name, mount: s.mount })) };
+      }
+    }
+    // Different (or no summary): the target's listing, entry by entry.
+    const have: Manifest = sum && !sum.exists ? { exists: false, entries: [] } : await this.manifest(dir);
     const theirs = new Map((have.exists ? have.entries : []).map((e) => [e.name, e]));
     const all = [...new Set([...names, ...theirs.keys()])].sort();
-    // Entries of a directory are compared a few at a time (reads, hashing and
-    // the target's digests overlap); subdirectories are walked after.
-    const subdirs: string[] = [];
-    const mounts = new Set<string>();
-    for (let i = 0; i < all.length; i += COMPARE_PARALLEL) {
-      const found = await Promise.all(all.slice(i, i + COMPARE_PARALLEL).map(async (name) => {
-        const rel = dir ? `${dir}/${name}` : name;
-        const s = await this.sourceSide(rel);
-        const t = theirs.get(name);
-        if (s) stamps.set(rel, s.stamp);
-        if (s?.type === "d" && t?.type === "d") subdirs.push(rel);
-        if (s?.mount) mounts.add(rel);
-        return this.compare(rel, s, t);
-      }));
-      for (const f of found) out.push(...f);
+    const found = await mapLimit(all, COMPARE_PARALLEL, (name) => this.compare(dir ? `${dir}/${name}` : name, mine.get(name), theirs.get(name)));
+    const subdirs: { dir: string; mount: boolean }[] = [];
+    for (const name of all) {
+      const s = mine.get(name);
+      if (s?.type === "d" && theirs.get(name)?.type === "d") subdirs.push({ dir: dir ? `${dir}/${name}` : name, mount: s.mount });
     }
-    for (const d of subdirs.sort()) await this.walk(d, out, stamps, mounts.has(d));
+    return { diffs: found.flat(), subdirs };
   }
 
-  /** Compare one path again (after the target caught up). */
-  async recheck(rel: string): Promise<{ diffs: Difference[]; stamp?: string }> {
+  /** Walk both trees (several directories at once); returns every difference (in walk order) and the source stamps seen. */
+  async walk(out: Difference[], stamps: Map<string, string>): Promise<void> {
+    const done = new Map<string, { diffs: Difference[]; subdirs: string[] }>();
+    const queue: { dir: string; mount: boolean }[] = [{ dir: "", mount: false }];
+    await new Promise<void>((resolve, reject) => {
+      let active = 0;
+      let failed = false;
+      const pump = () => {
+        while (!failed && active < DIR_PARALLEL && queue.length) {
+          const job = queue.pop()!;
+          active++;
+          this.walkDir(job.dir, job.mount, stamps).then(
+            (r) => {
+              active--;
+              done.set(job.dir, { diffs: r.diffs, subdirs: r.subdirs.map((d) => d.dir) });
+              for (let i = r.subdirs.length - 1; i >= 0; i--) queue.push(r.subdirs[i]!); // depth first, in name order
+              if (active === 0 && queue.length === 0) resolve();
+              else pump();
+            },
+            (e: unknown) => {
+              failed = true;
+              reject(e as Error);
+            },
+          );
+        }
+      };
+      pump();
+    });
+    const emit = (dir: string) => {
+      const d = done.get(dir);
+      if (!d) return;
+      out.push(...d.diffs);
+      for (const sub of d.subdirs) emit(sub);
+    };
+    emit("");
+  }
+
+  /** Compare one path again (after the target caught up); `listings` shares the target's listings between the paths of one round. */
+  async recheck(rel: string, listings = new Map<string, Promise<Manifest>>()): Promise<{ diffs: Difference[]; stamp?: string }> {
     const s = await this.sourceSide(rel);
     const dir = parentOf(rel);
-    const have = await this.manifest(dir);
-    const t = have.exists ? have.entries.find((e) => e.name === rel.slice(rel.lastIndexOf("/") + 1)) : undefined;
+    let have = listings.get(dir);
+    if (!have) listings.set(dir, (have = this.manifest(dir)));
+    const l = await have;
+    const t = l.exists ? l.entries.find((e) => e.name === rel.slice(rel.lastIndexOf("/") + 1)) : undefined;
     return { diffs: await this.compare(rel, s, t), stamp: s?.stamp };
   }
 }
@@ -188,13 +268,14 @@ export async function verifySet(o: VerifyOptions): Promise<VerifyReport> {
   try {
     let found: Difference[] = [];
     const stamps = new Map<string, string>();
-    await v.walk("", found, stamps);
+    await v.walk(found, stamps);
     // Re-check each difference after the target caught up; drop what was in flight.
     for (let i = 0; i < RECHECKS && found.length; i++) {
       await o.caughtUp();
       const still: Difference[] = [];
+      const listings = new Map<string, Promise<{ exists: boolean; entries: ManifestEntryMsg[] }>>();
       for (const p of [...new Set(found.map((d) => d.path))]) {
-        const r = await v.recheck(p);
+        const r = await v.recheck(p, listings);
         if (r.diffs.length === 0) continue;
         if (r.stamp !== stamps.get(p)) {
           stamps.set(p, r.stamp ?? "");
@@ -218,7 +299,8 @@ export async function verifySet(o: VerifyOptions): Promise<VerifyReport> {
       await o.repair([...dirs]);
       const paths = [...new Set(found.map((d) => d.path))];
       let fixed = 0;
-      for (const p of paths) if ((await v.recheck(p)).diffs.length === 0) fixed++;
+      const listings = new Map<string, Promise<{ exists: boolean; entries: ManifestEntryMsg[] }>>();
+      for (const p of paths) if ((await v.recheck(p, listings)).diffs.length === 0) fixed++;
       report.repaired = fixed;
     }
     report.ok = found.length === 0 || (report.repaired === new Set(found.map((d) => d.path)).size);

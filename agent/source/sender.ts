@@ -10,7 +10,7 @@ import { dialOptions } from "../../common/tls.ts";
 import { Backoff, sleep } from "../../common/retry.ts";
 import type { Journal } from "../queue/journal.ts";
 import { randomUUID } from "node:crypto";
-import { AGENT_VERSION, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Nack_Reason, PacketStreamClient, versionMismatch, type MirrorProgress, type Op, type ReplicationStreamClient, type TargetMessage, type Welcome } from "../wire.ts";
+import { AGENT_VERSION, MAX_MESSAGE_BYTES, encodeMirrorOps, PROTOCOL_VERSION, Nack_Reason, PacketStreamClient, versionMismatch, type MirrorProgress, type Op, type ReplicationStreamClient, type TargetMessage, type Welcome } from "../wire.ts";
 import { Mirror, type MirrorMode, type MirrorSource, type MirrorTarget } from "../mirror/mirror.ts";
 
 const WINDOW_PACKETS = 512;
@@ -108,7 +108,7 @@ interface StreamCtx {
   call: ReturnType<ReplicationStreamClient["replicate"]>;
   client: ReplicationStreamClient;
   welcome: Welcome;
-  mirrorAcks: { inflight: number; done: boolean };
+  mirrorAcks: { inflight: number; acked: number; done: boolean };
   failed: () => Error | undefined;
   waitWake: (ms?: number) => Promise<void>;
 }
@@ -235,23 +235,28 @@ export class Sender {
       if (f) throw f;
       if (this.abort.signal.aborted) throw new Error("stopping");
     };
-    // What the target lists must include every op sent before: wait for them to be applied.
-    const drained = async () => {
-      while (ctx.mirrorAcks.inflight > 0) {
-        check();
-        await ctx.waitWake(1000);
-      }
-    };
+    // Batches of this mirror the target has applied (it acknowledges each, in order, once applied).
+    const ackedBefore = ctx.mirrorAcks.acked;
+    const applied = () => ctx.mirrorAcks.acked - ackedBefore;
+    // Listings and digests show the target as it is: the mirror asks for them
+    // only once the batches that could change them are applied (waitApplied).
     const target: MirrorTarget = {
-      manifest: async (dir, digestMaxBlocks) => (await drained(), unary(client.manifest, { source: this.o.source, set: this.o.set, dir, blockSize: this.o.mirror.blockSize, digestMaxBlocks })),
-      digests: async (p) => (await drained(), unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize })),
+      manifest: (dir, digestMaxBlocks) => unary(client.manifest, { source: this.o.source, set: this.o.set, dir, blockSize: this.o.mirror.blockSize, digestMaxBlocks }),
+      digests: (p) => unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize }),
+      applied,
+      waitApplied: async (n) => {
+        while (applied() < n) {
+          check();
+          await ctx.waitWake(1000);
+        }
+      },
       send: async (ops: Op[], doneThrough: string) => {
         check();
         let bytes = 0;
         for (const op of ops) if (op.kind?.$case === "write") bytes += op.kind.value.data.length;
         await this.throttle.take(bytes, this.abort.signal);
         ctx.mirrorAcks.inflight++;
-        const ok = call.write({ msg: { $case: "mirrorOps", value: { mirrorId: state.mirrorId, ops, doneThrough, batch: ++batch } } });
+        const ok = call.write(encodeMirrorOps(state.mirrorId, ops, doneThrough, ++batch));
         if (!ok) {
           const ac = new AbortController();
           await Promise.race([once(call, "drain", { signal: ac.signal }).catch(() => undefined), ctx.waitWake()]);
@@ -309,7 +314,7 @@ export class Sender {
     let failure: Error | undefined;
     let welcome: TargetMessage["msg"] & { $case: "welcome" } | undefined;
     let cursor = 0;
-    const mirrorAcks = { inflight: 0, done: false };
+    const mirrorAcks = { inflight: 0, acked: 0, done: false };
     const inflight: [number, number][] = [];
     let inflightBytes = 0;
     const fail = (e: Error) => {
@@ -323,7 +328,10 @@ export class Sender {
         welcome = msg;
       } else if (msg.$case === "mirrorAck") {
         if (msg.value.done) mirrorAcks.done = true;
-        else mirrorAcks.inflight--;
+        else {
+          mirrorAcks.inflight--;
+          mirrorAcks.acked++;
+        }
       } else if (msg.$case === "ack") {
         const seq = msg.value.seq;
         while (inflight.length && inflight[0]![0] <= seq) inflightBytes -= inflight.shift()![1];

@@ -16,25 +16,34 @@ function isMissing(e: unknown): boolean {
   return c === "ENOENT" || c === "ENOTDIR";
 }
 
-export async function listDir(root: string, dir: string, blockSize: number, digestMaxBlocks: number): Promise<ManifestResponse> {
+/**
+ * A directory of the image and its entries' names, or undefined when it is not
+ * there (missing, or not a directory). A refused path (a symlink on the way) throws.
+ */
+export async function readImageDir(root: string, dir: string): Promise<{ abs: string; names: string[] } | undefined> {
   const img = new ConfinedRoot(root);
   let abs = img.root;
   if (dir !== "") {
     try {
       abs = await img.resolve(dir);
     } catch (e) {
-      if (isMissing(e)) return { exists: false, entries: [] };
+      if (isMissing(e)) return undefined;
       throw e;
     }
     const st = await lstat(abs).catch(() => undefined);
-    if (!st?.isDirectory()) return { exists: false, entries: [] };
+    if (!st?.isDirectory()) return undefined;
   }
-  let names: string[];
   try {
-    names = await readdir(abs);
+    return { abs, names: await readdir(abs) };
   } catch {
-    return { exists: false, entries: [] };
+    return undefined;
   }
+}
+
+export async function listDir(root: string, dir: string, blockSize: number, digestMaxBlocks: number): Promise<ManifestResponse> {
+  const d = await readImageDir(root, dir);
+  if (!d) return { exists: false, entries: [] };
+  const { abs, names } = d;
   const entries: ManifestEntryMsg[] = [];
   for (const name of names.sort()) {
     const p = path.join(abs, name);

@@ -11,6 +11,7 @@ import { AGENT_VERSION, PROTOCOL_VERSION, Nack_Reason, PacketError, decodePacket
 import { PathError } from "../fs/confine.ts";
 import { Image } from "./image.ts";
 import { digestsOf, listDir } from "./manifest.ts";
+import { summarizeDir } from "./verify-listing.ts";
 
 /** Log every op applied (debugging aid: UNDERSTUDY_TRACE_OPS=1). */
 const TRACE_OPS = process.env.UNDERSTUDY_TRACE_OPS === "1";
@@ -137,6 +138,10 @@ export class Receiver {
     digests: (call, cb) => {
       const r = call.request;
       this.readImage(call, r.source, r.set, r.blockSize, (root) => digestsOf(root, r.path, r.blockSize || 65536)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
+    },
+    summary: (call, cb) => {
+      const r = call.request;
+      this.readImage(call, r.source, r.set, r.blockSize, (root) => summarizeDir(root, r.dir, r.blockSize || 65536)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
     },
   };
 
@@ -289,12 +294,13 @@ export class Receiver {
     try {
       if (m.$case === "mirrorOps") {
         const v = m.value;
-        await img.applier.apply(v.ops);
+        await img.applier.applyConcurrently(v.ops);
         if (img.meta.mirrorId !== v.mirrorId || v.doneThrough) await img.saveMeta({ mirrorId: v.mirrorId, mirrorDoneThrough: v.doneThrough || (img.meta.mirrorId === v.mirrorId ? img.meta.mirrorDoneThrough : "") });
         session.send({ msg: { $case: "mirrorAck", value: { batch: v.batch, done: false } } });
       } else {
+        const t0 = Date.now();
         await img.jumpTo(m.value.appliedSeq, m.value.journalId);
-        log.info({ appliedSeq: img.appliedSeq, journalId: m.value.journalId }, "mirror complete");
+        log.info({ appliedSeq: img.appliedSeq, journalId: m.value.journalId, syncMs: Date.now() - t0 }, "mirror complete");
         session.send({ msg: { $case: "mirrorAck", value: { batch: 0, done: true } } });
       }
       img.lastError = "";

@@ -64,8 +64,12 @@ async function measureUnderstudy(dir: string, count: number, total: number, note
     await quiet(wire, 1000, 60_000);
 
     const before = wire.snapshot();
+    const cpu0 = await Promise.all([pair.source.cpuSeconds(), pair.target.cpuSeconds()]);
     progress("verify: understudy verify --json");
     const r = await runCmd(process.execPath, [CLI, "verify", "--agent", pair.source.address, "--set", "data", "--json"]);
+    const cpu1 = await Promise.all([pair.source.cpuSeconds(), pair.target.cpuSeconds()]);
+    const cpu = (i: number) => (cpu0[i] && cpu1[i] ? `${(cpu1[i].user + cpu1[i].system - cpu0[i].user - cpu0[i].system).toFixed(2)} s` : "n/a");
+    progress(`verify: agent CPU during verify: source ${cpu(0)}, target ${cpu(1)}`);
     await quiet(wire, 1000, 60_000);
     const after = wire.snapshot();
     let report: VerifyReport | undefined;

@@ -54,12 +54,18 @@ for (const what of ["gone", "replaced by another file"] as const) {
     }
 
     const applier = new Applier(img);
+    let applied = 0;
     const m = new Mirror(
       { root: src, blockSize: 65536, index, serial: (fn) => fn(), flushCapture: async () => undefined, lastSeq: () => 0, touchedSince: async () => ({ paths: new Set(), moved: new Set() }) },
       {
         manifest: (dir, digestMaxBlocks) => listDir(img, dir, 65536, digestMaxBlocks),
         digests: (p) => digestsOf(img, p, 65536),
-        send: (ops) => applier.apply(ops),
+        send: async (ops) => {
+          await applier.apply(ops);
+          applied++;
+        },
+        applied: () => applied,
+        waitApplied: async () => undefined,
         done: async () => undefined,
       },
       { mode: "checksum", pStart: 0, progress: emptyProgress(), signal: new AbortController().signal },

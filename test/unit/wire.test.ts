@@ -68,3 +68,26 @@ test("encodePacketPayload equals encodePacketBytes(encodePacket(...)) byte for b
   assert.ok(z.length < 10_000);
   assert.deepEqual(decodePacket(decodePacketBytes(z)), rep);
 });
+
+test("encodeMirrorOps equals SourceMessage.encode of the same mirror batch byte for byte", async () => {
+  const { encodeMirrorOps } = await import("../../agent/wire.ts");
+  const attr = { mode: 0o644, uid: 1000, gid: 1000, mtimeSec: 1_700_000_000, mtimeNsec: 123_456_789, xattrs: [{ name: "user.k", value: Buffer.from("v") }], hasXattrs: true };
+  const opArb = fc.oneof(
+    fc.record({ path: fc.string({ maxLength: 40, unit: "binary" }), off: fc.oneof(fc.constant(0), fc.nat({ max: 2 ** 40 }), fc.maxSafeNat()), data: fc.uint8Array({ maxLength: 600 }) }).map(({ path, off, data }) => ({ path, kind: { $case: "write" as const, value: { offset: off, data: Buffer.from(data) } } })),
+    fc.string({ maxLength: 20 }).map((path) => ({ path, kind: { $case: "create" as const, value: { attr: undefined } } })),
+    fc.string({ maxLength: 20 }).map((path) => ({ path, kind: { $case: "attr" as const, value: { attr } } })),
+    fc.record({ path: fc.string({ maxLength: 20 }), size: fc.nat() }).map(({ path, size }) => ({ path, kind: { $case: "truncate" as const, value: { size } } })),
+  );
+  fc.assert(
+    fc.property(fc.string({ maxLength: 40 }), fc.array(opArb, { maxLength: 12 }), fc.string({ maxLength: 30, unit: "binary" }), fc.oneof(fc.constant(0), fc.maxSafeNat()), (mirrorId, ops, doneThrough, batch) => {
+      const msg = { msg: { $case: "mirrorOps" as const, value: { mirrorId, ops, doneThrough, batch } } };
+      const mine = encodeMirrorOps(mirrorId, ops, doneThrough, batch).bytes;
+      assert.deepEqual(mine, Buffer.from(SourceMessage.encode(msg).finish()));
+      assert.deepEqual(SourceMessage.decode(mine), msg);
+    }),
+  );
+  // A large Write (multi-byte lengths at every level).
+  const big = [{ path: "f", kind: { $case: "write" as const, value: { offset: 3, data: Buffer.alloc(3 * 1024 * 1024, 9) } } }];
+  const want = SourceMessage.encode({ msg: { $case: "mirrorOps", value: { mirrorId: "m", ops: big, doneThrough: "d", batch: 300 } } }).finish();
+  assert.deepEqual(encodeMirrorOps("m", big, "d", 300).bytes, Buffer.from(want));
+});

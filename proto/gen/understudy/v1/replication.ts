@@ -166,6 +166,24 @@ export interface ManifestResponse {
   entries: ManifestEntry[];
 }
 
+export interface SummaryRequest {
+  source: string;
+  set: string;
+  /** relative; "" is the image root */
+  dir: string;
+  blockSize: number;
+}
+
+export interface SummaryResponse {
+  /** false: dir is missing (or not a directory) */
+  exists: boolean;
+  /**
+   * SHA-256 over every entry's compared fields, content (block digests)
+   * included, in name order.
+   */
+  summary: Buffer;
+}
+
 export interface DigestsRequest {
   source: string;
   set: string;
@@ -1217,6 +1235,142 @@ export const ManifestResponse: MessageFns<ManifestResponse> = {
             }
 
             message.entries.push(ManifestEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSummaryRequest(): SummaryRequest {
+  return { source: "", set: "", dir: "", blockSize: 0 };
+}
+
+export const SummaryRequest: MessageFns<SummaryRequest> = {
+  encode(message: SummaryRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.source !== "") {
+      writer.uint32(10).string(message.source);
+    }
+    if (message.set !== "") {
+      writer.uint32(18).string(message.set);
+    }
+    if (message.dir !== "") {
+      writer.uint32(26).string(message.dir);
+    }
+    if (message.blockSize !== 0) {
+      writer.uint32(32).uint32(message.blockSize);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SummaryRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSummaryRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.set = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.dir = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.blockSize = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+};
+
+function createBaseSummaryResponse(): SummaryResponse {
+  return { exists: false, summary: Buffer.alloc(0) };
+}
+
+export const SummaryResponse: MessageFns<SummaryResponse> = {
+  encode(message: SummaryResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.exists !== false) {
+      writer.uint32(8).bool(message.exists);
+    }
+    if (message.summary.length !== 0) {
+      writer.uint32(18).bytes(message.summary);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SummaryResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSummaryResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.exists = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.summary = Buffer.from(reader.bytes());
             continue;
           }
         }
@@ -2495,6 +2649,20 @@ export const ReplicationService = {
     responseSerialize: (value: DigestsResponse): Buffer => Buffer.from(DigestsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): DigestsResponse => DigestsResponse.decode(value),
   },
+  /**
+   * Verify: one digest of everything compared in a directory of the image
+   * (agent/verify/summary.ts); a target without it answers UNIMPLEMENTED and
+   * the source lists the directory with Manifest instead.
+   */
+  summary: {
+    path: "/understudy.v1.Replication/Summary" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SummaryRequest): Buffer => Buffer.from(SummaryRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SummaryRequest => SummaryRequest.decode(value),
+    responseSerialize: (value: SummaryResponse): Buffer => Buffer.from(SummaryResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SummaryResponse => SummaryResponse.decode(value),
+  },
 } as const;
 
 export interface ReplicationServer extends UntypedServiceImplementation {
@@ -2507,6 +2675,12 @@ export interface ReplicationServer extends UntypedServiceImplementation {
   manifest: handleUnaryCall<ManifestRequest, ManifestResponse>;
   /** Block digests of one file of the image. */
   digests: handleUnaryCall<DigestsRequest, DigestsResponse>;
+  /**
+   * Verify: one digest of everything compared in a directory of the image
+   * (agent/verify/summary.ts); a target without it answers UNIMPLEMENTED and
+   * the source lists the directory with Manifest instead.
+   */
+  summary: handleUnaryCall<SummaryRequest, SummaryResponse>;
 }
 
 export interface ReplicationClient extends Client {
@@ -2548,6 +2722,26 @@ export interface ReplicationClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: DigestsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Verify: one digest of everything compared in a directory of the image
+   * (agent/verify/summary.ts); a target without it answers UNIMPLEMENTED and
+   * the source lists the directory with Manifest instead.
+   */
+  summary(
+    request: SummaryRequest,
+    callback: (error: ServiceError | null, response: SummaryResponse) => void,
+  ): ClientUnaryCall;
+  summary(
+    request: SummaryRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SummaryResponse) => void,
+  ): ClientUnaryCall;
+  summary(
+    request: SummaryRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SummaryResponse) => void,
   ): ClientUnaryCall;
 }
 
