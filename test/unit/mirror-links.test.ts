@@ -10,26 +10,11 @@ import { link, lstat, mkdir, mkdtemp, readFile, rm, unlink, writeFile } from "no
 import os from "node:os";
 import path from "node:path";
 import { Mirror } from "../../agent/mirror/mirror.ts";
-import { FileIndex, type IndexEntry } from "../../agent/source/file-index.ts";
+import { FileIndex } from "../../agent/source/file-index.ts";
 import { emptyProgress } from "../../agent/source/sender.ts";
 import { Applier } from "../../agent/target/applier.ts";
 import { digestsOf, listDir } from "../../agent/target/manifest.ts";
-
-async function entry(abs: string): Promise<IndexEntry> {
-  const st = await lstat(abs, { bigint: true });
-  return {
-    t: st.isDirectory() ? "d" : "f",
-    mode: Number(st.mode & 0o7777n),
-    uid: Number(st.uid),
-    gid: Number(st.gid),
-    size: st.isFile() ? Number(st.size) : 0,
-    mtimeSec: Number(st.mtimeNs / 1_000_000_000n),
-    mtimeNsec: Number(st.mtimeNs % 1_000_000_000n),
-    ctimeMs: Number(st.ctimeNs / 1000n) / 1000,
-    ino: Number(st.ino),
-    nlink: Number(st.nlink),
-  };
-}
+import { indexEntryOf } from "./index-entry.ts";
 
 for (const what of ["gone", "replaced by another file"] as const) {
   test(`mirror: a hard-link group whose first name is ${what} on the source is linked to the next name, not to it`, async (t) => {
@@ -43,7 +28,7 @@ for (const what of ["gone", "replaced by another file"] as const) {
     await link(path.join(src, "a/first"), path.join(src, "b/second"));
     await link(path.join(src, "a/first"), path.join(src, "c/third"));
     const index = new FileIndex();
-    for (const p of ["a", "b", "c", "a/first", "b/second", "c/third"]) index.apply({ set: p, e: await entry(path.join(src, p)) });
+    for (const p of ["a", "b", "c", "a/first", "b/second", "c/third"]) index.apply({ set: p, e: await indexEntryOf(path.join(src, p)) });
     // The first name changes; the index has not heard of it yet.
     await unlink(path.join(src, "a/first"));
     if (what !== "gone") {

@@ -5,16 +5,17 @@
 // every listing asked for against the batches not yet applied.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { lstat, mkdir, mkdtemp, readFile, readdir, readlink, rm, symlink, writeFile } from "node:fs/promises";
+import { lstat, mkdir, mkdtemp, readFile, readdir, rm, symlink, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Mirror, TouchTracker } from "../../agent/mirror/mirror.ts";
-import { FileIndex, parentOf, type IndexEntry } from "../../agent/source/file-index.ts";
+import { FileIndex, parentOf } from "../../agent/source/file-index.ts";
 import { emptyProgress } from "../../agent/source/sender.ts";
 import { Applier } from "../../agent/target/applier.ts";
 import { digestsOf, listDir } from "../../agent/target/manifest.ts";
 import type { Op } from "../../agent/wire.ts";
+import { indexEntryOf } from "./index-entry.ts";
 
 test("TouchTracker: a listing depends on ops on its entries, on itself and on its ancestors, and on links to its names", () => {
   const t = new TouchTracker();
@@ -33,23 +34,6 @@ test("TouchTracker: a listing depends on ops on its entries, on itself and on it
   assert.equal(t.need("a/b"), 0);
   assert.equal(t.need("q"), 3);
 });
-
-async function entry(abs: string): Promise<IndexEntry> {
-  const st = await lstat(abs, { bigint: true });
-  return {
-    t: st.isDirectory() ? "d" : st.isSymbolicLink() ? "l" : "f",
-    mode: Number(st.mode & 0o7777n),
-    uid: Number(st.uid),
-    gid: Number(st.gid),
-    size: st.isFile() ? Number(st.size) : 0,
-    mtimeSec: Number(st.mtimeNs / 1_000_000_000n),
-    mtimeNsec: Number(st.mtimeNs % 1_000_000_000n),
-    ctimeMs: Number(st.ctimeNs / 1000n) / 1000,
-    ino: Number(st.ino),
-    nlink: Number(st.nlink),
-    ...(st.isSymbolicLink() ? { link: await readlink(abs) } : {}),
-  };
-}
 
 /** Whether op changes what a listing of d shows (the rule TouchTracker implements, spelled out). */
 function affects(op: Op, d: string): boolean {
@@ -106,7 +90,7 @@ for (const mode of ["full", "checksum"] as const) {
     await mkdir(path.join(img, "d09"), { recursive: true });
     await writeFile(path.join(img, "d09/f2"), "old content of f2 that is longer than the new one ".repeat(40));
     const index = new FileIndex();
-    for (const p of paths) index.apply({ set: p, e: await entry(path.join(src, p)) });
+    for (const p of paths) index.apply({ set: p, e: await indexEntryOf(path.join(src, p)) });
 
     const applier = new Applier(img);
     const queue: Op[][] = [];
