@@ -18,7 +18,7 @@
 // Special files are never opened (opening a device runs its driver: a tape
 // rewinds, a watchdog arms); their attributes are set through an O_PATH
 // descriptor (see Applier.setAttrSpecial).
-import { execFile } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { constants as C } from "node:fs";
 import { open, rename, unlink } from "node:fs/promises";
@@ -49,6 +49,21 @@ export async function makeSpecial(abs: string, type: SpecialKind, major: number,
     if (err.code === "ENOENT") throw new Error("cannot make special files: mknod (coreutils) is not on this host's PATH");
     const msg = String(err.stderr ?? err.message).trim();
     // EPERM making a device (an agent not running as root, or in a container without CAP_MKNOD): say so plainly.
+    throw Object.assign(new Error(`mknod ${type} ${abs}: ${msg}`), { code: /not permitted/i.test(msg) ? "EPERM" : /exists/i.test(msg) ? "EEXIST" : "EIO" });
+  }
+}
+
+/** makeSpecial for a fifo or device node, synchronously (the applier's; sockets need the event loop: makeSpecial). */
+export function makeSpecialSync(abs: string, type: Exclude<SpecialKind, "s">, major: number, minor: number): void {
+  if (!path.isAbsolute(abs)) throw new Error(`makeSpecial: ${abs} is not absolute`);
+  const args = ["-m", "600", "--", abs, type];
+  if (type === "c" || type === "b") args.push(String(major), String(minor));
+  try {
+    execFileSync("mknod", args, { timeout: 30_000, stdio: ["ignore", "ignore", "pipe"] });
+  } catch (e) {
+    const err = e as { stderr?: Buffer | string; code?: string | number; message: string };
+    if (err.code === "ENOENT") throw new Error("cannot make special files: mknod (coreutils) is not on this host's PATH");
+    const msg = String(err.stderr || err.message).trim();
     throw Object.assign(new Error(`mknod ${type} ${abs}: ${msg}`), { code: /not permitted/i.test(msg) ? "EPERM" : /exists/i.test(msg) ? "EEXIST" : "EIO" });
   }
 }

@@ -28,6 +28,10 @@ import type { Xattr } from "../wire.ts";
 
 interface XattrLib {
   listAttributes(path: string): Promise<string[]>;
+  listAttributesSync(path: string): string[];
+  getAttributeSync(path: string, name: string): Buffer | null;
+  setAttributeSync(path: string, name: string, value: Uint8Array): void;
+  removeAttributeSync(path: string, name: string): void;
   getAttribute(path: string, name: string): Promise<Buffer | null>;
   setAttribute(path: string, name: string, value: Buffer): Promise<void>;
   removeAttribute(path: string, name: string): Promise<void>;
@@ -76,6 +80,30 @@ export async function readXattrs(abs: string): Promise<Xattr[] | undefined> {
   const out: Xattr[] = [];
   for (const name of names.filter(isManagedXattr).sort()) {
     const value = await lib.getAttribute(abs, name);
+    if (value) out.push({ name, value });
+  }
+  return out;
+}
+
+/** readXattrs with synchronous calls (for callers that do many small files in a row, or run in a worker). */
+export function readXattrsSync(abs: string): Xattr[] | undefined {
+  if (!lib) return undefined;
+  let names: string[];
+  try {
+    names = lib.listAttributesSync(abs);
+  } catch (e) {
+    const n = errnoOf(e);
+    return n === ENOENT || n === ENOTDIR ? undefined : [];
+  }
+  if (names.length === 0) return [];
+  const out: Xattr[] = [];
+  for (const name of names.filter(isManagedXattr).sort()) {
+    let value: Buffer | null = null;
+    try {
+      value = lib.getAttributeSync(abs, name);
+    } catch {
+      /* removed meanwhile */
+    }
     if (value) out.push({ name, value });
   }
   return out;
@@ -136,6 +164,35 @@ export async function applyXattrs(abs: string, want: Xattr[]): Promise<string[]>
   }
   for (const x of want) {
     await lib.setAttribute(abs, x.name, Buffer.from(x.value)).catch((e: Error) => problems.push(`set ${x.name}: ${e.message}`));
+  }
+  return problems;
+}
+
+/** applyXattrs with synchronous calls (the applier's). */
+export function applyXattrsSync(abs: string, want: Xattr[]): string[] {
+  if (!lib) return want.length ? [xattrUnavailable()] : [];
+  const problems: string[] = [];
+  let have: string[] = [];
+  try {
+    have = lib.listAttributesSync(abs).filter(isManagedXattr);
+  } catch (e) {
+    if (errnoOf(e) === ENOENT) throw Object.assign(new Error(`ENOENT: ${abs}`), { code: "ENOENT" });
+  }
+  const keep = new Set(want.map((x) => x.name));
+  for (const n of have) {
+    if (keep.has(n)) continue;
+    try {
+      lib.removeAttributeSync(abs, n);
+    } catch (e) {
+      problems.push(`remove ${n}: ${(e as Error).message}`);
+    }
+  }
+  for (const x of want) {
+    try {
+      lib.setAttributeSync(abs, x.name, Buffer.from(x.value));
+    } catch (e) {
+      problems.push(`set ${x.name}: ${(e as Error).message}`);
+    }
   }
   return problems;
 }

@@ -12,15 +12,15 @@
 // All-zero writes at or beyond the end of a file are not written but become a
 // length (a hole), so sparse files stay sparse whatever the source sends.
 import { execFile } from "node:child_process";
-import { constants as C } from "node:fs";
+import { chmodSync, chownSync, closeSync, constants as C, fchmodSync, fchownSync, fdatasync, fstatSync, ftruncateSync, futimesSync, lchownSync, linkSync, lstatSync, lutimesSync, mkdirSync, openSync, renameSync, rmSync, symlinkSync, unlinkSync, utimesSync, writeSync, type Stats } from "node:fs";
 import { promisify } from "node:util";
-import { chmod, chown, lstat, mkdir, open, rename, rm, symlink, link, unlink, lchown, lutimes, utimes, type FileHandle } from "node:fs/promises";
+import { open } from "node:fs/promises";
 import path from "node:path";
 import type { Attr, Op } from "../wire.ts";
 import { ConfinedRoot, PathError, splitRelPath, type PlannedKind } from "../fs/confine.ts";
 import { isSpecial } from "../fs/stat.ts";
-import { makeSpecial, MAX_MAJOR, MAX_MINOR, O_PATH } from "../fs/special.ts";
-import { applyXattrs } from "../fs/xattr.ts";
+import { makeSpecial, makeSpecialSync, MAX_MAJOR, MAX_MINOR, O_PATH } from "../fs/special.ts";
+import { applyXattrsSync } from "../fs/xattr.ts";
 import { isZero } from "../source/blocks.ts";
 
 export { PathError };
@@ -43,8 +43,6 @@ const MAX_OPEN = 128;
  */
 const MAX_UNSYNCED = 512;
 
-/** Files whose ops a mirror batch applies at a time (applyConcurrently). */
-const APPLY_CONCURRENCY = 8;
 const FILE_OPS = new Set(["create", "write", "truncate", "attr"]);
 
 function parentPath(rel: string): string {
@@ -93,11 +91,29 @@ export function timeArg(sec: number, nsec: number): number {
   return sec + (Math.floor(nsec / 1000) * 1000 + 500) / 1e9;
 }
 
+const fdatasyncP = promisify(fdatasync);
+
+/** lstat that gives undefined for a missing path. */
+function lstatOrNone(abs: string): Stats | undefined {
+  return lstatSync(abs, { throwIfNoEntry: false });
+}
+
+/**
+ * Ops are applied with synchronous system calls: an image's ops are applied
+ * one at a time anyway (Image.exclusive), and a small file's create, write,
+ * attributes and close are a dozen calls of a few microseconds each, for
+ * which handing each to libuv's thread pool (a wake-up, a futex, an epoll
+ * round each) cost several times the call itself. Only the syncs that make
+ * applied data durable stay asynchronous (they wait on the disk): fdatasync
+ * of the files written, or one syncfs of the image's file system.
+ */
 export class Applier {
   readonly image: ConfinedRoot;
   private readonly canChown: boolean;
-  private handles = new Map<string, FileHandle>();
-  private unsynced: FileHandle[] = [];
+  /** Open descriptors of files being written, by path. */
+  private handles = new Map<string, number>();
+  /** Descriptors (of written files) no longer used for writing, waiting for the next sync. */
+  private unsynced: number[] = [];
   private dirtyDirs = new Set<string>();
   /** Written files closed before a sync: only a syncfs (or sync) makes them durable. */
   private closedUnsynced = 0;
@@ -119,6 +135,10 @@ export class Applier {
    * the batch's earlier ops leave it. Throws PathError.
    */
   async preflight(ops: Op[]): Promise<void> {
+    this.preflightSync(ops);
+  }
+
+  private preflightSync(ops: Op[]): void {
     const planned = new Map<string, PlannedKind>();
     const plan = (p: string, k: PlannedKind) => {
       if (k === "gone") for (const q of [...planned.keys()]) if (q.startsWith(p + "/")) planned.delete(q);
@@ -126,7 +146,7 @@ export class Applier {
     };
     for (const op of ops) {
       splitRelPath(op.path);
-      await this.image.check(op.path, planned);
+      this.image.checkSync(op.path, planned);
       const k = op.kind;
       const where = JSON.stringify(op.path);
       switch (k?.$case) {
@@ -134,17 +154,17 @@ export class Applier {
           throw new PathError(`op on ${where} has no kind`);
         case "rename": {
           splitRelPath(k.value.to);
-          await this.image.check(k.value.to, planned);
+          this.image.checkSync(k.value.to, planned);
           if (k.value.to === op.path || k.value.to.startsWith(op.path + "/")) throw new PathError(`cannot rename ${where} into itself`);
           const from = planned.get(op.path);
           plan(op.path, "gone");
           // The renamed object keeps its type; when unknown, treat it as a symlink (the strictest).
-          if (from !== "gone") plan(k.value.to, from ?? (await this.kindOnDisk(op.path)));
+          if (from !== "gone") plan(k.value.to, from ?? this.kindOnDisk(op.path));
           break;
         }
         case "link":
           splitRelPath(k.value.existing);
-          await this.image.check(k.value.existing, planned);
+          this.image.checkSync(k.value.existing, planned);
           plan(op.path, "file");
           break;
         case "symlink":
@@ -176,69 +196,48 @@ export class Applier {
     }
   }
 
-  private async kindOnDisk(rel: string): Promise<PlannedKind> {
-    const st = await lstat(path.join(this.image.root, rel)).catch(() => undefined);
+  private kindOnDisk(rel: string): PlannedKind {
+    let st: Stats | undefined;
+    try {
+      st = lstatOrNone(path.join(this.image.root, rel));
+    } catch {
+      st = undefined;
+    }
     if (!st) return "gone";
     return st.isDirectory() ? "dir" : st.isSymbolicLink() ? "symlink" : "file";
   }
 
   async apply(ops: Op[]): Promise<void> {
-    await this.preflight(ops);
-    for (const op of ops) await this.applyOne(op);
+    this.preflightSync(ops);
+    for (const op of ops) {
+      if (op.kind?.$case === "mknod" && op.kind.value.type === "s") await this.applySocket(op);
+      else this.applyOne(op);
+    }
     // Written files wait open for the next sync; a long mirror (which syncs only
     // at its end) must not run out of descriptors meanwhile.
     if (this.unsynced.length >= MAX_UNSYNCED) await this.closeUnsynced();
   }
 
   /**
-   * A mirror batch: like apply, but the ops on one regular file (create,
-   * write, truncate, attr) are applied for several files at a time, as long
-   * as the files are unrelated: a run of such ops is cut where a path lies
-   * below or above another of the run (a directory's attributes are set
-   * after what is made in it), and every other kind of op is applied alone,
-   * in its place. Each file's ops keep their order, and ops on unrelated
-   * paths commute, so the result is what apply gives. (Journal packets keep
-   * apply: a packet replayed after a crash relies on its exact order.)
+   * A mirror batch. (It once applied the ops of unrelated files side by side,
+   * through the thread pool; with synchronous calls in order it is faster,
+   * and the result is what apply gives by construction.)
    */
   async applyConcurrently(ops: Op[]): Promise<void> {
-    await this.preflight(ops);
-    for (const run of concurrentRuns(ops)) {
-      if (run.length === 1) {
-        for (const op of run[0]!) await this.applyOne(op);
-        continue;
-      }
-      // Directories on the way checked (or made) one at a time first: two files
-      // must not both find their missing directory and both make it.
-      for (const group of run) await this.image.resolve(group[0]!.path, true);
-      let next = 0;
-      let failed: unknown;
-      const worker = async () => {
-        while (next < run.length && failed === undefined) {
-          const group = run[next++]!;
-          try {
-            for (const op of group) await this.applyOne(op);
-          } catch (e) {
-            failed ??= e;
-          }
-        }
-      };
-      await Promise.all(Array.from({ length: Math.min(APPLY_CONCURRENCY, run.length) }, worker));
-      if (failed !== undefined) throw failed;
-    }
-    if (this.unsynced.length >= MAX_UNSYNCED) await this.closeUnsynced();
+    return this.apply(ops);
   }
 
   /** Close the files waiting for a sync without syncing them; the next sync covers the whole file system. */
   private async closeUnsynced(): Promise<void> {
     if (syncfsWorks === false) return this.sync(); // no syncfs here: fsync them now, as each is closed
-    const hs = this.unsynced;
+    const fds = this.unsynced;
     this.unsynced = [];
-    this.closedUnsynced += hs.length;
-    await Promise.all(hs.map((h) => h.close()));
+    this.closedUnsynced += fds.length;
+    for (const fd of fds) closeSync(fd);
   }
 
-  /** Cache an open handle for rel, moving the oldest one to the unsynced list beyond MAX_OPEN. */
-  private keep(rel: string, fh: FileHandle): void {
+  /** Cache an open descriptor for rel, moving the oldest one to the unsynced list beyond MAX_OPEN. */
+  private keep(rel: string, fd: number): void {
     if (this.handles.size >= MAX_OPEN) {
       const [oldest] = this.handles;
       if (oldest) {
@@ -246,66 +245,78 @@ export class Applier {
         this.unsynced.push(oldest[1]);
       }
     }
-    this.handles.set(rel, fh);
+    this.handles.set(rel, fd);
   }
 
-  private async applyOne(op: Op): Promise<void> {
+  /** A socket is bound by a listening server (an event-loop round trip): the one op applied asynchronously. */
+  private async applySocket(op: Op): Promise<void> {
+    const k = op.kind;
+    if (k?.$case !== "mknod") return;
+    const abs = this.image.resolveSync(op.path, true);
+    this.forget(op.path, true);
+    this.clearUnlessType(abs, "none");
+    await makeSpecial(abs, "s", 0, 0);
+    this.dirtyDirs.add(path.dirname(abs));
+    if (k.value.attr) this.setAttrPath(abs, k.value.attr);
+  }
+
+  private applyOne(op: Op): void {
     const k = op.kind;
     if (!k) throw new PathError(`op on ${JSON.stringify(op.path)} has no kind`);
     switch (k.$case) {
-      case "write": {
-        return this.write(await this.handle(op.path), k.value.offset, k.value.data);
-      }
+      case "write":
+        return this.write(this.handle(op.path), k.value.offset, k.value.data);
       case "truncate":
-        return (await this.handle(op.path)).truncate(k.value.size);
+        return ftruncateSync(this.handle(op.path), k.value.size);
       case "create": {
-        const abs = await this.image.resolve(op.path, true);
-        await this.forget(op.path, true);
+        const abs = this.image.resolveSync(op.path, true);
+        this.forget(op.path, true);
         // A new inode, never a truncate of the old one: it may be hard-linked elsewhere.
         // (O_EXCL fails on anything there, a symlink too; then it is cleared first.)
         const mode = k.value.attr?.mode ?? 0o600;
-        let fh: FileHandle;
+        let fd: number;
         try {
-          fh = await open(abs, WRITE_FLAGS | C.O_EXCL, mode);
+          fd = openSync(abs, WRITE_FLAGS | C.O_EXCL, mode);
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
-          await this.clearUnlessType(abs, "none");
-          fh = await open(abs, WRITE_FLAGS | C.O_EXCL, mode);
+          this.clearUnlessType(abs, "none");
+          fd = openSync(abs, WRITE_FLAGS | C.O_EXCL, mode);
         }
-        this.keep(op.path, fh);
+        this.keep(op.path, fd);
         this.dirtyDirs.add(path.dirname(abs));
-        if (k.value.attr) await this.setAttrFd(fh, k.value.attr, abs);
+        if (k.value.attr) this.setAttrFd(fd, k.value.attr, abs);
         return;
       }
       case "mkdir": {
-        const abs = await this.image.resolve(op.path, true);
-        await this.clearUnlessType(abs, "dir");
+        const abs = this.image.resolveSync(op.path, true);
+        this.clearUnlessType(abs, "dir");
         try {
-          await mkdir(abs, { mode: 0o700 });
+          mkdirSync(abs, { mode: 0o700 });
           this.dirtyDirs.add(path.dirname(abs));
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
         }
-        if (k.value.attr) await this.setAttrPath(abs, k.value.attr);
+        if (k.value.attr) this.setAttrPath(abs, k.value.attr);
         return;
       }
       case "symlink": {
-        const abs = await this.image.resolve(op.path, true);
-        await this.forget(op.path, true);
-        await this.clearUnlessType(abs, "none");
+        const abs = this.image.resolveSync(op.path, true);
+        this.forget(op.path, true);
+        this.clearUnlessType(abs, "none");
         this.image.invalidate();
-        await symlink(k.value.target, abs);
+        symlinkSync(k.value.target, abs);
         this.dirtyDirs.add(path.dirname(abs));
-        if (k.value.attr) await this.setAttrPath(abs, k.value.attr);
+        if (k.value.attr) this.setAttrPath(abs, k.value.attr);
         return;
       }
       case "mknod": {
-        const abs = await this.image.resolve(op.path, true);
-        await this.forget(op.path, true);
-        await this.clearUnlessType(abs, "none");
-        if (!isSpecial(k.value.type)) throw new PathError(`mknod ${JSON.stringify(op.path)}: unknown type`);
+        const abs = this.image.resolveSync(op.path, true);
+        this.forget(op.path, true);
+        this.clearUnlessType(abs, "none");
+        const type = k.value.type;
+        if (!isSpecial(type) || type === "s") throw new PathError(`mknod ${JSON.stringify(op.path)}: unknown type`); // (sockets: applySocket)
         try {
-          await makeSpecial(abs, k.value.type, k.value.major, k.value.minor);
+          makeSpecialSync(abs, type, k.value.major, k.value.minor);
         } catch (e) {
           // A device node on a target that may not make one (not root, no
           // CAP_MKNOD): left out rather than stopping replication; verify reports it missing.
@@ -315,60 +326,61 @@ export class Applier {
           return;
         }
         this.dirtyDirs.add(path.dirname(abs));
-        if (k.value.attr) await this.setAttrPath(abs, k.value.attr);
+        if (k.value.attr) this.setAttrPath(abs, k.value.attr);
         return;
       }
       case "link": {
-        const abs = await this.image.resolve(op.path, true);
-        const existing = await this.image.resolve(k.value.existing);
-        const [a, b] = await Promise.all([lstat(existing), lstat(abs).catch(() => undefined)]);
+        const abs = this.image.resolveSync(op.path, true);
+        const existing = this.image.resolveSync(k.value.existing);
+        const a = lstatSync(existing);
+        const b = lstatOrNone(abs);
         if (b && b.ino === a.ino && b.dev === a.dev) return;
-        await this.forget(op.path, true);
+        this.forget(op.path, true);
         this.image.invalidate(); // what was a directory here may now be a link to a symlink
-        if (b) await rm(abs, { recursive: true, force: true });
-        await link(existing, abs);
+        if (b) rmSync(abs, { recursive: true, force: true });
+        linkSync(existing, abs);
         this.dirtyDirs.add(path.dirname(abs));
         return;
       }
       case "remove": {
-        await this.forget(op.path, true);
-        const abs = await this.resolvePresent(op.path);
+        this.forget(op.path, true);
+        const abs = this.resolvePresent(op.path);
         if (abs === undefined) return; // its directory is gone: so is it (a replayed `rm -r`, see resolvePresent)
         this.image.invalidate();
-        const st = await lstat(abs).catch(() => undefined);
+        const st = lstatOrNone(abs);
         if (!st) return;
-        if (st.isDirectory()) await rm(abs, { recursive: true, force: true });
-        else await unlink(abs);
+        if (st.isDirectory()) rmSync(abs, { recursive: true, force: true });
+        else unlinkSync(abs);
         this.dirtyDirs.add(path.dirname(abs));
         return;
       }
       case "rename": {
-        const from = await this.resolvePresent(op.path);
+        const from = this.resolvePresent(op.path);
         if (from === undefined) return; // its directory is gone (replay): already renamed, or removed after
-        const to = await this.image.resolve(k.value.to, true);
-        await this.forget(op.path, true);
-        await this.forget(k.value.to, true);
+        const to = this.image.resolveSync(k.value.to, true);
+        this.forget(op.path, true);
+        this.forget(k.value.to, true);
         this.image.invalidate();
-        const st = await lstat(from).catch(() => undefined);
+        const st = lstatOrNone(from);
         if (!st) return; // already renamed (replay) or never existed
         try {
-          await rename(from, to);
+          renameSync(from, to);
         } catch (e) {
           const code = (e as NodeJS.ErrnoException).code;
           if (code !== "ENOTEMPTY" && code !== "EEXIST" && code !== "EISDIR" && code !== "ENOTDIR") throw e;
-          await rm(to, { recursive: true, force: true });
-          await rename(from, to);
+          rmSync(to, { recursive: true, force: true });
+          renameSync(from, to);
         }
         this.dirtyDirs.add(path.dirname(from));
         this.dirtyDirs.add(path.dirname(to));
         return;
       }
       case "attr": {
-        const abs = await this.image.resolve(op.path, true);
+        const abs = this.image.resolveSync(op.path, true);
         const open = this.handles.get(op.path);
-        if (open) return this.setAttrFd(open, k.value.attr!, abs);
+        if (open !== undefined) return this.setAttrFd(open, k.value.attr!, abs);
         try {
-          return await this.setAttrPath(abs, k.value.attr!);
+          return this.setAttrPath(abs, k.value.attr!);
         } catch (e) {
           // Nothing there (a later op of the journal removed it before a crash
           // replayed this one): there is nothing to set.
@@ -385,9 +397,9 @@ export class Applier {
    * and the length is set at the end. Zeros inside the file are written (they
    * may replace data). Pages are only looked at when the data has a zero one.
    */
-  private async write(fh: FileHandle, offset: number, d: Uint8Array): Promise<void> {
-    const put = async (from: number, to: number) => {
-      while (from < to) from += (await fh.write(d, from, to - from, offset + from)).bytesWritten;
+  private write(fd: number, offset: number, d: Uint8Array): void {
+    const put = (from: number, to: number) => {
+      while (from < to) from += writeSync(fd, d, from, to - from, offset + from);
     };
     // Pages of d end where the file's offsets are multiples of PAGE.
     const first = (PAGE - (offset % PAGE)) % PAGE || PAGE;
@@ -395,32 +407,32 @@ export class Applier {
     let anyZero = false;
     for (let i = 0; i < d.length && !anyZero; i = pageEnd(i)) anyZero = isZero(d.subarray(i, pageEnd(i)));
     if (!anyZero) return put(0, d.length);
-    const size = (await fh.stat()).size;
+    const size = fstatSync(fd).size;
     let run = -1; // start of the pending run of bytes to write
     for (let i = 0; i < d.length; i = pageEnd(i)) {
       const hole = offset + i >= size && isZero(d.subarray(i, pageEnd(i)));
       if (hole && run >= 0) {
-        await put(run, i);
+        put(run, i);
         run = -1;
       } else if (!hole && run < 0) run = i;
     }
-    if (run >= 0) await put(run, d.length);
+    if (run >= 0) put(run, d.length);
     if (offset + d.length > size) {
-      const now = (await fh.stat()).size;
-      if (offset + d.length > now) await fh.truncate(offset + d.length);
+      const now = fstatSync(fd).size;
+      if (offset + d.length > now) ftruncateSync(fd, offset + d.length);
     }
   }
 
   /** Make durable everything applied since the last sync (files, then directories). */
   async sync(): Promise<void> {
-    const hs = [...this.unsynced, ...this.handles.values()];
+    const fds = [...this.unsynced, ...this.handles.values()];
     this.unsynced = [];
     this.handles.clear();
     const closed = this.closedUnsynced;
-    if (closed > 0 || (hs.length + this.dirtyDirs.size > SYNCFS_AFTER && syncfsWorks !== false)) {
+    if (closed > 0 || (fds.length + this.dirtyDirs.size > SYNCFS_AFTER && syncfsWorks !== false)) {
       // Many files (or files closed unsynced): one syncfs(2) of the image's file system
       // costs far less than an fsync each (Node has no binding for it; coreutils' `sync -f` is it).
-      await Promise.all(hs.map((h) => h.close()));
+      for (const fd of fds) closeSync(fd);
       if (syncfsWorks !== false) {
         try {
           await execFileP("sync", ["-f", this.image.root]);
@@ -441,13 +453,10 @@ export class Applier {
       }
       return this.syncPaths();
     }
-    await Promise.all(hs.map(async (h) => {
-      try {
-        await h.datasync();
-      } finally {
-        await h.close();
-      }
-    }));
+    // A few files: fdatasync each (side by side in the thread pool: they wait on the disk).
+    const results = await Promise.allSettled(fds.map((fd) => fdatasyncP(fd)));
+    for (const fd of fds) closeSync(fd);
+    for (const r of results) if (r.status === "rejected") throw r.reason;
     const dirs = [...this.dirtyDirs];
     this.dirtyDirs.clear();
     await Promise.all(dirs.map(async (d) => {
@@ -471,27 +480,27 @@ export class Applier {
     await this.sync().catch(() => undefined);
   }
 
-  private async handle(rel: string): Promise<FileHandle> {
-    let fh = this.handles.get(rel);
-    if (fh) return fh;
-    const abs = await this.image.resolve(rel, true);
+  private handle(rel: string): number {
+    let fd = this.handles.get(rel);
+    if (fd !== undefined) return fd;
+    const abs = this.image.resolveSync(rel, true);
     // A special file here (a replayed write to a path a later op made a fifo or
     // a device): never open it, which would run a device's driver; it becomes
     // a file again, and the later op is replayed after this one.
-    const st = await lstat(abs).catch(() => undefined);
-    if (st && !st.isFile() && !st.isDirectory() && !st.isSymbolicLink()) await unlink(abs);
+    const st = lstatOrNone(abs);
+    if (st && !st.isFile() && !st.isDirectory() && !st.isSymbolicLink()) unlinkSync(abs);
     try {
-      fh = await open(abs, WRITE_FLAGS, 0o600);
+      fd = openSync(abs, WRITE_FLAGS, 0o600);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "ELOOP") throw new PathError(`${JSON.stringify(rel)} is a symlink on the target; refusing to write through it`);
       throw e;
     }
-    if (!(await fh.stat()).isFile()) {
-      await fh.close();
+    if (!fstatSync(fd).isFile()) {
+      closeSync(fd);
       throw new PathError(`${JSON.stringify(rel)} is not a regular file on the target; refusing to write to it`);
     }
-    this.keep(rel, fh);
-    return fh;
+    this.keep(rel, fd);
+    return fd;
   }
 
   /**
@@ -508,40 +517,41 @@ export class Applier {
    * three refusals and their backoff: longer than the e2e crash test waits).
    * Symlinks and files on the way are still refused by resolve.
    */
-  private async resolvePresent(rel: string): Promise<string | undefined> {
+  private resolvePresent(rel: string): string | undefined {
     try {
-      return await this.image.resolve(rel);
+      return this.image.resolveSync(rel);
     } catch (e) {
       if (!(e instanceof PathError) && (e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
       throw e;
     }
   }
 
-  /** Stop using cached handles for rel (and below it): they may name another file after this op. */
-  private async forget(rel: string, subtree = false): Promise<void> {
-    for (const [p, h] of this.handles) {
+  /** Stop using cached descriptors for rel (and below it): they may name another file after this op. */
+  private forget(rel: string, subtree = false): void {
+    if (this.handles.size === 0) return;
+    for (const [p, fd] of this.handles) {
       if (p === rel || (subtree && p.startsWith(rel + "/"))) {
         this.handles.delete(p);
-        this.unsynced.push(h);
+        this.unsynced.push(fd);
       }
     }
   }
 
   /** Remove whatever is at abs unless it already is of the wanted type. */
-  private async clearUnlessType(abs: string, want: "file" | "dir" | "none"): Promise<void> {
-    const st = await lstat(abs).catch(() => undefined);
+  private clearUnlessType(abs: string, want: "file" | "dir" | "none"): void {
+    const st = lstatOrNone(abs);
     if (!st) return;
     if (want === "file" && st.isFile()) return;
     if (want === "dir" && st.isDirectory()) return;
     this.image.invalidate();
-    if (st.isDirectory()) await rm(abs, { recursive: true, force: true });
-    else await unlink(abs);
+    if (st.isDirectory()) rmSync(abs, { recursive: true, force: true });
+    else unlinkSync(abs);
   }
 
   /** Set xattrs when the op carries them; what fails is counted, not thrown (see applyXattrs). */
-  private async setXattrs(abs: string, a: Attr): Promise<void> {
+  private setXattrs(abs: string, a: Attr): void {
     if (!a.hasXattrs) return;
-    const problems = await applyXattrs(abs, a.xattrs);
+    const problems = applyXattrsSync(abs, a.xattrs);
     if (problems.length) {
       this.xattrProblems += problems.length;
       this.lastXattrProblem = `${abs}: ${problems.join("; ")}`;
@@ -553,35 +563,35 @@ export class Applier {
    * security.capability), then xattrs, then mode (after chown and after an
    * ACL, whose mask it sets), then mtime.
    */
-  private async setAttrFd(fh: FileHandle, a: Attr, abs: string): Promise<void> {
+  private setAttrFd(fd: number, a: Attr, abs: string): void {
     if (this.canChown) {
-      const cur = await fh.stat();
-      if (cur.uid !== a.uid || cur.gid !== a.gid) await fh.chown(a.uid, a.gid);
+      const cur = fstatSync(fd);
+      if (cur.uid !== a.uid || cur.gid !== a.gid) fchownSync(fd, a.uid, a.gid);
     }
-    await this.setXattrs(abs, a);
-    await fh.chmod(a.mode & 0o7777);
+    this.setXattrs(abs, a);
+    fchmodSync(fd, a.mode & 0o7777);
     const t = timeArg(a.mtimeSec, a.mtimeNsec);
-    await fh.utimes(t, t);
+    futimesSync(fd, t, t);
   }
 
-  private async setAttrPath(abs: string, a: Attr): Promise<void> {
-    const st = await lstat(abs);
+  private setAttrPath(abs: string, a: Attr): void {
+    const st = lstatSync(abs);
     if (st.isSymbolicLink()) {
-      if (this.canChown && (st.uid !== a.uid || st.gid !== a.gid)) await lchown(abs, a.uid, a.gid);
-      await this.setXattrs(abs, a);
+      if (this.canChown && (st.uid !== a.uid || st.gid !== a.gid)) lchownSync(abs, a.uid, a.gid);
+      this.setXattrs(abs, a);
       const t = timeArg(a.mtimeSec, a.mtimeNsec);
-      await lutimes(abs, t, t);
+      lutimesSync(abs, t, t);
       return;
     }
     if (!st.isFile() && !st.isDirectory()) return this.setAttrSpecial(abs, a);
     // O_NOFOLLOW + descriptor: a symlink swapped in after the lstat is not followed.
-    const fh = await open(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK | (st.isDirectory() ? C.O_DIRECTORY : 0));
+    const fd = openSync(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK | (st.isDirectory() ? C.O_DIRECTORY : 0));
     try {
-      const now = await fh.stat();
+      const now = fstatSync(fd);
       if (now.ino !== st.ino || now.dev !== st.dev) throw new PathError(`${abs} changed while its attributes were set`);
-      await this.setAttrFd(fh, a, abs);
+      this.setAttrFd(fd, a, abs);
     } finally {
-      await fh.close();
+      closeSync(fd);
     }
   }
 
@@ -590,19 +600,19 @@ export class Applier {
    * does not block), changed through /proc/self/fd/<fd>, so the very inode
    * checked is the one changed.
    */
-  private async setAttrSpecial(abs: string, a: Attr): Promise<void> {
-    const fh = await open(abs, O_PATH | C.O_NOFOLLOW);
+  private setAttrSpecial(abs: string, a: Attr): void {
+    const fd = openSync(abs, O_PATH | C.O_NOFOLLOW);
     try {
-      const st = await fh.stat();
+      const st = fstatSync(fd);
       if (st.isFile() || st.isDirectory() || st.isSymbolicLink()) throw new PathError(`${abs} changed while its attributes were set`);
-      const self = `/proc/self/fd/${fh.fd}`;
-      if (this.canChown && (st.uid !== a.uid || st.gid !== a.gid)) await chown(self, a.uid, a.gid);
-      await this.setXattrs(abs, a);
-      await chmod(self, a.mode & 0o7777);
+      const self = `/proc/self/fd/${fd}`;
+      if (this.canChown && (st.uid !== a.uid || st.gid !== a.gid)) chownSync(self, a.uid, a.gid);
+      this.setXattrs(abs, a);
+      chmodSync(self, a.mode & 0o7777);
       const t = timeArg(a.mtimeSec, a.mtimeNsec);
-      await utimes(self, t, t);
+      utimesSync(self, t, t);
     } finally {
-      await fh.close();
+      closeSync(fd);
     }
   }
 }
