@@ -5,6 +5,7 @@ import { makeGenericClientConstructor as grpcMakeClient, type CallOptions, type 
 import { zstdCompressSync, zstdDecompressSync, constants as zc } from "node:zlib";
 import {
   Compression,
+  DigestAlgo,
   OpBatch,
   Packet,
   ReplicationClient,
@@ -37,7 +38,7 @@ export const AGENT_VERSION: string = pkg.version;
 /** Largest gRPC message either side accepts (a packet holds at most ~4 MiB of data). */
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
-export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet, SetSpec };
+export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet, SetSpec, DigestAlgo };
 export type { Attr, Op, Xattr, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, SummaryResponse, Welcome, MirrorProgress, VerifyReport, Difference };
 export type OpKind = NonNullable<Op["kind"]>["$case"];
 

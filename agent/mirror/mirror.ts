@@ -11,14 +11,14 @@
 // resumes there (with the journal since its start to re-check what changed).
 // Special files are made with Mknod; extended attributes are read from the
 // source's files and compared with the target's listing.
-import { constants as C, type BigIntStats } from "node:fs";
+import { closeSync, constants as C, fstatSync, openSync, readSync, type BigIntStats } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Attr, DigestsResponse, ManifestEntryMsg, ManifestResponse, MirrorProgress, Op, Xattr } from "../wire.ts";
-import { digestAt, hashBlocks, isZero, READ_BYTES } from "../source/blocks.ts";
+import { blockDigest, CHANGE_DIGEST, DIGEST_BYTES, digestAt, digestsOf, hashBlocks, isZero, READ_BYTES } from "../source/blocks.ts";
 import { parentOf, type FileIndex, type IndexEntry } from "../source/file-index.ts";
 import { attrOf, isSpecial } from "../fs/stat.ts";
-import { readXattrs, sameXattrs } from "../fs/xattr.ts";
+import { readXattrs, readXattrsSync, sameXattrs } from "../fs/xattr.ts";
 
 export type MirrorMode = "full" | "checksum";
 
@@ -34,6 +34,13 @@ export interface MirrorSource {
   lastSeq(): number;
   /** Paths touched by journal entries after seq, and roots of moved subtrees. */
   touchedSince(seq: number): Promise<{ paths: Set<string>; moved: Set<string> }>;
+  /**
+   * The mirror read all of file q, unchanged while it read it (`st` before
+   * and after): its block digests (CHANGE_DIGEST), for an index entry that
+   * has none and describes that very file (an index-only scan reads no
+   * content). The source ignores them otherwise.
+   */
+  adoptDigests?(q: string, st: BigIntStats, digests: Buffer): void;
 }
 
 /**
@@ -74,12 +81,16 @@ const MAX_WRITE = 1024 * 1024;
 const LISTING_DIGEST_BLOCKS = 64;
 /** Changed directories below this count go straight to the final (paused) round. */
 const FINAL_ROUND_DIRS = 200;
-/** Files the target lacks of at most this size are read ahead, this many at a time. */
-const READ_AHEAD_MAX = MAX_WRITE;
-const READ_AHEAD_FILES = 8;
+/** Files the target lacks of at most this size are read whole at once (readWhole). */
+const READ_WHOLE_MAX = MAX_WRITE;
 
-/** A file read ahead: its stat, xattrs and content (buf[0, got)), or what mirrorFile does instead. */
-type ReadAhead = { st: BigIntStats; xs: Xattr[] | undefined; buf: Buffer; got: number } | "skip" | "normal";
+/** A small file read whole: its stat, xattrs and content (buf[0, got)), or what mirrorFile does instead. */
+type ReadAhead = { st: BigIntStats; xs: Xattr[] | undefined; buf: Buffer; got: number; same: boolean } | "skip" | "normal";
+
+/** Size, mtime and ctime equal: the file was not written between two stats. */
+function unchanged(a: BigIntStats, b: BigIntStats): boolean {
+  return a.ino === b.ino && a.size === b.size && a.mtimeNs === b.mtimeNs && a.ctimeNs === b.ctimeNs;
+}
 
 /** Read up to n bytes at off (fewer only at the end of the file). */
 async function readAt(fh: FileHandle, off: number, n: number): Promise<{ buf: Buffer; got: number }> {
@@ -155,6 +166,13 @@ function sameAttr(a: Attr | undefined, b: Attr, symlink = false): boolean {
 /** "major,minor" of a listed device node ("" for anything else). */
 function rdevOfEntry(h: ManifestEntryMsg): string {
   return h.type === "c" || h.type === "b" ? `${h.rdevMajor},${h.rdevMinor}` : "";
+}
+
+/** A listing whose digests are another kind than ours (an older target's) is taken as one without digests. */
+function ownDigestsOnly(l: ManifestResponse): ManifestResponse {
+  if (l.digestAlgo === CHANGE_DIGEST) return l;
+  for (const e of l.entries) e.hasDigests = false;
+  return l;
 }
 
 /** Walk order: parents before children ("" first), lexicographic. */
@@ -274,10 +292,10 @@ export class Mirror {
     const pre = usePrefetched ? this.prefetched.get(d) : undefined;
     if (pre) {
       this.prefetched.delete(d);
-      if (pre.at >= need) return pre.listing;
+      if (pre.at >= need) return ownDigestsOnly(await pre.listing);
     }
     await this.settled(need);
-    return this.tgt.manifest(d, digestMaxBlocks);
+    return ownDigestsOnly(await this.tgt.manifest(d, digestMaxBlocks));
   }
 
   private lock<T>(fn: () => Promise<T>): Promise<T> {
@@ -349,19 +367,12 @@ export class Mirror {
     if (!have.exists && d !== "") await this.push({ path: d, kind: { $case: "mkdir", value: { attr: attrOfEntry(snap.self!) } } });
     const byName = new Map<string, ManifestEntryMsg>();
     for (const e of have.exists ? have.entries : []) byName.set(e.name, e);
-    // Small regular files the target lacks are read a few ahead (their reads
-    // overlap), then sent in order as before.
+    // Small regular files the target lacks are read whole with synchronous
+    // calls (from the page cache, a few microseconds each: cheaper than a
+    // trip through libuv's thread pool per call).
     const kids = snap.kids;
-    const readAhead = kids.map(([q, e]) => e.t === "f" && e.nlink <= 1 && e.size <= READ_AHEAD_MAX && !byName.has(q.slice(q.lastIndexOf("/") + 1)));
-    const ahead = new Map<number, Promise<ReadAhead>>();
-    let next = 0;
+    const readWhole = kids.map(([q, e]) => e.t === "f" && e.nlink <= 1 && e.size <= READ_WHOLE_MAX && !byName.has(q.slice(q.lastIndexOf("/") + 1)));
     for (let i = 0; i < kids.length; i++) {
-      for (next = Math.max(next, i); next < kids.length && next < i + READ_AHEAD_FILES; next++) {
-        if (!readAhead[next]) continue;
-        const r = this.readAhead(kids[next]![0], kids[next]![1]);
-        r.catch(() => undefined); // (awaited in turn; one left behind by a failure must not count as unhandled)
-        ahead.set(next, r);
-      }
       const [q, e] = kids[i]!;
       const name = q.slice(q.lastIndexOf("/") + 1);
       let h = byName.get(name);
@@ -377,8 +388,7 @@ export class Mirror {
         if (!h || h.link !== e.link) await this.push({ path: q, kind: { $case: "symlink", value: { target: e.link ?? "", attr: a } } });
         else if (!sameAttr(h.attr, a, true)) await this.push({ path: q, kind: { $case: "attr", value: { attr: a } } });
       } else if (isSpecial(e.t)) await this.mirrorSpecial(q, e, h);
-      else await this.mirrorFile(q, e, h, ahead.get(i));
-      ahead.delete(i);
+      else await this.mirrorFile(q, e, h, readWhole[i] ? this.readWhole(q, e) : undefined);
     }
     // Entries the source does not have.
     for (const [name, h] of byName) await this.push({ path: d ? `${d}/${name}` : name, kind: { $case: "remove", value: { directory: h.type === "d" } } });
@@ -437,17 +447,26 @@ export class Mirror {
    * the Write ops (no digests: there is nothing to compare them with).
    * Blocks of zeros are left out (holes); returns where the last Write ends.
    */
-  private async sendFresh(q: string, fh: FileHandle, size: number): Promise<number> {
-    const chunk = Math.max(MAX_WRITE, this.src.blockSize);
+  private async sendFresh(q: string, fh: FileHandle, size: number, st: BigIntStats): Promise<number> {
+    const bs = this.src.blockSize;
+    const chunk = Math.max(MAX_WRITE, bs); // a whole number of blocks (both are powers of two)
+    // Digests for the index (adoptDigests), as the content goes by.
+    const digests = this.src.adoptDigests ? Buffer.allocUnsafe(Math.ceil(size / bs) * DIGEST_BYTES) : undefined;
     let end = 0;
+    let whole = true;
     for (let off = 0; off < size; ) {
       if (this.o.signal.aborted) throw new Error("mirror cancelled");
       const want = Math.min(chunk, size - off);
       const { buf, got } = await readAt(fh, off, want);
+      if (digests) for (let i = 0; i < got; i += bs) blockDigest(buf.subarray(i, Math.min(got, i + bs)), CHANGE_DIGEST).copy(digests, ((off + i) / bs) * DIGEST_BYTES);
       end = Math.max(end, await this.sendData(q, buf, got, off));
       off += got;
-      if (got < want) break; // shorter than it was: capture journals the change
+      if (got < want) {
+        whole = false;
+        break; // shorter than it was: capture journals the change
+      }
     }
+    if (digests && whole && unchanged(st, await fh.stat({ bigint: true }))) this.adopt(q, st, digests);
     return end;
   }
 
@@ -471,33 +490,46 @@ export class Mirror {
   }
 
   /**
-   * Read a small file the target lacks ahead of its turn (see mirrorDir):
-   * what mirrorFile reads of it, "skip" when mirrorFile would skip it (gone,
-   * or another file than the index says), "normal" when it is no longer small.
+   * Read a small file the target lacks, whole (synchronously): what
+   * mirrorFile reads of it, "skip" when mirrorFile would skip it (gone, or
+   * another file than the index says), "normal" when it is no longer small.
    */
-  private async readAhead(q: string, e: IndexEntry): Promise<ReadAhead> {
+  private readWhole(q: string, e: IndexEntry): ReadAhead {
     const abs = path.join(this.src.root, q);
-    let fh;
+    let fd: number;
     try {
-      fh = await open(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK);
+      fd = openSync(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK);
     } catch {
       return "skip";
     }
     try {
-      const st = await fh.stat({ bigint: true });
+      const st = fstatSync(fd, { bigint: true });
       if (Number(st.ino) !== e.ino || !st.isFile()) return "skip";
-      if (st.size > BigInt(READ_AHEAD_MAX)) return "normal";
-      const xs = await readXattrs(abs);
-      const { buf, got } = await readAt(fh, 0, Number(st.size));
-      return { st, xs, buf, got };
+      if (st.size > BigInt(READ_WHOLE_MAX)) return "normal";
+      const xs = readXattrsSync(abs);
+      const n = Number(st.size);
+      const buf = Buffer.allocUnsafe(n);
+      let got = 0;
+      while (got < n) {
+        const r = readSync(fd, buf, got, n - got, got);
+        if (r === 0) break;
+        got += r;
+      }
+      return { st, xs, buf, got, same: got === n && unchanged(st, fstatSync(fd, { bigint: true })) };
     } finally {
-      await fh.close();
+      closeSync(fd);
     }
   }
 
-  /** A file read ahead, sent as new (mirrorFile's fresh case). */
+  /** Hand the digests of a file read whole and unchanged to the source's index. */
+  private adopt(q: string, st: BigIntStats, digests: Buffer): void {
+    this.src.adoptDigests?.(q, st, digests);
+  }
+
+  /** A file read whole, sent as new (mirrorFile's fresh case). */
   private async sendReadAhead(q: string, e: IndexEntry, r: Exclude<ReadAhead, string>): Promise<void> {
     const size = Number(r.st.size);
+    if (r.same && this.src.adoptDigests) this.adopt(q, r.st, digestsOf(r.buf, r.got, this.src.blockSize));
     const attr: Attr = { ...attrOf(r.st), xattrs: r.xs ?? [], hasXattrs: r.xs !== undefined };
     await this.push({ path: q, kind: { $case: "create", value: { attr: undefined } } });
     const end = await this.sendData(q, r.buf, r.got, 0);
@@ -508,10 +540,9 @@ export class Mirror {
     this.updateRate();
   }
 
-  private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined, ahead?: Promise<ReadAhead>): Promise<void> {
+  private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined, r?: ReadAhead): Promise<void> {
     const p = this.o.progress;
-    if (ahead) {
-      const r = await ahead;
+    if (r) {
       if (r === "skip") return;
       if (r !== "normal") return this.sendReadAhead(q, e, r);
     }
@@ -537,7 +568,7 @@ export class Mirror {
       if (fresh) {
         // Created bare: the attr op after the content sets owner, mode, xattrs and times once.
         await this.push({ path: q, kind: { $case: "create", value: { attr: undefined } } });
-        const end = await this.sendFresh(q, fh, size);
+        const end = await this.sendFresh(q, fh, size, st);
         if (end < size) await this.push({ path: q, kind: { $case: "truncate", value: { size } } });
         await this.push({ path: q, kind: { $case: "attr", value: { attr } } });
         if (e.nlink > 1) this.linkDone.add(q);
@@ -552,7 +583,8 @@ export class Mirror {
           else {
             await this.settled(this.touched.need(parentOf(q)));
             const r = await this.tgt.digests(q);
-            theirs = r.exists ? Buffer.from(r.digests) : undefined;
+            // (another kind of digest, from an older target: nothing to compare with, all is sent)
+            theirs = r.exists && r.digestAlgo === CHANGE_DIGEST ? Buffer.from(r.digests) : undefined;
             theirSize = r.exists ? Number(r.size) : 0;
           }
         }
@@ -568,7 +600,7 @@ export class Mirror {
         wrote = true;
         await this.push({ path: q, kind: { $case: "write", value: { offset, data: buf.subarray(0, len) } } });
       };
-      await hashBlocks(fh, size, bs, async (b) => {
+      const mine = await hashBlocks(fh, size, bs, async (b) => {
         const lastTheirs = Math.floor(theirSize / bs);
         const fullTheirs = b.index < lastTheirs || (b.index === lastTheirs && b.data.length === theirSize - b.offset);
         const t = digestAt(theirs, b.index);
@@ -583,6 +615,7 @@ export class Mirror {
         }
         p.bytesDone += b.data.length;
       }, this.o.signal, this.scratch);
+      if (this.src.adoptDigests && unchanged(st, await fh.stat({ bigint: true }))) this.adopt(q, st, mine);
       await flushWrite();
       if (size !== theirSize || (fresh && size > 0)) await this.push({ path: q, kind: { $case: "truncate", value: { size } } });
       if (fresh || wrote || size !== theirSize || !sameAttr(h?.attr, attr)) await this.push({ path: q, kind: { $case: "attr", value: { attr } } });

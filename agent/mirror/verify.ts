@@ -16,7 +16,7 @@ import * as grpc from "@grpc/grpc-js";
 import { constants as C } from "node:fs";
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import path from "node:path";
-import { hashBlocks } from "../source/blocks.ts";
+import { DigestAlgo, hashBlocks } from "../source/blocks.ts";
 import { parentOf } from "../source/file-index.ts";
 import { attrOf, kindOf, rdevOf } from "../fs/stat.ts";
 import { readXattrs, xattrDifference } from "../fs/xattr.ts";
@@ -122,7 +122,7 @@ class Verifier {
     try {
       const fst = await fh.stat();
       if (!fst.isFile()) return undefined;
-      return await hashBlocks(fh, fst.size, this.o.blockSize);
+      return await hashBlocks(fh, fst.size, this.o.blockSize, undefined, undefined, undefined, DigestAlgo.DIGEST_ALGO_SHA256_128);
     } finally {
       await fh.close();
     }
@@ -130,7 +130,7 @@ class Verifier {
 
   private async targetDigests(rel: string, t: ManifestEntryMsg): Promise<Buffer | undefined> {
     if (t.hasDigests) return Buffer.from(t.digests);
-    const r = await this.unary<{ exists: boolean; digests: Uint8Array }>("digests", { source: this.o.source, set: this.o.set, path: rel, blockSize: this.o.blockSize });
+    const r = await this.unary<{ exists: boolean; digests: Uint8Array }>("digests", { source: this.o.source, set: this.o.set, path: rel, blockSize: this.o.blockSize, digestAlgo: DigestAlgo.DIGEST_ALGO_SHA256_128 });
     return r.exists ? Buffer.from(r.digests) : undefined;
   }
 
@@ -170,7 +170,7 @@ class Verifier {
   }
 
   private manifest(dir: string): Promise<Manifest> {
-    return this.unary("manifest", { source: this.o.source, set: this.o.set, dir, blockSize: this.o.blockSize, digestMaxBlocks: 64 });
+    return this.unary("manifest", { source: this.o.source, set: this.o.set, dir, blockSize: this.o.blockSize, digestMaxBlocks: 64, digestAlgo: DigestAlgo.DIGEST_ALGO_SHA256_128 });
   }
 
   /** Compare one directory's entries; returns the differences and the subdirectories to walk next. */

@@ -1,8 +1,17 @@
 // Block hashing lives here and only here: a file is cut into fixed-size blocks
-// and each block gets a 16-byte digest (SHA-256, truncated: the CPU's SHA
-// extensions make it faster here than MD5 or a JS hash). Capture compares these
-// digests with the ones recorded for what the target already has, so only
-// changed blocks travel.
+// and each block gets a 16-byte digest. Two kinds (DigestAlgo, on the wire):
+// - XXH3-128 for change detection (capture's index, mirror's comparison with
+//   the target): ~2.5x faster than SHA-256 here (hash-wasm's WebAssembly build,
+//   measured 0.31 vs 0.75 CPU-s per GiB in 64 KiB blocks; @node-rs/xxhash's
+//   native one measured no faster than SHA-256, its binding copying the input).
+//   Not cryptographic, and it need not be: both digests are of bytes this
+//   source sent over an authenticated (mTLS) link, and a collision only makes
+//   a changed block look unchanged to the same process that hashes it, for
+//   data no one but the writer of the source chooses — the same trust rsync's
+//   xxh128 places in it.
+// - SHA-256, truncated to 16 bytes, for verify: its result is taken as proof
+//   that a replica holds the source's bytes, whoever may have touched the
+//   replica's disk, so a digest someone could aim a collision at will not do.
 //
 // Large files (VM disk images) are re-read whole whenever they change: without
 // an intercepting driver nothing says which blocks a writer touched. What can
@@ -22,8 +31,15 @@
 // this process.
 import { createCipheriv, createHash, hash, randomBytes } from "node:crypto";
 import type { FileHandle } from "node:fs/promises";
+import { createXXHash128 } from "hash-wasm";
+import { DigestAlgo } from "../wire.ts";
 
+export { DigestAlgo };
 export const DIGEST_BYTES = 16;
+/** The digest of change detection (capture, mirror); verify uses SHA256_128. */
+export const CHANGE_DIGEST: DigestAlgo = DigestAlgo.DIGEST_ALGO_XXH3_128;
+/** One XXH3-128 state per thread (used synchronously: init, update, digest). */
+const xxh128 = await createXXHash128();
 /** Bytes read per syscall while hashing. */
 export const READ_BYTES = 4 * 1024 * 1024;
 /** Files at least this large get fingerprints and a place in the digest cache. */
@@ -52,8 +68,23 @@ const CACHE_IDLE_MS = 10 * 60 * 1000;
 const FP_KEY = randomBytes(16);
 const FP_NONCE = randomBytes(12);
 
-export function blockDigest(data: Uint8Array): Buffer {
+export function blockDigest(data: Uint8Array, algo: DigestAlgo = DigestAlgo.DIGEST_ALGO_SHA256_128): Buffer {
+  if (algo === DigestAlgo.DIGEST_ALGO_XXH3_128) {
+    xxh128.init();
+    xxh128.update(data);
+    const d = xxh128.digest("binary");
+    return Buffer.from(d.buffer, d.byteOffset, d.byteLength);
+  }
   return hash("sha256", data, "buffer").subarray(0, DIGEST_BYTES);
+}
+
+/** Block digests of data already in memory (buf[0, len) from file offset 0). */
+export function digestsOf(buf: Uint8Array, len: number, blockSize: number, algo: DigestAlgo = CHANGE_DIGEST): Buffer {
+  const n = Math.ceil(len / blockSize);
+  const out = Buffer.allocUnsafe(n * DIGEST_BYTES);
+  for (let i = 0; i < n; i++) blockDigest(buf.subarray(i * blockSize, Math.min(len, (i + 1) * blockSize)), algo).copy(out, i * DIGEST_BYTES);
+  hashStats.bytesDigested += len;
+  return out;
 }
 
 /** The old, incremental way; kept for the equivalence test. */
@@ -90,6 +121,7 @@ export interface BlockVisit {
 }
 
 interface CacheEntry {
+  algo: DigestAlgo;
   blockSize: number;
   /** blocks per fingerprint */
   fpBlocks: number;
@@ -157,7 +189,7 @@ export function clearDigestCache(): void {
  * `signal` cancels between blocks. The next read is in flight while a buffer
  * is being hashed and visited.
  */
-export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer): Promise<Buffer> {
+export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer, algo: DigestAlgo = CHANGE_DIGEST): Promise<Buffer> {
   const n = Math.ceil(size / blockSize);
   const digests = Buffer.allocUnsafe(n * DIGEST_BYTES);
   // Read several blocks per syscall: large reads are much cheaper than 64 KiB
@@ -178,7 +210,7 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
   let fps: Buffer | undefined;
   if (size >= LARGE_FILE && DIGEST_CACHE_BYTES > 0) {
     const st = await fh.stat();
-    key = `${st.dev}:${st.ino}`;
+    key = `${st.dev}:${st.ino}:${algo}`;
     old = cacheGet(key);
     if (old && (old.blockSize !== blockSize || old.fpBlocks !== fpBlocks)) old = undefined;
     fps = Buffer.allocUnsafe(Math.ceil(n / fpBlocks) * FP_LEN);
@@ -232,7 +264,7 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
           let digest: Buffer;
           if (reuse) digest = digests.subarray(index * DIGEST_BYTES, (index + 1) * DIGEST_BYTES);
           else {
-            digest = blockDigest(data);
+            digest = blockDigest(data, algo);
             digest.copy(digests, index * DIGEST_BYTES);
             hashStats.bytesDigested += data.length;
           }
@@ -247,7 +279,7 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
     // Never leave a read running into a buffer the caller may reuse.
     await next?.catch(() => undefined);
   }
-  if (key && fps) cachePut(key, { blockSize, fpBlocks, size, fps, digests, used: Date.now() });
+  if (key && fps) cachePut(key, { algo, blockSize, fpBlocks, size, fps, digests, used: Date.now() });
   return digests;
 }
 

@@ -487,6 +487,14 @@ export class Capture {
    * changed, and the final attributes.
    */
   private async sendContent(rel: string, st: BigIntStats, old: Buffer | undefined, oldSize: number, fresh: boolean): Promise<void> {
+    if (this.silent) {
+      // Index-only scan of a new journal: the content is not read here. Every
+      // target is mirrored, and the mirror's read of each file gives the
+      // index its digests (MirrorSource.adoptDigests); a file changed before
+      // that has none, and its first change is sent whole.
+      const xs = await readXattrs(this.abs(rel));
+      return this.setEntry(rel, entryOf(st, { xa: xattrDigest(xs) }), true, xs);
+    }
     const bs = this.o.blockSize;
     let fh;
     try {

@@ -3,6 +3,7 @@
 // release (acknowledged by every target and covered by the snapshot).
 import { randomUUID } from "node:crypto";
 import { mkdir, readFile, writeFile, rename, unlink } from "node:fs/promises";
+import type { BigIntStats } from "node:fs";
 import path from "node:path";
 import picomatch from "picomatch";
 import type * as grpc from "@grpc/grpc-js";
@@ -12,6 +13,7 @@ import { Journal } from "../queue/journal.ts";
 import { encodePacketPayload, type Op, type SourceSetStatus } from "../wire.ts";
 import { Capture, packetDataLimit } from "./capture.ts";
 import { FileIndex, type IndexDelta } from "./file-index.ts";
+import { DIGEST_BYTES } from "./blocks.ts";
 import { Sender, type MirrorHost, type MirrorState } from "./sender.ts";
 import type { MirrorMode, MirrorSource } from "../mirror/mirror.ts";
 import { verifySet, type VerifyResult } from "../mirror/verify.ts";
@@ -69,6 +71,9 @@ export class SourceSet {
   private journalId = "";
   private lastVerify = new Map<string, VerifyResult>();
   private verifying = new Map<string, Promise<VerifyResult>>();
+  /** Digests a mirror gave the index (adoptDigests) since the last snapshot, and when the last came. */
+  private adopted = 0;
+  private lastAdoptAt = 0;
   /** Paths (relative to the set root) left out with everything below them; set by start() for whole-server sets. */
   private excluded: string[] = [];
 
@@ -194,6 +199,7 @@ export class SourceSet {
       flushCapture: () => this.flushNow(),
       lastSeq: () => this.journal.lastSeq,
       touchedSince: (seq) => this.touchedSince(seq),
+      adoptDigests: (q, st, digests) => this.adoptDigests(q, st, digests),
     };
     return {
       source,
@@ -205,6 +211,28 @@ export class SourceSet {
         await rename(`${file}.tmp`, file);
       },
     };
+  }
+
+  /**
+   * A mirror read all of q, unchanged (st before and after the read): its
+   * digests become the index entry's when the entry has none (an index-only
+   * scan reads no content) and describes the same file as st (inode, size,
+   * mtime, ctime: capture's own test of "content unchanged"). Then the entry
+   * describes what every target holds: a target mirrored earlier got the same
+   * bytes (the file has not changed since the entry was made, or capture would
+   * have replaced the entry with one with digests), and a target mirrored
+   * later gets what its own mirror reads. Not journaled: a snapshot keeps
+   * them (checkpoint), and without one the entry has no digests again, which
+   * only means the file's next change is sent whole.
+   */
+  private adoptDigests(q: string, st: BigIntStats, digests: Buffer): void {
+    const e = this.index.get(q);
+    if (!e || e.t !== "f" || e.hashes || e.ino !== Number(st.ino) || e.size !== Number(st.size)) return;
+    if (e.mtimeSec !== Number(st.mtimeNs / 1_000_000_000n) || e.mtimeNsec !== Number(st.mtimeNs % 1_000_000_000n) || e.ctimeMs !== Number(st.ctimeNs / 1000n) / 1000) return;
+    if (digests.length !== Math.ceil(e.size / this.cfg.blockSize) * DIGEST_BYTES) return;
+    this.index.apply({ set: q, e: { ...e, hashes: digests } });
+    this.adopted++;
+    this.lastAdoptAt = Date.now();
   }
 
   /** Paths the journal entries after seq touched (from their index deltas). */
@@ -364,7 +392,10 @@ export class SourceSet {
     await this.serial(async () => {
       await this.journal.sync();
       const seq = this.journal.lastSeq;
-      if (seq > this.snapshotSeq) {
+      // (digests adopted from a mirror: saved once the mirror has stopped adding them, or on close)
+      const adoptedDone = this.adopted > 0 && (this.closed || Date.now() - this.lastAdoptAt > CHECKPOINT_MS);
+      if (seq > this.snapshotSeq || adoptedDone) {
+        this.adopted = 0;
         await this.index.save(path.join(this.dir, "index.snap"), seq);
         this.snapshotSeq = seq;
       }

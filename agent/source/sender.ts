@@ -3,6 +3,7 @@
 // keeps them until the target acknowledges them durable. Any failure ends the
 // stream; the sender reconnects with backoff and resends from the target's
 // Welcome, so a lost packet is only ever resent, never skipped.
+import { CHANGE_DIGEST } from "./blocks.ts";
 import * as grpc from "@grpc/grpc-js";
 import { EventEmitter, once } from "node:events";
 import type { Logger } from "../../common/log.ts";
@@ -241,8 +242,8 @@ export class Sender {
     // Listings and digests show the target as it is: the mirror asks for them
     // only once the batches that could change them are applied (waitApplied).
     const target: MirrorTarget = {
-      manifest: (dir, digestMaxBlocks) => unary(client.manifest, { source: this.o.source, set: this.o.set, dir, blockSize: this.o.mirror.blockSize, digestMaxBlocks }),
-      digests: (p) => unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize }),
+      manifest: (dir, digestMaxBlocks) => unary(client.manifest, { source: this.o.source, set: this.o.set, dir, blockSize: this.o.mirror.blockSize, digestMaxBlocks, digestAlgo: CHANGE_DIGEST }),
+      digests: (p) => unary(client.digests, { source: this.o.source, set: this.o.set, path: p, blockSize: this.o.mirror.blockSize, digestAlgo: CHANGE_DIGEST }),
       applied,
       waitApplied: async (n) => {
         while (applied() < n) {

@@ -7,8 +7,13 @@ import path from "node:path";
 import { ConfinedRoot, splitRelPath } from "../fs/confine.ts";
 import { attrOf, devMajor, devMinor, kindOf } from "../fs/stat.ts";
 import { readXattrs } from "../fs/xattr.ts";
-import { hashBlocks } from "../source/blocks.ts";
+import { DigestAlgo, hashBlocks } from "../source/blocks.ts";
 import type { ManifestEntryMsg, DigestsResponse, ManifestResponse } from "../wire.ts";
+
+/** The digest asked for, when this agent knows it; SHA-256 otherwise (the response says which it is). */
+export function digestAlgoOf(asked: number | undefined): DigestAlgo {
+  return asked === DigestAlgo.DIGEST_ALGO_XXH3_128 ? DigestAlgo.DIGEST_ALGO_XXH3_128 : DigestAlgo.DIGEST_ALGO_SHA256_128;
+}
 
 /** A missing directory on the way (not a refused path) means "not there". */
 function isMissing(e: unknown): boolean {
@@ -40,9 +45,10 @@ export async function readImageDir(root: string, dir: string): Promise<{ abs: st
   }
 }
 
-export async function listDir(root: string, dir: string, blockSize: number, digestMaxBlocks: number): Promise<ManifestResponse> {
+export async function listDir(root: string, dir: string, blockSize: number, digestMaxBlocks: number, asked?: number): Promise<ManifestResponse> {
+  const algo = digestAlgoOf(asked);
   const d = await readImageDir(root, dir);
-  if (!d) return { exists: false, entries: [] };
+  if (!d) return { exists: false, entries: [], digestAlgo: algo };
   const { abs, names } = d;
   const entries: ManifestEntryMsg[] = [];
   for (const name of names.sort()) {
@@ -66,7 +72,7 @@ export async function listDir(root: string, dir: string, blockSize: number, dige
       rdevMinor: dev ? devMinor(st.rdev) : 0,
     };
     if (type === "f" && digestMaxBlocks > 0 && Math.ceil(e.size / blockSize) <= digestMaxBlocks) {
-      const d = await fileDigests(p, blockSize);
+      const d = await fileDigests(p, blockSize, algo);
       if (d) {
         e.digests = d.digests;
         e.size = d.size;
@@ -75,10 +81,10 @@ export async function listDir(root: string, dir: string, blockSize: number, dige
     }
     entries.push(e);
   }
-  return { exists: true, entries };
+  return { exists: true, entries, digestAlgo: algo };
 }
 
-async function fileDigests(abs: string, blockSize: number): Promise<{ size: number; digests: Buffer } | undefined> {
+async function fileDigests(abs: string, blockSize: number, algo: DigestAlgo): Promise<{ size: number; digests: Buffer } | undefined> {
   let fh;
   try {
     fh = await open(abs, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
@@ -88,23 +94,24 @@ async function fileDigests(abs: string, blockSize: number): Promise<{ size: numb
   try {
     const st = await fh.stat();
     if (!st.isFile()) return undefined;
-    return { size: st.size, digests: await hashBlocks(fh, st.size, blockSize) };
+    return { size: st.size, digests: await hashBlocks(fh, st.size, blockSize, undefined, undefined, undefined, algo) };
   } finally {
     await fh.close();
   }
 }
 
-export async function digestsOf(root: string, rel: string, blockSize: number): Promise<DigestsResponse> {
+export async function digestsOf(root: string, rel: string, blockSize: number, asked?: number): Promise<DigestsResponse> {
   splitRelPath(rel);
+  const digestAlgo = digestAlgoOf(asked);
   let abs: string;
   try {
     abs = await new ConfinedRoot(root).resolve(rel);
   } catch (e) {
-    if (isMissing(e)) return { exists: false, size: 0, digests: Buffer.alloc(0) };
+    if (isMissing(e)) return { exists: false, size: 0, digests: Buffer.alloc(0), digestAlgo };
     throw e;
   }
   const st = await lstat(abs).catch(() => undefined);
-  if (!st?.isFile()) return { exists: false, size: 0, digests: Buffer.alloc(0) };
-  const d = await fileDigests(abs, blockSize);
-  return d ? { exists: true, size: d.size, digests: d.digests } : { exists: false, size: 0, digests: Buffer.alloc(0) };
+  if (!st?.isFile()) return { exists: false, size: 0, digests: Buffer.alloc(0), digestAlgo };
+  const d = await fileDigests(abs, blockSize, digestAlgo);
+  return d ? { exists: true, size: d.size, digests: d.digests, digestAlgo } : { exists: false, size: 0, digests: Buffer.alloc(0), digestAlgo };
 }

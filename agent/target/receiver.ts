@@ -133,11 +133,11 @@ export class Receiver {
     },
     manifest: (call, cb) => {
       const r = call.request;
-      this.readImage(call, r.source, r.set, r.blockSize, (root) => listDir(root, r.dir, r.blockSize || 65536, r.digestMaxBlocks)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
+      this.readImage(call, r.source, r.set, r.blockSize, (root) => listDir(root, r.dir, r.blockSize || 65536, r.digestMaxBlocks, r.digestAlgo)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
     },
     digests: (call, cb) => {
       const r = call.request;
-      this.readImage(call, r.source, r.set, r.blockSize, (root) => digestsOf(root, r.path, r.blockSize || 65536)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
+      this.readImage(call, r.source, r.set, r.blockSize, (root) => digestsOf(root, r.path, r.blockSize || 65536, r.digestAlgo)).then((v) => cb(null, v), (e: grpc.ServiceError) => cb(e));
     },
     summary: (call, cb) => {
       const r = call.request;

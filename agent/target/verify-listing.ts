@@ -7,7 +7,7 @@ import { lstat, open, readlink } from "node:fs/promises";
 import path from "node:path";
 import { attrOf, kindOf, rdevOf } from "../fs/stat.ts";
 import { readXattrs } from "../fs/xattr.ts";
-import { hashBlocks } from "../source/blocks.ts";
+import { DigestAlgo, hashBlocks } from "../source/blocks.ts";
 import { mapLimit, summarize, type SummaryEntry } from "../verify/summary.ts";
 import type { SummaryResponse } from "../wire.ts";
 import { readImageDir } from "./manifest.ts";
@@ -29,7 +29,7 @@ async function entryOf(abs: string, name: string, blockSize: number): Promise<Su
         const fst = await fh.stat();
         if (fst.isFile()) {
           e.size = fst.size;
-          e.digests = await hashBlocks(fh, fst.size, blockSize);
+          e.digests = await hashBlocks(fh, fst.size, blockSize, undefined, undefined, undefined, DigestAlgo.DIGEST_ALGO_SHA256_128);
         }
       } finally {
         await fh.close();

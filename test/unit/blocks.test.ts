@@ -8,7 +8,8 @@ import { randomFillSync } from "node:crypto";
 import { mkdtemp, open, rm, truncate } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { blockDigestIncremental, clearDigestCache, DIGEST_BYTES, hashBlocks, hashStats, LARGE_FILE } from "../../agent/source/blocks.ts";
+import { xxhash128 } from "hash-wasm";
+import { blockDigest, blockDigestIncremental, clearDigestCache, DigestAlgo, DIGEST_BYTES, digestsOf, hashBlocks, hashStats, LARGE_FILE } from "../../agent/source/blocks.ts";
 
 const BS = 64 * 1024;
 
@@ -42,7 +43,7 @@ async function hashed(file: string, bs: number): Promise<{ digests: Buffer; visi
       assert.equal(b.offset, b.index * bs);
       assert.equal(b.data.length, Math.min(bs, size - b.offset));
       seen.push(Buffer.from(b.digest));
-    });
+    }, undefined, undefined, DigestAlgo.DIGEST_ALGO_SHA256_128);
     return { digests, visited: Buffer.concat(seen), digested: hashStats.bytesDigested - before };
   } finally {
     await fh.close();
@@ -162,6 +163,28 @@ test("digest cache: when full, files in use are kept rather than pushed out in t
     assert.deepEqual([a1, b1, c1], [LARGE_FILE, LARGE_FILE, LARGE_FILE], "first reads hash everything");
     assert.deepEqual([a2, b2], [0, 0], "the two files that fit stay cached");
     assert.equal(c2, LARGE_FILE, "the third was not let in (it would have pushed out one in use)");
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("change detection's XXH3-128 digests: hashBlocks, digestsOf and a one-shot XXH3-128 agree, block by block; SHA-256 stays SHA-256", async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "understudy-xxh-"));
+  try {
+    const file = path.join(dir, "f");
+    const size = 3 * BS + 1234;
+    const data = randomFillSync(Buffer.alloc(size));
+    const fh = await open(file, "w+");
+    await fh.write(data, 0, size, 0);
+    const viaFile = await hashBlocks(fh, size, BS);
+    await fh.close();
+    const want: Buffer[] = [];
+    for (let off = 0; off < size; off += BS) want.push(Buffer.from(await xxhash128(data.subarray(off, Math.min(size, off + BS))), "hex"));
+    assert.deepEqual(viaFile, Buffer.concat(want));
+    assert.deepEqual(digestsOf(data, size, BS), viaFile);
+    assert.equal(viaFile.length, 4 * DIGEST_BYTES);
+    assert.deepEqual(blockDigest(data.subarray(0, BS), DigestAlgo.DIGEST_ALGO_SHA256_128), blockDigestIncremental(data.subarray(0, BS)));
+    assert.notDeepEqual(blockDigest(data.subarray(0, BS), DigestAlgo.DIGEST_ALGO_SHA256_128), blockDigest(data.subarray(0, BS), DigestAlgo.DIGEST_ALGO_XXH3_128));
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

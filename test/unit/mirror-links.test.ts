@@ -14,6 +14,7 @@ import { FileIndex } from "../../agent/source/file-index.ts";
 import { emptyProgress } from "../../agent/source/sender.ts";
 import { Applier } from "../../agent/target/applier.ts";
 import { digestsOf, listDir } from "../../agent/target/manifest.ts";
+import { CHANGE_DIGEST } from "../../agent/source/blocks.ts";
 import { indexEntryOf } from "./index-entry.ts";
 
 for (const what of ["gone", "replaced by another file"] as const) {
@@ -43,8 +44,8 @@ for (const what of ["gone", "replaced by another file"] as const) {
     const m = new Mirror(
       { root: src, blockSize: 65536, index, serial: (fn) => fn(), flushCapture: async () => undefined, lastSeq: () => 0, touchedSince: async () => ({ paths: new Set(), moved: new Set() }) },
       {
-        manifest: (dir, digestMaxBlocks) => listDir(img, dir, 65536, digestMaxBlocks),
-        digests: (p) => digestsOf(img, p, 65536),
+        manifest: (dir, digestMaxBlocks) => listDir(img, dir, 65536, digestMaxBlocks, CHANGE_DIGEST),
+        digests: (p) => digestsOf(img, p, 65536, CHANGE_DIGEST),
         send: async (ops) => {
           await applier.apply(ops);
           applied++;

@@ -14,6 +14,7 @@ import { FileIndex, parentOf } from "../../agent/source/file-index.ts";
 import { emptyProgress } from "../../agent/source/sender.ts";
 import { Applier } from "../../agent/target/applier.ts";
 import { digestsOf, listDir } from "../../agent/target/manifest.ts";
+import { CHANGE_DIGEST } from "../../agent/source/blocks.ts";
 import type { Op } from "../../agent/wire.ts";
 import { indexEntryOf } from "./index-entry.ts";
 
@@ -124,14 +125,14 @@ for (const mode of ["full", "checksum"] as const) {
           asked++;
           listing++;
           try {
-            return await listDir(img, dir, 4096, digestMaxBlocks);
+            return await listDir(img, dir, 4096, digestMaxBlocks, CHANGE_DIGEST);
           } finally {
             listing--;
           }
         },
         digests: async (p) => {
           for (const b of queue) for (const op of b) assert.ok(!affects(op, parentOf(p)), `digests of ${p} asked for while ${op.path} is not applied`);
-          return digestsOf(img, p, 4096);
+          return digestsOf(img, p, 4096, CHANGE_DIGEST);
         },
         send: async (ops) => {
           queue.push(ops);

@@ -34,6 +34,22 @@ export const protobufFileName = "understudy/v1/replication.proto";
  * protocol version.
  */
 
+/**
+ * What a block digest (16 bytes per block) is. Mirror compares content with
+ * XXH3-128 (change detection over an authenticated link: fast, not
+ * cryptographic); verify keeps SHA-256, truncated to 16 bytes, because its
+ * result is taken as proof that a replica holds the source's bytes.
+ */
+export const DigestAlgo = { DIGEST_ALGO_SHA256_128: 0, DIGEST_ALGO_XXH3_128: 1, UNRECOGNIZED: -1 } as const;
+
+export type DigestAlgo = typeof DigestAlgo[keyof typeof DigestAlgo];
+
+export namespace DigestAlgo {
+  export type DIGEST_ALGO_SHA256_128 = typeof DigestAlgo.DIGEST_ALGO_SHA256_128;
+  export type DIGEST_ALGO_XXH3_128 = typeof DigestAlgo.DIGEST_ALGO_XXH3_128;
+  export type UNRECOGNIZED = typeof DigestAlgo.UNRECOGNIZED;
+}
+
 export const Compression = { COMPRESSION_NONE: 0, COMPRESSION_ZSTD: 1, UNRECOGNIZED: -1 } as const;
 
 export type Compression = typeof Compression[keyof typeof Compression];
@@ -138,6 +154,11 @@ export interface ManifestRequest {
   blockSize: number;
   /** Include digests for files of at most this many blocks (0: none). */
   digestMaxBlocks: number;
+  /**
+   * Which block digest to give (an older target ignores this field and gives
+   * SHA-256: the response says which it gave).
+   */
+  digestAlgo: DigestAlgo;
 }
 
 export interface ManifestEntry {
@@ -164,6 +185,11 @@ export interface ManifestResponse {
   /** false: dir is missing (or not a directory) */
   exists: boolean;
   entries: ManifestEntry[];
+  /**
+   * The digest the entries' digests are (what the request asked for, from a
+   * target that knows it; SHA-256 from one that does not).
+   */
+  digestAlgo: DigestAlgo;
 }
 
 export interface SummaryRequest {
@@ -189,12 +215,16 @@ export interface DigestsRequest {
   set: string;
   path: string;
   blockSize: number;
+  /** as in ManifestRequest */
+  digestAlgo: DigestAlgo;
 }
 
 export interface DigestsResponse {
   exists: boolean;
   size: number;
   digests: Buffer;
+  /** as in ManifestResponse */
+  digestAlgo: DigestAlgo;
 }
 
 /** One journal entry. body is an encoded OpBatch, compressed as stated. */
@@ -936,7 +966,7 @@ export const MirrorAck: MessageFns<MirrorAck> = {
 };
 
 function createBaseManifestRequest(): ManifestRequest {
-  return { source: "", set: "", dir: "", blockSize: 0, digestMaxBlocks: 0 };
+  return { source: "", set: "", dir: "", blockSize: 0, digestMaxBlocks: 0, digestAlgo: 0 };
 }
 
 export const ManifestRequest: MessageFns<ManifestRequest> = {
@@ -955,6 +985,9 @@ export const ManifestRequest: MessageFns<ManifestRequest> = {
     }
     if (message.digestMaxBlocks !== 0) {
       writer.uint32(40).uint32(message.digestMaxBlocks);
+    }
+    if (message.digestAlgo !== 0) {
+      writer.uint32(48).int32(message.digestAlgo);
     }
     return writer;
   },
@@ -1010,6 +1043,14 @@ export const ManifestRequest: MessageFns<ManifestRequest> = {
             }
 
             message.digestMaxBlocks = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.digestAlgo = reader.int32() as any;
             continue;
           }
         }
@@ -1194,7 +1235,7 @@ export const ManifestEntry: MessageFns<ManifestEntry> = {
 };
 
 function createBaseManifestResponse(): ManifestResponse {
-  return { exists: false, entries: [] };
+  return { exists: false, entries: [], digestAlgo: 0 };
 }
 
 export const ManifestResponse: MessageFns<ManifestResponse> = {
@@ -1204,6 +1245,9 @@ export const ManifestResponse: MessageFns<ManifestResponse> = {
     }
     for (const v of message.entries) {
       ManifestEntry.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.digestAlgo !== 0) {
+      writer.uint32(24).int32(message.digestAlgo);
     }
     return writer;
   },
@@ -1235,6 +1279,14 @@ export const ManifestResponse: MessageFns<ManifestResponse> = {
             }
 
             message.entries.push(ManifestEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.digestAlgo = reader.int32() as any;
             continue;
           }
         }
@@ -1387,7 +1439,7 @@ export const SummaryResponse: MessageFns<SummaryResponse> = {
 };
 
 function createBaseDigestsRequest(): DigestsRequest {
-  return { source: "", set: "", path: "", blockSize: 0 };
+  return { source: "", set: "", path: "", blockSize: 0, digestAlgo: 0 };
 }
 
 export const DigestsRequest: MessageFns<DigestsRequest> = {
@@ -1403,6 +1455,9 @@ export const DigestsRequest: MessageFns<DigestsRequest> = {
     }
     if (message.blockSize !== 0) {
       writer.uint32(32).uint32(message.blockSize);
+    }
+    if (message.digestAlgo !== 0) {
+      writer.uint32(40).int32(message.digestAlgo);
     }
     return writer;
   },
@@ -1452,6 +1507,14 @@ export const DigestsRequest: MessageFns<DigestsRequest> = {
             message.blockSize = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.digestAlgo = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1466,7 +1529,7 @@ export const DigestsRequest: MessageFns<DigestsRequest> = {
 };
 
 function createBaseDigestsResponse(): DigestsResponse {
-  return { exists: false, size: 0, digests: Buffer.alloc(0) };
+  return { exists: false, size: 0, digests: Buffer.alloc(0), digestAlgo: 0 };
 }
 
 export const DigestsResponse: MessageFns<DigestsResponse> = {
@@ -1479,6 +1542,9 @@ export const DigestsResponse: MessageFns<DigestsResponse> = {
     }
     if (message.digests.length !== 0) {
       writer.uint32(26).bytes(message.digests);
+    }
+    if (message.digestAlgo !== 0) {
+      writer.uint32(32).int32(message.digestAlgo);
     }
     return writer;
   },
@@ -1518,6 +1584,14 @@ export const DigestsResponse: MessageFns<DigestsResponse> = {
             }
 
             message.digests = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.digestAlgo = reader.int32() as any;
             continue;
           }
         }
