@@ -13,13 +13,13 @@
 // and extended attributes. With oneFileSystem, a directory on another file
 // system (a mount point) is compared as an empty directory.
 import * as grpc from "@grpc/grpc-js";
-import { constants as C } from "node:fs";
+import { closeSync, constants as C, fstatSync, lstatSync, openSync, readlinkSync, type BigIntStats } from "node:fs";
 import { lstat, open, readdir, readlink } from "node:fs/promises";
 import path from "node:path";
-import { DigestAlgo, hashBlocks } from "../source/blocks.ts";
+import { DigestAlgo, hashBlocks, hashFileSync, READ_BYTES, SYNC_HASH_MAX } from "../source/blocks.ts";
 import { parentOf } from "../source/file-index.ts";
 import { attrOf, kindOf, rdevOf } from "../fs/stat.ts";
-import { readXattrs, xattrDifference } from "../fs/xattr.ts";
+import { readXattrs, readXattrsSync, xattrDifference } from "../fs/xattr.ts";
 import { dialOptions } from "../../common/tls.ts";
 import { mapLimit, mtimeUs as us, summarize, type SummaryEntry } from "../verify/summary.ts";
 import { MAX_MESSAGE_BYTES, ReplicationClient, type Attr, type Difference, type ManifestEntryMsg, type SummaryResponse, type VerifyReport } from "../wire.ts";
@@ -103,6 +103,60 @@ class Verifier {
     }
   }
 
+  private scratch?: Buffer;
+
+  /**
+   * sourceSide with synchronous calls (small files from the page cache: the
+   * async machinery cost more than the reads); "large" for a file larger
+   * than SYNC_HASH_MAX, which sourceSide reads.
+   */
+  private sourceSideSync(rel: string): Side | undefined | "large" {
+    const abs = path.join(this.o.root, rel);
+    let st: BigIntStats | undefined;
+    try {
+      st = lstatSync(abs, { bigint: true, throwIfNoEntry: false });
+    } catch {
+      return undefined;
+    }
+    if (!st) return undefined;
+    const type = kindOf(st);
+    if (type === "o" || !this.o.wanted(rel, type === "d")) return undefined;
+    if (type === "f" && st.size > BigInt(SYNC_HASH_MAX)) return "large";
+    const foreign = this.rootDev !== undefined && st.dev !== this.rootDev;
+    if (foreign && type !== "d") return undefined;
+    const xs = readXattrsSync(abs);
+    let link = "";
+    if (type === "l") {
+      try {
+        link = readlinkSync(abs);
+      } catch {
+        /* gone meanwhile */
+      }
+    }
+    let digests: Buffer | undefined;
+    if (type === "f") {
+      let fd: number | undefined;
+      try {
+        fd = openSync(abs, C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK);
+      } catch {
+        fd = undefined;
+      }
+      if (fd !== undefined) {
+        try {
+          const fst = fstatSync(fd);
+          if (fst.isFile()) {
+            if (fst.size > SYNC_HASH_MAX) return "large";
+            this.scratch ??= Buffer.allocUnsafe(READ_BYTES);
+            digests = hashFileSync(fd, fst.size, this.o.blockSize, DigestAlgo.DIGEST_ALGO_SHA256_128, this.scratch);
+          }
+        } finally {
+          closeSync(fd);
+        }
+      }
+    }
+    return { type, attr: { ...attrOf(st), xattrs: xs ?? [], hasXattrs: xs !== undefined }, size: type === "f" ? Number(st.size) : 0, link, rdev: rdevOf(st), mount: foreign, stamp: `${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`, digests };
+  }
+
   private async sourceSide(rel: string): Promise<Side | undefined> {
     if (this.o.oneFileSystem && this.rootDev === undefined) this.rootDev = (await lstat(this.o.root, { bigint: true })).dev;
     const abs = path.join(this.o.root, rel);
@@ -181,10 +235,26 @@ class Verifier {
     const names = mount ? [] : (await readdir(dir ? path.join(this.o.root, dir) : this.o.root).catch(() => [] as string[])).sort();
     const rels = names.map((name) => (dir ? `${dir}/${name}` : name));
     const mine = new Map<string, Side>();
-    await mapLimit(rels, COMPARE_PARALLEL, async (rel, i) => {
-      const s = await this.sourceSide(rel);
+    if (this.o.oneFileSystem && this.rootDev === undefined) this.rootDev = (await lstat(this.o.root, { bigint: true })).dev;
+    const large: number[] = [];
+    let yielded = performance.now();
+    for (let i = 0; i < rels.length; i++) {
+      const s = this.sourceSideSync(rels[i]!);
+      if (s === "large") large.push(i);
+      else if (s) {
+        stamps.set(rels[i]!, s.stamp);
+        mine.set(names[i]!, s);
+      }
+      if (performance.now() - yielded > 20) {
+        // Let the target's answers (and other work) in now and then.
+        await new Promise((r) => setImmediate(r));
+        yielded = performance.now();
+      }
+    }
+    await mapLimit(large, COMPARE_PARALLEL, async (i) => {
+      const s = await this.sourceSide(rels[i]!);
       if (!s) return;
-      stamps.set(rel, s.stamp);
+      stamps.set(rels[i]!, s.stamp);
       mine.set(names[i]!, s);
     });
     const sum = await theirSummary;

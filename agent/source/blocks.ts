@@ -30,6 +30,7 @@
 // data chosen by a guest cannot aim at because the fingerprints never leave
 // this process.
 import { createCipheriv, createHash, hash, randomBytes } from "node:crypto";
+import { readSync } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
 import { createXXHash128 } from "hash-wasm";
 import { DigestAlgo } from "../wire.ts";
@@ -281,6 +282,39 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
   }
   if (key && fps) cachePut(key, { algo, blockSize, fpBlocks, size, fps, digests, used: Date.now() });
   return digests;
+}
+
+/** Files up to this size may be hashed with synchronous reads (hashFileSync): a few milliseconds of the event loop at most. */
+export const SYNC_HASH_MAX = 8 * 1024 * 1024;
+
+/**
+ * Block digests of an open file read with synchronous calls, for the many
+ * small files of a directory listing or a verify (no fingerprint cache: that
+ * is for large files re-read by capture; callers keep to SYNC_HASH_MAX).
+ * `scratch` is reused between calls when large enough. A file that shrank
+ * meanwhile is hashed as if zeros followed (as in hashBlocks).
+ */
+export function hashFileSync(fd: number, size: number, blockSize: number, algo: DigestAlgo, scratch?: Buffer): Buffer {
+  const n = Math.ceil(size / blockSize);
+  const out = Buffer.allocUnsafe(n * DIGEST_BYTES);
+  const per = Math.max(1, Math.floor(READ_BYTES / blockSize)) * blockSize;
+  const want = Math.min(per, Math.max(blockSize, n * blockSize));
+  const buf = scratch && scratch.length >= want ? scratch : Buffer.allocUnsafe(want);
+  for (let start = 0, index = 0; start < size; ) {
+    const len = Math.min(per, size - start);
+    let got = 0;
+    while (got < len) {
+      const r = readSync(fd, buf, got, len - got, start + got);
+      if (r === 0) break;
+      got += r;
+    }
+    hashStats.bytesRead += got;
+    if (got < len) buf.fill(0, got, len);
+    for (let o = 0; o < len; o += blockSize, index++) blockDigest(buf.subarray(o, Math.min(len, o + blockSize)), algo).copy(out, index * DIGEST_BYTES);
+    hashStats.bytesDigested += len;
+    start += len;
+  }
+  return out;
 }
 
 export function digestAt(digests: Buffer | undefined, i: number): Buffer | undefined {

@@ -24,7 +24,11 @@ export class BenchAgent {
   private proc?: ChildProcess;
   private exited?: Promise<void>;
 
-  constructor(o: { name: string; configPath: string; port: number; logPath: string; tls: TlsConfig }) {
+  /** `taskset -c` CPU list the agent is pinned to (undefined: not pinned) */
+  readonly cpus?: string;
+
+  constructor(o: { name: string; configPath: string; port: number; logPath: string; tls: TlsConfig; cpus?: string }) {
+    this.cpus = o.cpus;
     this.name = o.name;
     this.configPath = o.configPath;
     this.port = o.port;
@@ -49,7 +53,9 @@ export class BenchAgent {
     const fd = openSync(this.logPath, "a");
     // BENCH_CPU_PROF=<dir>: V8 CPU profiles of the agents (one .cpuprofile per process, written on exit), for finding where the time goes.
     const prof = process.env.BENCH_CPU_PROF ? ["--cpu-prof", `--cpu-prof-dir=${path.resolve(process.env.BENCH_CPU_PROF)}`, `--cpu-prof-name=${this.name}-${Date.now()}.cpuprofile`] : [];
-    const p = spawn(process.execPath, [...prof, CLI, "agent", "--config", this.configPath], { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
+    const argv = [process.execPath, ...prof, CLI, "agent", "--config", this.configPath];
+    if (this.cpus) argv.unshift("taskset", "-c", this.cpus);
+    const p = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
     closeSync(fd);
     this.proc = p;
     this.exited = new Promise((r) => p.once("exit", () => r()));
@@ -152,6 +158,8 @@ export interface BenchPairOptions {
   setOptions?: Record<string, unknown>;
   /** where the source sends to, given the target's port (default: the target itself) */
   sendTo?: (targetPort: number) => string | Promise<string>;
+  /** pin both agents to these CPUs (`taskset -c`), e.g. "0" for one core */
+  cpus?: string;
 }
 
 function isCaughtUp(s: SourceSetStatus): boolean {
@@ -196,8 +204,8 @@ export class BenchPair {
     const scfg = { name: "src-agent", listen: `127.0.0.1:${sp}`, dataDir: "state-src", tls: tls.source, source: { sets: [{ name: "data", path: "src", targets: [sendTo], ...o.setOptions }] } };
     await writeFile(path.join(dir, "target.yaml"), YAML.stringify(tcfg));
     await writeFile(path.join(dir, "source.yaml"), YAML.stringify(scfg));
-    const target = new BenchAgent({ name: "dst-agent", configPath: path.join(dir, "target.yaml"), port: tp, logPath: path.join(dir, "target.log"), tls: tls.target });
-    const source = new BenchAgent({ name: "src-agent", configPath: path.join(dir, "source.yaml"), port: sp, logPath: path.join(dir, "source.log"), tls: tls.source });
+    const target = new BenchAgent({ name: "dst-agent", configPath: path.join(dir, "target.yaml"), port: tp, logPath: path.join(dir, "target.log"), tls: tls.target, cpus: o.cpus });
+    const source = new BenchAgent({ name: "src-agent", configPath: path.join(dir, "source.yaml"), port: sp, logPath: path.join(dir, "source.log"), tls: tls.source, cpus: o.cpus });
     return new BenchPair(dir, source, target);
   }
 

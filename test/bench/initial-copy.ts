@@ -1,10 +1,12 @@
 // Benchmark 5: initial copy of many small files. The same pre-filled tree
 // (1–64 KiB random files, 100 per directory) is copied by understudy (agents
 // started on it; done when everything is acknowledged and the replica equals
-// the source) and by a local `rsync -a src/ dst/`. If understudy cannot copy
-// the full-size tree, the benchmark says why and also measures the small
+// the source) and by a local `rsync -a src/ dst/` (and with --fsync). Then
+// understudy copies it again with both agents pinned to one core (`taskset
+// -c 0`), for how the per-file work scales with cores. If understudy cannot
+// copy the full-size tree, the benchmark says why and also measures the small
 // (BENCH_QUICK) tree, so there is still a comparison.
-import { mkdir, writeFile } from "node:fs/promises";
+import { mkdir, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { BenchPair, sourcePhases } from "./agents.ts";
 import { compareTrees, snapshotTree } from "../e2e/harness.ts";
@@ -17,11 +19,19 @@ const QUICK_COUNT = 5_000;
 /** A sender that failed this many times is not going to finish by waiting. */
 const GIVE_UP_AFTER_RETRIES = 5;
 
+/** Goal: the initial copy takes at most this many times local rsync's time. */
+const GOAL_VS_RSYNC = 1.5;
+
 interface CopyRun {
   count: number;
   bytes: number;
   understudyMs?: number;
+  /** CPU seconds of the source and the target agent over the copy */
+  understudyCpu?: { source: number; target: number };
+  /** the same copy with both agents pinned to one core */
+  oneCoreMs?: number;
   rsyncMs?: number;
+  rsyncCpuS?: number;
   rsyncFsyncMs?: number;
   errors: string[];
   notes: string[];
@@ -71,17 +81,25 @@ async function timeUnderstudy(pair: BenchPair, timeoutMs: number, notes: string[
   return ms;
 }
 
-/** One tree of `count` files: understudy, then rsync and rsync --fsync on the same tree. */
+/** CPU seconds an agent used so far (0 when it is not running). */
+async function cpuOf(a: BenchPair["source"]): Promise<number> {
+  const c = await a.cpuSeconds();
+  return c ? c.user + c.system : 0;
+}
+
+/** One tree of `count` files: understudy, then rsync and rsync --fsync on the same tree, then understudy on one core. */
 async function runInitialCopy(ctx: BenchContext, count: number): Promise<CopyRun> {
   const run: CopyRun = { count, bytes: 0, errors: [], notes: [] };
   const dir = await freshDir(ctx.workDir, `initial-copy-${count}`);
+  const timeout = count > QUICK_COUNT ? 300_000 : 120_000;
   try {
     const pair = await BenchPair.create({ dir });
     progress(`initial-copy: creating ${count} files`);
     run.bytes = await makeTree(pair.src, count);
     progress(`initial-copy: ${fmtMB(run.bytes)} in ${count} files; starting understudy`);
     try {
-      run.understudyMs = await timeUnderstudy(pair, count > QUICK_COUNT ? 300_000 : 120_000, run.notes);
+      run.understudyMs = await timeUnderstudy(pair, timeout, run.notes);
+      run.understudyCpu = { source: await cpuOf(pair.source), target: await cpuOf(pair.target) };
     } catch (e) {
       run.errors.push(`understudy, ${count} files: ${(e as Error).message}`);
       progress(`initial-copy: understudy FAILED: ${(e as Error).message}`);
@@ -90,10 +108,28 @@ async function runInitialCopy(ctx: BenchContext, count: number): Promise<CopyRun
       for (const line of await sourcePhases(pair.source)) run.notes.push(`${count} files, understudy source log: ${line}.`);
     }
     progress(`initial-copy: rsync -a src/ dst/ (${count} files)`);
-    run.rsyncMs = (await mustRun("rsync", ["-a", pair.src + "/", path.join(dir, "rsync-dst") + "/"])).ms;
+    const rs = await mustRun("rsync", ["-a", pair.src + "/", path.join(dir, "rsync-dst") + "/"]);
+    run.rsyncMs = rs.ms;
+    run.rsyncCpuS = rs.cpuS;
     progress(`initial-copy: rsync ${fmtMs(run.rsyncMs)}; now with --fsync`);
     run.rsyncFsyncMs = (await mustRun("rsync", ["-a", "--fsync", pair.src + "/", path.join(dir, "rsync-fsync-dst") + "/"])).ms;
     progress(`initial-copy: rsync --fsync ${fmtMs(run.rsyncFsyncMs)}`);
+    await rm(path.join(dir, "rsync-dst"), { recursive: true, force: true });
+    await rm(path.join(dir, "rsync-fsync-dst"), { recursive: true, force: true });
+    if (run.understudyMs !== undefined) {
+      // The same copy again from scratch (new journal, empty target), both agents on one core.
+      for (const d of ["dst", "state-src", "state-dst"]) await rm(path.join(dir, d), { recursive: true, force: true });
+      const one = await BenchPair.create({ dir, cpus: "0" });
+      progress(`initial-copy: understudy again with both agents pinned to one core (taskset -c 0)`);
+      try {
+        run.oneCoreMs = await timeUnderstudy(one, timeout * 2, run.notes);
+      } catch (e) {
+        run.errors.push(`understudy on one core, ${count} files: ${(e as Error).message}`);
+      } finally {
+        await one.stop();
+      }
+      progress(`initial-copy: one core ${fmtMs(run.oneCoreMs)} vs two ${fmtMs(run.understudyMs)}`);
+    }
   } catch (e) {
     run.errors.push(`${count} files: ${(e as Error).message}`);
   } finally {
@@ -119,12 +155,31 @@ export async function benchInitialCopy(ctx: BenchContext): Promise<BenchResult> 
       [String(r.count), "understudy (agents started on the filled tree → everything acknowledged, replica verified)", r.understudyMs === undefined ? "FAILED" : fmtMs(r.understudyMs), rate(r, r.understudyMs)],
       [String(r.count), "rsync -a src/ dst/ (local)", fmtMs(r.rsyncMs), rate(r, r.rsyncMs)],
       [String(r.count), "for reference: rsync -a --fsync src/ dst/ (durable, like understudy's acknowledged data)", fmtMs(r.rsyncFsyncMs), rate(r, r.rsyncFsyncMs)],
+      [String(r.count), "understudy, both agents pinned to one core (taskset -c 0)", r.oneCoreMs === undefined ? "n/a" : fmtMs(r.oneCoreMs), rate(r, r.oneCoreMs)],
     ]),
+  });
+  res.tables.push({
+    title: "CPU used (robust to a busy machine, unlike wall times)",
+    headers: ["files", "understudy source agent", "understudy target agent", "understudy total", "rsync -a (sender + receiver)", "÷ rsync"],
+    rows: runs.map((r) => {
+      const total = r.understudyCpu ? r.understudyCpu.source + r.understudyCpu.target : undefined;
+      const f = (x?: number) => (x === undefined ? "n/a" : `${x.toFixed(2)} s`);
+      return [String(r.count), f(r.understudyCpu?.source), f(r.understudyCpu?.target), f(total), f(r.rsyncCpuS), ratio(total, r.rsyncCpuS)];
+    }),
   });
   for (const r of runs) {
     res.summary.push({ metric: `initial copy of ${r.count} files (${fmtMB(r.bytes, 0)})`, understudy: r.understudyMs === undefined ? "FAILED" : fmtMs(r.understudyMs), rsync: fmtMs(r.rsyncMs), vsRsync: ratio(r.understudyMs, r.rsyncMs) });
+    res.summary.push({ metric: `initial copy of ${r.count} files vs rsync --fsync (durable)`, understudy: r.understudyMs === undefined ? "FAILED" : fmtMs(r.understudyMs), rsync: fmtMs(r.rsyncFsyncMs), vsRsync: ratio(r.understudyMs, r.rsyncFsyncMs) });
+    if (r.oneCoreMs !== undefined && r.understudyMs !== undefined) res.summary.push({ metric: `initial copy of ${r.count} files: agents on 1 core ÷ on 2 cores`, understudy: `${fmtMs(r.oneCoreMs)} ÷ ${fmtMs(r.understudyMs)} = ${(r.oneCoreMs / r.understudyMs).toFixed(2)}` });
     res.notes.push(...r.notes);
   }
+  const main = runs[runs.length - 1]!;
+  const met = main.understudyMs === undefined || main.rsyncMs === undefined ? undefined : main.understudyMs <= GOAL_VS_RSYNC * main.rsyncMs;
+  res.goals.push({
+    text: `initial copy of ${main.count} files ≤ ${GOAL_VS_RSYNC} × local rsync's time`,
+    met,
+    measured: `${fmtMs(main.understudyMs)} vs ${fmtMs(main.rsyncMs)} (${ratio(main.understudyMs, main.rsyncMs)}; ${ratio(main.understudyMs, main.rsyncFsyncMs)} rsync --fsync's ${fmtMs(main.rsyncFsyncMs)})${met === false && main.understudyCpu ? `; bound by CPU: agents used ${(main.understudyCpu.source + main.understudyCpu.target).toFixed(1)} CPU-s (source ${main.understudyCpu.source.toFixed(1)}, target ${main.understudyCpu.target.toFixed(1)}) against rsync's ${main.rsyncCpuS?.toFixed(1) ?? "?"}` : ""}`,
+  });
   const errors = runs.flatMap((r) => r.errors);
   if (errors.length) res.error = errors.join("\n");
   res.notes.push(

@@ -111,19 +111,35 @@ export interface CmdResult {
   stdout: string;
   stderr: string;
   ms: number;
+  /** CPU seconds (user + system) of the command and the children it reaped (when no other child of ours ended meanwhile) */
+  cpuS?: number;
+}
+
+/** CPU seconds of this process's reaped children so far (cutime + cstime), from /proc. */
+export function reapedChildrenCpuS(): number | undefined {
+  try {
+    const f = readFileSync("/proc/self/stat", "utf8").split(") ")[1]!.split(" ");
+    return (Number(f[13]) + Number(f[14])) / 100;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Run a command to completion, capturing its output and wall time. Throws if it cannot start. */
 export function runCmd(cmd: string, args: string[], opts: { cwd?: string } = {}): Promise<CmdResult> {
   return new Promise((resolve, reject) => {
     const t0 = nowMs();
+    const c0 = reapedChildrenCpuS();
     const p = spawn(cmd, args, { cwd: opts.cwd, stdio: ["ignore", "pipe", "pipe"] });
     let stdout = "";
     let stderr = "";
     p.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
     p.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
     p.on("error", reject);
-    p.on("close", (code) => resolve({ code, stdout, stderr, ms: nowMs() - t0 }));
+    p.on("close", (code) => {
+      const c1 = reapedChildrenCpuS();
+      resolve({ code, stdout, stderr, ms: nowMs() - t0, cpuS: c0 !== undefined && c1 !== undefined ? c1 - c0 : undefined });
+    });
   });
 }
 
