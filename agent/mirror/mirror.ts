@@ -15,7 +15,7 @@ import { closeSync, constants as C, fstatSync, openSync, readSync, type BigIntSt
 import { open, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Attr, DigestsResponse, ManifestEntryMsg, ManifestResponse, MirrorProgress, Op, Xattr } from "../wire.ts";
-import { blockDigest, CHANGE_DIGEST, DIGEST_BYTES, digestAt, digestsOf, hashBlocks, isZero, READ_BYTES } from "../source/blocks.ts";
+import { type BlockVisit, blockDigest, CHANGE_DIGEST, DIGEST_BYTES, digestAt, digestsOf, hashBlocks, isZero, READ_BYTES } from "../source/blocks.ts";
 import { parentOf, type FileIndex, type IndexEntry } from "../source/file-index.ts";
 import { attrOf, isSpecial } from "../fs/stat.ts";
 import { readXattrs, readXattrsSync, sameXattrs } from "../fs/xattr.ts";
@@ -565,6 +565,8 @@ export class Mirror {
       const fresh = !h || (h.nlink > 1 && e.nlink === 1); // a target file shared with other names is replaced, not edited
       let theirs: Buffer | undefined;
       let theirSize = 0;
+      /** This side's digests, when taken before the comparison (hashed while the target hashed its copy). */
+      let early: Buffer | undefined;
       if (fresh) {
         // Created bare: the attr op after the content sets owner, mode, xattrs and times once.
         await this.push({ path: q, kind: { $case: "create", value: { attr: undefined } } });
@@ -582,7 +584,12 @@ export class Mirror {
           if (h!.hasDigests) theirs = Buffer.from(h!.digests);
           else {
             await this.settled(this.touched.need(parentOf(q)));
-            const r = await this.tgt.digests(q);
+            // Both sides hash their copy at the same time; then only the blocks
+            // that differ are read again here (a large file, mostly equal).
+            const asked = this.tgt.digests(q);
+            asked.catch(() => undefined); // (awaited below; a hashing failure here must not leave it unhandled)
+            early = await hashBlocks(fh, size, this.src.blockSize, undefined, this.o.signal, this.scratch);
+            const r = await asked;
             // (another kind of digest, from an older target: nothing to compare with, all is sent)
             theirs = r.exists && r.digestAlgo === CHANGE_DIGEST ? Buffer.from(r.digests) : undefined;
             theirSize = r.exists ? Number(r.size) : 0;
@@ -600,12 +607,14 @@ export class Mirror {
         wrote = true;
         await this.push({ path: q, kind: { $case: "write", value: { offset, data: buf.subarray(0, len) } } });
       };
-      const mine = await hashBlocks(fh, size, bs, async (b) => {
-        const lastTheirs = Math.floor(theirSize / bs);
-        const fullTheirs = b.index < lastTheirs || (b.index === lastTheirs && b.data.length === theirSize - b.offset);
-        const t = digestAt(theirs, b.index);
-        const same = t !== undefined && fullTheirs && t.equals(b.digest);
-        if (same || (b.offset >= theirSize && isZero(b.data))) {
+      const lastTheirs = Math.floor(theirSize / bs);
+      const sameAs = (index: number, len: number, digest: Buffer) => {
+        const fullTheirs = index < lastTheirs || (index === lastTheirs && len === theirSize - index * bs);
+        const t = digestAt(theirs, index);
+        return t !== undefined && fullTheirs && t.equals(digest);
+      };
+      const visit = async (b: BlockVisit) => {
+        if (sameAs(b.index, b.data.length, b.digest) || (b.offset >= theirSize && isZero(b.data))) {
           await flushWrite();
         } else {
           if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > MAX_WRITE)) await flushWrite();
@@ -614,7 +623,25 @@ export class Mirror {
           pend.len += b.data.length;
         }
         p.bytesDone += b.data.length;
-      }, this.o.signal, this.scratch);
+      };
+      let mine: Buffer;
+      if (early) {
+        mine = early;
+        for (let index = 0; index * bs < size; index++) {
+          if (this.o.signal.aborted) throw new Error("mirror cancelled");
+          const offset = index * bs;
+          const len = Math.min(bs, size - offset);
+          const digest = digestAt(early, index)!;
+          if (sameAs(index, len, digest)) {
+            await flushWrite();
+            p.bytesDone += len;
+            continue;
+          }
+          const { buf, got } = await readAt(fh, offset, len);
+          if (got < len) buf.fill(0, got, len); // shrunk meanwhile: capture journals the change
+          await visit({ index, offset, data: buf.subarray(0, len), digest });
+        }
+      } else mine = await hashBlocks(fh, size, bs, visit, this.o.signal, this.scratch);
       if (this.src.adoptDigests && unchanged(st, await fh.stat({ bigint: true }))) this.adopt(q, st, mine);
       await flushWrite();
       if (size !== theirSize || (fresh && size > 0)) await this.push({ path: q, kind: { $case: "truncate", value: { size } } });

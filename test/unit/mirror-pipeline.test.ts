@@ -90,6 +90,17 @@ for (const mode of ["full", "checksum"] as const) {
     await mkdir(path.join(img, "gone/deep"), { recursive: true });
     await mkdir(path.join(img, "d09"), { recursive: true });
     await writeFile(path.join(img, "d09/f2"), "old content of f2 that is longer than the new one ".repeat(40));
+    // Files too large for digests in a listing (over 64 blocks), mostly equal on the target:
+    // in checksum mode both sides hash, then only differing blocks are read again and sent.
+    const big = Buffer.alloc(300 * 4096 + 123);
+    for (let i = 0; i < big.length; i += 7) big[i] = (i * 31) & 0xff;
+    await writeFile(path.join(src, "big"), big);
+    await writeFile(path.join(src, "big-short"), big);
+    paths.push("big", "big-short");
+    const theirs = Buffer.concat([big, Buffer.from("extra bytes the source does not have")]);
+    for (const b of [3, 100, 299]) theirs.fill(0x5a, b * 4096, b * 4096 + 17);
+    await writeFile(path.join(img, "big"), theirs);
+    await writeFile(path.join(img, "big-short"), big.subarray(0, 100 * 4096 + 5));
     const index = new FileIndex();
     for (const p of paths) index.apply({ set: p, e: await indexEntryOf(path.join(src, p)) });
 
