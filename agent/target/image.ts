@@ -4,13 +4,14 @@
 import { constants } from "node:fs";
 import { mkdir, open, readFile, rename, writeFile, type FileHandle } from "node:fs/promises";
 import path from "node:path";
-import { Applier } from "./applier.ts";
+import { ApplierThread } from "./apply-thread.ts";
 
 export class Image {
   readonly source: string;
   readonly set: string;
   readonly dir: string;
-  readonly applier: Applier;
+  /** Applies in a worker thread of its own (apply-thread.ts). */
+  readonly applier: ApplierThread;
   appliedSeq = 0;
   durableSeq = 0;
   connected = false;
@@ -31,7 +32,7 @@ export class Image {
     this.source = source;
     this.set = set;
     this.dir = dir;
-    this.applier = new Applier(dir);
+    this.applier = new ApplierThread(dir);
     this.state = state;
   }
 
