@@ -37,6 +37,8 @@ interface VerifyRun {
   exitCode: number | null;
   ms: number;
   wire: WireBytes;
+  /** CPU seconds the source and the target agent used during the verify */
+  cpu?: { source: number; target: number };
 }
 
 interface RsyncRun {
@@ -44,7 +46,11 @@ interface RsyncRun {
   received: number;
   transferred?: number;
   ms: number;
+  cpuS?: number;
 }
+
+const GOAL_TIME = 2;
+const GOAL_BYTES = 0.05;
 
 async function measureUnderstudy(dir: string, count: number, total: number, notes: string[]): Promise<VerifyRun> {
   let proxy: CountingProxy | undefined;
@@ -68,7 +74,8 @@ async function measureUnderstudy(dir: string, count: number, total: number, note
     progress("verify: understudy verify --json");
     const r = await runCmd(process.execPath, [CLI, "verify", "--agent", pair.source.address, "--set", "data", "--json"]);
     const cpu1 = await Promise.all([pair.source.cpuSeconds(), pair.target.cpuSeconds()]);
-    const cpu = (i: number) => (cpu0[i] && cpu1[i] ? `${(cpu1[i].user + cpu1[i].system - cpu0[i].user - cpu0[i].system).toFixed(2)} s` : "n/a");
+    const used = (i: number) => (cpu0[i] && cpu1[i] ? cpu1[i].user + cpu1[i].system - cpu0[i].user - cpu0[i].system : undefined);
+    const cpu = (i: number) => (used(i) === undefined ? "n/a" : `${used(i)!.toFixed(2)} s`);
     progress(`verify: agent CPU during verify: source ${cpu(0)}, target ${cpu(1)}`);
     await quiet(wire, 1000, 60_000);
     const after = wire.snapshot();
@@ -79,7 +86,7 @@ async function measureUnderstudy(dir: string, count: number, total: number, note
       throw new Error(`understudy verify exited with ${r.code} without a JSON report: ${(r.stderr.trim() || r.stdout.trim()).slice(0, 2000)}`);
     }
     for (const line of await sourcePhases(pair.source)) notes.push(`understudy source log: ${line}.`);
-    const run: VerifyRun = { report, exitCode: r.code, ms: r.ms, wire: { up: after.up - before.up, down: after.down - before.down } };
+    const run: VerifyRun = { report, exitCode: r.code, ms: r.ms, wire: { up: after.up - before.up, down: after.down - before.down }, cpu: used(0) !== undefined && used(1) !== undefined ? { source: used(0)!, target: used(1)! } : undefined };
     progress(`verify: understudy exit ${r.code}, ${report.filesCompared} files, ${report.bytesCompared} bytes compared, ${report.differences.length} differences, ${run.wire.up + run.wire.down} bytes on the wire, ${fmtMs(r.ms)}`);
     return run;
   } finally {
@@ -93,7 +100,7 @@ async function measureRsync(src: string, image: string): Promise<RsyncRun> {
   const r = await mustRun("rsync", ["-a", "--checksum", "--dry-run", "--stats", src + "/", image + "/"]);
   const st = parseRsyncStats(r.stdout);
   progress(`verify: rsync ${st.sent + st.received} bytes, ${st.transferred ?? "?"} files it would transfer, ${fmtMs(r.ms)}`);
-  return { sent: st.sent, received: st.received, transferred: st.transferred, ms: r.ms };
+  return { sent: st.sent, received: st.received, transferred: st.transferred, ms: r.ms, cpuS: r.cpuS };
 }
 
 export async function benchVerify(ctx: BenchContext): Promise<BenchResult> {
@@ -134,6 +141,19 @@ export async function benchVerify(ctx: BenchContext): Promise<BenchResult> {
     ],
   });
   res.summary.push({ metric: "verify of an unchanged set: wall time", understudy: fmtMs(us?.ms), rsync: fmtMs(rs?.ms), vsRsync: ratio(us?.ms, rs?.ms) });
+  const f2 = (x?: number) => (x === undefined ? "n/a" : `${x.toFixed(2)} s`);
+  const uCpu = us?.cpu ? us.cpu.source + us.cpu.target : undefined;
+  res.tables.push({
+    title: "CPU used during the comparison (robust to a busy machine, unlike wall times)",
+    headers: ["tool", "source side", "target side", "total"],
+    rows: [
+      ["understudy (source agent, target agent; the CLI not counted)", f2(us?.cpu?.source), f2(us?.cpu?.target), f2(uCpu)],
+      ["rsync --checksum (sender + receiver processes)", "", "", f2(rs?.cpuS)],
+    ],
+  });
+  const timeMet = us === undefined || rs === undefined || us.exitCode !== 0 ? undefined : us.ms <= GOAL_TIME * rs.ms;
+  res.goals.push({ text: `verify of an unchanged set ≤ ${GOAL_TIME} × rsync --checksum's time`, met: timeMet, measured: `${fmtMs(us?.ms)} vs ${fmtMs(rs?.ms)} (${ratio(us?.ms, rs?.ms)})${timeMet === false ? `; CPU: agents ${f2(uCpu)} (source ${f2(us?.cpu?.source)}, target ${f2(us?.cpu?.target)}: SHA-256 of every block on both sides, ~0.8 CPU-s per GiB each, kept because a verify is taken as proof) vs rsync's ${f2(rs?.cpuS)} (xxh128)` : ""}` });
+  res.goals.push({ text: `verify of an unchanged set: bytes on the wire ≤ ${GOAL_BYTES} × rsync's`, met: uBytes === undefined || rBytes === undefined ? undefined : uBytes <= GOAL_BYTES * rBytes, measured: `${uBytes ?? "n/a"} B vs ${rBytes ?? "n/a"} B (${ratio(uBytes, rBytes)})` });
   res.summary.push({ metric: "verify of an unchanged set: bytes on the wire", understudy: uBytes === undefined ? "n/a" : String(uBytes), rsync: rBytes === undefined ? "n/a" : String(rBytes), vsRsync: ratio(uBytes, rBytes) });
   if (rep) res.notes.push(`understudy's report: filesCompared ${rep.filesCompared}, bytesCompared ${rep.bytesCompared}, ${rep.differences.length} differences, inFlight ${rep.inFlight}, agent-side duration ${fmtMs((rep.finishedAt - rep.startedAt) * 1000)}.`);
   res.notes.push(
