@@ -17,7 +17,7 @@ import { hashBlocks, digestAt, isZero, READ_BYTES } from "./blocks.ts";
 import type { EntryType, FileIndex, IndexDelta, IndexEntry } from "./file-index.ts";
 import type { DirWatcher } from "./watcher.ts";
 import { attrOf, devMajor, devMinor, isSpecial, kindOf, rdevOf } from "../fs/stat.ts";
-import { readXattrs, xattrDigest } from "../fs/xattr.ts";
+import { readXattrs, xattrDigest, readXattrsSync } from "../fs/xattr.ts";
 
 /** Largest data carried by one Write op, and by one packet. */
 export const MAX_WRITE = 1024 * 1024;
@@ -491,8 +491,9 @@ export class Capture {
       // Index-only scan of a new journal: the content is not read here. Every
       // target is mirrored, and the mirror's read of each file gives the
       // index its digests (MirrorSource.adoptDigests); a file changed before
-      // that has none, and its first change is sent whole.
-      const xs = await readXattrs(this.abs(rel));
+      // that has none, and its first change is sent whole. (Synchronous: one
+      // small call per file, cheaper than a trip through the thread pool.)
+      const xs = readXattrsSync(this.abs(rel));
       return this.setEntry(rel, entryOf(st, { xa: xattrDigest(xs) }), true, xs);
     }
     const bs = this.o.blockSize;
