@@ -4,19 +4,22 @@
 //   the target): ~2.5x faster than SHA-256 here (hash-wasm's WebAssembly build,
 //   measured 0.31 vs 0.75 CPU-s per GiB in 64 KiB blocks; @node-rs/xxhash's
 //   native one measured no faster than SHA-256, its binding copying the input).
-//   Not cryptographic, and it need not be: both digests are of bytes this
-//   source sent over an authenticated (mTLS) link, and a collision only makes
-//   a changed block look unchanged to the same process that hashes it, for
-//   data no one but the writer of the source chooses — the same trust rsync's
-//   xxh128 places in it.
+//   Not cryptographic, and it need not be for change detection: the digests
+//   compared are of this source's own bytes and of a replica it wrote over an
+//   authenticated (mTLS) link, as with rsync's xxh128. Someone able to write
+//   to a replica and aiming a collision could at worst have a checksum mirror
+//   leave a tampered block alone; verify, which uses SHA-256, still finds it.
 // - SHA-256, truncated to 16 bytes, for verify: its result is taken as proof
 //   that a replica holds the source's bytes, whoever may have touched the
 //   replica's disk, so a digest someone could aim a collision at will not do.
 //
 // Large files (VM disk images) are re-read whole whenever they change: without
 // an intercepting driver nothing says which blocks a writer touched. What can
-// be made cheap is everything after the read. For files of LARGE_FILE or more
-// each run of FP_BYTES is also given a fingerprint, a GMAC (AES-GCM's
+// be made cheap is everything after the read. For SHA-256 digests of files
+// of LARGE_FILE or more (XXH3-128 costs about what a fingerprint does, so its
+// digests are simply computed again: measured 0.6-0.8 CPU-s per GiB without
+// fingerprints, 1.1-1.5 with) each run of FP_BYTES is also given a
+// fingerprint, a GMAC (AES-GCM's
 // authenticator, AES-NI + carry-less multiply: ~4-8× faster than SHA-256 here)
 // under a key drawn at random when the process starts and never shown to
 // anyone; the fingerprints and digests of the last read of each file are kept
@@ -209,7 +212,7 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
   let key: string | undefined;
   let old: CacheEntry | undefined;
   let fps: Buffer | undefined;
-  if (size >= LARGE_FILE && DIGEST_CACHE_BYTES > 0) {
+  if (size >= LARGE_FILE && DIGEST_CACHE_BYTES > 0 && algo === DigestAlgo.DIGEST_ALGO_SHA256_128) {
     const st = await fh.stat();
     key = `${st.dev}:${st.ino}:${algo}`;
     old = cacheGet(key);

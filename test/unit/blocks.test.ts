@@ -1,4 +1,5 @@
-// hashBlocks with read-ahead and the fingerprint cache must hand out exactly
+// hashBlocks with read-ahead and the fingerprint cache (SHA-256 digests: the
+// XXH3-128 ones are not cached) must hand out exactly
 // the digests a plain block-by-block SHA-256 gives, on every read of a file
 // that changes between reads (in place, grown, shrunk, partial last block),
 // and must skip hashing only runs that did not change.
@@ -128,7 +129,7 @@ test("hashBlocks: a cancelled read leaves no read running and nothing cached", a
     try {
       await assert.rejects(hashBlocks(rh, size, BS, (b) => {
         if (b.index === 70) ac.abort();
-      }, ac.signal), /cancelled/);
+      }, ac.signal, undefined, DigestAlgo.DIGEST_ALGO_SHA256_128), /cancelled/);
     } finally {
       await rh.close();
     }
@@ -152,7 +153,7 @@ test("digest cache: when full, files in use are kept rather than pushed out in t
       import { hashBlocks, hashStats, LARGE_FILE } from ${JSON.stringify(blocks)};
       const files = ["a", "b", "c"].map((n) => ${JSON.stringify(dir)} + "/" + n);
       for (const f of files) { const fh = await open(f, "w"); await fh.write(randomFillSync(Buffer.alloc(LARGE_FILE))); await fh.close(); }
-      const digested = async (f) => { const fh = await open(f, "r"); const d0 = hashStats.bytesDigested; await hashBlocks(fh, LARGE_FILE, 65536); await fh.close(); return hashStats.bytesDigested - d0; };
+      const digested = async (f) => { const fh = await open(f, "r"); const d0 = hashStats.bytesDigested; await hashBlocks(fh, LARGE_FILE, 65536, undefined, undefined, undefined, 0 /* SHA-256: the cached kind */); await fh.close(); return hashStats.bytesDigested - d0; };
       const out = [];
       for (const f of [...files, ...files]) out.push(await digested(f));
       console.log(JSON.stringify(out));
