@@ -588,7 +588,7 @@ export class Mirror {
             // that differ are read again here (a large file, mostly equal).
             const asked = this.tgt.digests(q);
             asked.catch(() => undefined); // (awaited below; a hashing failure here must not leave it unhandled)
-            early = await hashBlocks(fh, size, this.src.blockSize, undefined, this.o.signal, this.scratch);
+            early = await hashBlocks(fh, size, this.src.blockSize, undefined, this.o.signal, this.scratch, CHANGE_DIGEST, false);
             const r = await asked;
             // (another kind of digest, from an older target: nothing to compare with, all is sent)
             theirs = r.exists && r.digestAlgo === CHANGE_DIGEST ? Buffer.from(r.digests) : undefined;
@@ -641,7 +641,7 @@ export class Mirror {
           if (got < len) buf.fill(0, got, len); // shrunk meanwhile: capture journals the change
           await visit({ index, offset, data: buf.subarray(0, len), digest });
         }
-      } else mine = await hashBlocks(fh, size, bs, visit, this.o.signal, this.scratch);
+      } else mine = await hashBlocks(fh, size, bs, visit, this.o.signal, this.scratch, CHANGE_DIGEST, false);
       if (this.src.adoptDigests && unchanged(st, await fh.stat({ bigint: true }))) this.adopt(q, st, mine);
       await flushWrite();
       if (size !== theirSize || (fresh && size > 0)) await this.push({ path: q, kind: { $case: "truncate", value: { size } } });

@@ -176,7 +176,7 @@ class Verifier {
     try {
       const fst = await fh.stat();
       if (!fst.isFile()) return undefined;
-      return await hashBlocks(fh, fst.size, this.o.blockSize, undefined, undefined, undefined, DigestAlgo.DIGEST_ALGO_SHA256_128);
+      return await hashBlocks(fh, fst.size, this.o.blockSize, undefined, undefined, undefined, DigestAlgo.DIGEST_ALGO_SHA256_128, false);
     } finally {
       await fh.close();
     }

@@ -15,10 +15,11 @@
 //
 // Large files (VM disk images) are re-read whole whenever they change: without
 // an intercepting driver nothing says which blocks a writer touched. What can
-// be made cheap is everything after the read. For SHA-256 digests of files
-// of LARGE_FILE or more (XXH3-128 costs about what a fingerprint does, so its
-// digests are simply computed again: measured 0.6-0.8 CPU-s per GiB without
-// fingerprints, 1.1-1.5 with) each run of FP_BYTES is also given a
+// be made cheap is everything after the read. For files of LARGE_FILE or
+// more that are looked at again and again (capture's; a one-off read, as a
+// mirror's, a listing's or a verify's, skips this: the fingerprints cost
+// about what XXH3-128 digests do, measured 1.1-1.5 CPU-s per GiB for a first
+// look with them, 0.6-0.8 without) each run of FP_BYTES is also given a
 // fingerprint, a GMAC (AES-GCM's
 // authenticator, AES-NI + carry-less multiply: ~4-8× faster than SHA-256 here)
 // under a key drawn at random when the process starts and never shown to
@@ -27,7 +28,7 @@
 // read of the same file, a run whose fingerprint is unchanged takes its block
 // digests from that cache instead of hashing them again. The data is still
 // read and looked at in full every time (a changed byte changes the
-// fingerprint), and the digests handed out are the same SHA-256 digests as
+// fingerprint), and the digests handed out are the same digests as
 // before; for a different content to keep its fingerprint a GHASH collision
 // under an unknown key is needed (probability below 2^-100 per run), which
 // data chosen by a guest cannot aim at because the fingerprints never leave
@@ -191,9 +192,10 @@ export function clearDigestCache(): void {
  * Read `size` bytes of a file block by block, hashing each. Returns the
  * concatenated digests; `visit` sees every block (it may copy the data).
  * `signal` cancels between blocks. The next read is in flight while a buffer
- * is being hashed and visited.
+ * is being hashed and visited. `algo`: which digest; `reread`: false for a
+ * one-off read of the file (no fingerprints, nothing cached).
  */
-export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer, algo: DigestAlgo = CHANGE_DIGEST): Promise<Buffer> {
+export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer, algo: DigestAlgo = CHANGE_DIGEST, reread = true): Promise<Buffer> {
   const n = Math.ceil(size / blockSize);
   const digests = Buffer.allocUnsafe(n * DIGEST_BYTES);
   // Read several blocks per syscall: large reads are much cheaper than 64 KiB
@@ -212,7 +214,7 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
   let key: string | undefined;
   let old: CacheEntry | undefined;
   let fps: Buffer | undefined;
-  if (size >= LARGE_FILE && DIGEST_CACHE_BYTES > 0 && algo === DigestAlgo.DIGEST_ALGO_SHA256_128) {
+  if (size >= LARGE_FILE && DIGEST_CACHE_BYTES > 0 && reread) {
     const st = await fh.stat();
     key = `${st.dev}:${st.ino}:${algo}`;
     old = cacheGet(key);

@@ -94,7 +94,7 @@ async function fileDigests(abs: string, blockSize: number, algo: DigestAlgo): Pr
   try {
     const st = await fh.stat();
     if (!st.isFile()) return undefined;
-    return { size: st.size, digests: await hashBlocks(fh, st.size, blockSize, undefined, undefined, undefined, algo) };
+    return { size: st.size, digests: await hashBlocks(fh, st.size, blockSize, undefined, undefined, undefined, algo, false) };
   } finally {
     await fh.close();
   }

@@ -32,7 +32,7 @@ async function entryOf(abs: string, name: string, blockSize: number): Promise<Su
         const fst = await fh.stat();
         if (fst.isFile()) {
           e.size = fst.size;
-          e.digests = await hashBlocks(fh, fst.size, blockSize, undefined, undefined, undefined, SHA);
+          e.digests = await hashBlocks(fh, fst.size, blockSize, undefined, undefined, undefined, SHA, false);
         }
       } finally {
         await fh.close();

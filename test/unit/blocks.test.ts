@@ -1,5 +1,5 @@
-// hashBlocks with read-ahead and the fingerprint cache (SHA-256 digests: the
-// XXH3-128 ones are not cached) must hand out exactly
+// hashBlocks with read-ahead and the fingerprint cache (for files read again
+// and again; one-off reads skip it) must hand out exactly
 // the digests a plain block-by-block SHA-256 gives, on every read of a file
 // that changes between reads (in place, grown, shrunk, partial last block),
 // and must skip hashing only runs that did not change.
