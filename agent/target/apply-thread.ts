@@ -22,10 +22,19 @@ export type ApplyReply = { id: number; error?: { message: string; code?: string;
 function packed(ops: Op[]): { ops: Op[]; transfer: ArrayBuffer[] } {
   let total = 0;
   for (const op of ops) if (op.kind?.$case === "write") total += op.kind.value.data.byteLength;
-  if (total === 0) return { ops, transfer: [] };
   const all = Buffer.allocUnsafeSlow(total); // (its own ArrayBuffer, not the shared pool's: it is moved away)
   let at = 0;
   const out = ops.map((op): Op => {
+    const k = op.kind;
+    if (k && k.$case !== "write" && "attr" in k.value && k.value.attr?.xattrs.length) {
+      // Xattr values are views too: each gets a buffer of its own (small).
+      const xattrs = k.value.attr.xattrs.map((x) => {
+        const value = Buffer.allocUnsafeSlow(x.value.byteLength);
+        value.set(x.value);
+        return { ...x, value };
+      });
+      return { ...op, kind: { ...k, value: { ...k.value, attr: { ...k.value.attr, xattrs } } } } as Op;
+    }
     if (op.kind?.$case !== "write") return op;
     const d = op.kind.value.data;
     all.set(d, at);
@@ -33,7 +42,7 @@ function packed(ops: Op[]): { ops: Op[]; transfer: ArrayBuffer[] } {
     at += d.byteLength;
     return { ...op, kind: { $case: "write", value: { ...op.kind.value, data } } };
   });
-  return { ops: out, transfer: [all.buffer as ArrayBuffer] };
+  return { ops: out, transfer: total ? [all.buffer as ArrayBuffer] : [] };
 }
 
 export class ApplierThread {

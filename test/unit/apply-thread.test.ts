@@ -34,8 +34,14 @@ test("ApplierThread: batches applied in order with their data; a refused path is
     await assert.rejects(a.apply([{ path: "out/passwd", kind: { $case: "create", value: { attr: undefined } } }]), (e: unknown) => e instanceof PathError && /symlink/.test((e as Error).message));
     await assert.rejects(a.apply([{ path: "d/f/under-a-file", kind: { $case: "create", value: { attr: undefined } } }]), (e: unknown) => e instanceof PathError);
     await a.apply([{ path: "d/g", kind: { $case: "write", value: { offset: 0, data: Buffer.from("after a refusal, still applying") } } }]);
+    // Xattrs (views into a larger buffer too) arrive with their values.
+    const xv = Buffer.from("..value..");
+    await a.apply([{ path: "d/g", kind: { $case: "attr", value: { attr: { ...attr, mode: 0o640, xattrs: [{ name: "user.test", value: xv.subarray(2, 7) }], hasXattrs: true } } } }]);
     await a.sync();
     assert.equal(await readFile(path.join(img, "d/g"), "utf8"), "after a refusal, still applying");
+    assert.equal((await stat(path.join(img, "d/g"))).mode & 0o7777, 0o640);
+    const { getAttributeSync } = (await import("@napi-rs/xattr")) as unknown as { getAttributeSync(p: string, n: string): Buffer | null };
+    assert.equal(getAttributeSync(path.join(img, "d/g"), "user.test")?.toString(), "value");
   } finally {
     await a.close();
   }
