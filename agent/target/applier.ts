@@ -43,49 +43,6 @@ const MAX_OPEN = 128;
  */
 const MAX_UNSYNCED = 512;
 
-const FILE_OPS = new Set(["create", "write", "truncate", "attr"]);
-
-function parentPath(rel: string): string {
-  const i = rel.lastIndexOf("/");
-  return i < 0 ? "" : rel.slice(0, i);
-}
-
-/**
- * ops cut into runs to apply one after the other; a run is groups of ops (one
- * group per path, in their order) that may be applied side by side: only
- * file ops, on paths none of which is below another.
- */
-export function concurrentRuns(ops: Op[]): Op[][][] {
-  const runs: Op[][][] = [];
-  let groups = new Map<string, Op[]>();
-  let above = new Set<string>(); // the directories above the run's paths
-  const close = () => {
-    if (groups.size) runs.push([...groups.values()]);
-    groups = new Map();
-    above = new Set();
-  };
-  for (const op of ops) {
-    if (!FILE_OPS.has(op.kind?.$case ?? "")) {
-      close();
-      runs.push([[op]]);
-      continue;
-    }
-    const p = op.path;
-    const own = groups.get(p);
-    if (own) {
-      own.push(op);
-      continue;
-    }
-    let related = above.has(p);
-    for (let q = parentPath(p); !related && q !== ""; q = parentPath(q)) related = groups.has(q);
-    if (related) close();
-    groups.set(p, [op]);
-    for (let q = parentPath(p); q !== "" && !above.has(q); q = parentPath(q)) above.add(q);
-  }
-  close();
-  return runs;
-}
-
 /** Seconds as a double that lands inside the right microsecond (utimes takes doubles). */
 export function timeArg(sec: number, nsec: number): number {
   return sec + (Math.floor(nsec / 1000) * 1000 + 500) / 1e9;

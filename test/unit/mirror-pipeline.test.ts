@@ -177,18 +177,6 @@ for (const mode of ["full", "checksum"] as const) {
   });
 }
 
-test("concurrentRuns: file ops on unrelated paths side by side, each path's ops in order, cut at related paths and at other ops", async () => {
-  const { concurrentRuns } = await import("../../agent/target/applier.ts");
-  const w = (p: string): Op => ({ path: p, kind: { $case: "write", value: { offset: 0, data: Buffer.from("x") } } });
-  const a = (p: string): Op => ({ path: p, kind: { $case: "attr", value: { attr: undefined } } });
-  const c = (p: string): Op => ({ path: p, kind: { $case: "create", value: { attr: undefined } } });
-  const mk = (p: string): Op => ({ path: p, kind: { $case: "mkdir", value: { attr: undefined } } });
-  const show = (ops: Op[]) => concurrentRuns(ops).map((run) => run.map((g) => g.map((o) => `${o.kind!.$case}:${o.path}`).join(",")));
-  assert.deepEqual(show([c("d/f"), w("d/f"), c("d/g"), w("d/g"), a("d/f"), a("d/g"), a("d")]), [["create:d/f,write:d/f,attr:d/f", "create:d/g,write:d/g,attr:d/g"], ["attr:d"]]);
-  assert.deepEqual(show([mk("e"), c("e/f"), a("x"), c("x/y/z"), a("e/f")]), [["mkdir:e"], ["create:e/f", "attr:x"], ["create:x/y/z", "attr:e/f"]]);
-  assert.deepEqual(show([a("d"), c("d2/f"), c("d/f")]), [["attr:d", "create:d2/f"], ["create:d/f"]]);
-});
-
 test("applier: files beyond the unsynced limit are closed without a sync each, and the next sync (a syncfs) covers them", async (t) => {
   const img = await mkdtemp(path.join(os.tmpdir(), "applier-unsynced-"));
   t.after(() => rm(img, { recursive: true, force: true }));
