@@ -194,6 +194,10 @@ export class SourceSet {
       flushCapture: () => this.flushNow(),
       lastSeq: () => this.journal.lastSeq,
       touchedSince: (seq) => this.touchedSince(seq),
+      forget: (paths) => {
+        this.log.info({ files: paths.length, first: paths[0] }, "mirror: files changed on disk during its last round; sending them again as new");
+        return this.capture.forget(paths);
+      },
     };
     return {
       source,

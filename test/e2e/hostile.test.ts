@@ -389,7 +389,7 @@ test("a hostile source cannot get out of its image on a real target agent", { ti
     // Resending packet 1: applying it again would replace f by a new empty-then-"one" file.
     const acks = s.ackCount;
     s.packet(1, [op.create("f"), op.write("f", "one")]);
-    await waitFor("an Ack for the duplicate", () => s.ackCount > acks || (s.end ? Promise.reject(new Error(s.describe())) : false), 5_000, 20);
+    await waitFor("an Ack for the duplicate", () => s.ackCount > acks || (s.end ? Promise.reject(new Error(s.describe())) : false), 30_000, 20);
     const last = s.messages.filter((m) => m.msg?.$case === "ack").at(-1)!.msg as { value: { seq: number } };
     assert.equal(last.value.seq, 2, "the duplicate is answered with what is durable");
     assert.ok(!s.messages.some((m) => m.msg?.$case === "nack" && m.msg.value.reason !== Nack_Reason.REASON_GAP), s.describe());

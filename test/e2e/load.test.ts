@@ -1,0 +1,93 @@
+// Replication on a starved machine: the agents run in a CPU-limited cgroup
+// (see cpu-limit.ts) while a workload keeps changing the tree at full speed,
+// so every step of capture and mirror takes long and the tree moves under
+// it. Regression test for issue 16 (topology.test.ts failing on a busy CI
+// machine: files of one renamed directory missing on the target for good).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdir, rename, writeFile, readdir } from "node:fs/promises";
+import path from "node:path";
+import YAML from "yaml";
+import { AgentProc, compareTrees, freePort, snapshotTree, tmpDir, waitFor } from "./harness.ts";
+import { rng } from "./workload.ts";
+import { limitCpu } from "./cpu-limit.ts";
+import { rm } from "node:fs/promises";
+
+async function agent(dir: string, name: string, cfg: Record<string, unknown>): Promise<AgentProc> {
+  const port = await freePort();
+  const file = path.join(dir, `${name}.yaml`);
+  await writeFile(file, YAML.stringify({ name, listen: `127.0.0.1:${port}`, dataDir: `state-${name}`, tls: { insecure: true }, ...cfg }));
+  return new AgentProc(name, file, port, path.join(dir, `${name}.log`));
+}
+
+/** All directories under root (relative, "" excluded). */
+async function dirsOf(root: string): Promise<string[]> {
+  const out: string[] = [];
+  const walk = async (rel: string) => {
+    for (const e of await readdir(path.join(root, rel), { withFileTypes: true }).catch(() => [])) {
+      if (!e.isDirectory()) continue;
+      const r = rel ? `${rel}/${e.name}` : e.name;
+      out.push(r);
+      await walk(r);
+    }
+  };
+  await walk("");
+  return out;
+}
+
+test("a mirror starved of CPU while directories are renamed under it loses no file", async (t) => {
+  const dir = await tmpDir();
+  const procs: AgentProc[] = [];
+  let release = async () => {};
+  t.after(async () => {
+    await release();
+    await Promise.all(procs.map((p) => p.stop()));
+    await rm(dir, { recursive: true, force: true });
+  });
+  // Enough content that the mirror takes a while at a few percent of a CPU.
+  const src = path.join(dir, "src");
+  const r = rng(16);
+  for (let d = 0; d < 12; d++) {
+    await mkdir(path.join(src, `d${d}`), { recursive: true });
+    for (let f = 0; f < 15; f++) await writeFile(path.join(src, `d${d}`, `f${f}`), Buffer.alloc(2048 + Math.floor(r() * 30_000), d * 31 + f + 1));
+  }
+  const tg = await agent(dir, "t1", { target: { root: "r1" } });
+  const s = await agent(dir, "s", { source: { sets: [{ name: "data", path: "src", targets: [tg.address] }] } });
+  procs.push(tg, s);
+  await tg.start();
+  await s.start();
+  const limit = await limitCpu([s.pid, tg.pid], 0.15);
+  release = () => limit.release();
+  t.diagnostic(`CPU limit: ${limit.how}`);
+  // While the mirror runs (and a little after): rename directories (often,
+  // with files the mirror has not sent yet), make files in them.
+  let n = 0;
+  let mirrored = false;
+  let after = 0;
+  const deadline = Date.now() + 180_000;
+  while (after < 40) {
+    assert.ok(Date.now() < deadline, "the mirror did not complete within 180 s at 15% of a CPU");
+    const dirs = await dirsOf(src);
+    const d = dirs[Math.floor(r() * dirs.length)]!;
+    const x = r();
+    if (x < 0.5) {
+      const into = dirs.filter((q) => q !== d && !q.startsWith(d + "/"));
+      const parent = r() < 0.5 ? "" : (into[Math.floor(r() * into.length)] ?? "");
+      await rename(path.join(src, d), path.join(src, parent, `m${++n}`)).catch(() => undefined);
+    } else await writeFile(path.join(src, d, `n${++n}`), Buffer.alloc(1000 + Math.floor(r() * 5000), n & 0xff)).catch(() => undefined);
+    await new Promise((res) => setTimeout(res, 20));
+    if (!mirrored) {
+      const st = await s.status().catch(() => undefined);
+      mirrored = st?.sets[0]?.targets[0]?.mirror?.result === "ok";
+    } else after++;
+  }
+  // Nothing is lost for good: with the limit lifted, the target converges.
+  await limit.release();
+  let diff: string[] = [];
+  await waitFor(`the target to equal the source`, async () => {
+    diff = compareTrees(await snapshotTree(src), await snapshotTree(path.join(dir, "r1", "s", "data")));
+    return diff.length === 0;
+  }, 60_000, 250).catch((e) => {
+    throw new Error(`${(e as Error).message}\n  ${diff.slice(0, 10).join("\n  ")}`);
+  });
+});
