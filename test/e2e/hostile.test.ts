@@ -534,6 +534,29 @@ test("a hostile source cannot get out of its image on a real target agent", { ti
     alive();
   });
 
+  await t.test("o. out-of-range attribute values (mode, owner, times) do not bring the target down", async () => {
+    // A Create whose mode did not fit in an int32 aborted the agent process (a native assertion in open()).
+    const big = { mode: 0xffffffff, uid: 0xffffffff, gid: 0xfffffffe, mtimeSec: 2 ** 40, mtimeNsec: 0xffffffff, xattrs: [], hasXattrs: false };
+    for (const [what, ops] of [
+      ["create with mode 0xffffffff", [{ path: "m1", kind: { $case: "create", value: { attr: { ...big, uid: 0, gid: 0, mtimeSec: 0, mtimeNsec: 0 } } } }]],
+      ["create with mode 0x80000000", [{ path: "m2", kind: { $case: "create", value: { attr: { ...big, mode: 0x80000000, uid: 0, gid: 0, mtimeSec: 0, mtimeNsec: 0 } } } }]],
+      ["mkdir with every field at its maximum", [{ path: "m3", kind: { $case: "mkdir", value: { attr: big } } }]],
+      ["attr with every field at its maximum", [op.create("m4"), { path: "m4", kind: { $case: "attr", value: { attr: big } } }]],
+      ["mknod with a huge mode", [{ path: "m5", kind: { $case: "mknod", value: { type: "p", major: 0, minor: 0, attr: big } } }]],
+    ] as [string, Op[]][]) {
+      const { s, welcome, check } = await connect("h-o", { imageMayChange: true });
+      const seq = welcome.appliedSeq + 1;
+      s.packet(seq, ops);
+      const o = await s.outcome(seq, 30_000);
+      s.close();
+      assert.ok(!("end" in o) || o.end.code === grpc.status.OK, `${what}: answered, not a dead stream (${JSON.stringify(o)})`);
+      alive();
+      await check(what);
+    }
+    const st = await lstat(path.join(guard.image("h-o"), "m1")).catch(() => undefined);
+    if (st) assert.equal(st.mode & 0o170000, 0o100000, "m1 is a regular file");
+  });
+
   await t.test("n. a stale epoch is fenced: a source older than the image's epoch cannot write it", async () => {
     const s = new HostileSession(addr);
     s.hello("h-n", SET, { epoch: 5 });
