@@ -618,7 +618,7 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
   await waitFor("the TLS target agent to answer", async () => {
     if (p.exitCode !== null) throw new Error(`agent exited with ${p.exitCode}:\n${await readFile(logPath, "utf8")}`);
     return (await fetchStatus(address, aliceTls, 1000).catch(() => undefined)) ?? false;
-  }, 20_000);
+  }, 60_000);
   const alive = () => assert.equal(p.exitCode, null, "the TLS target agent is still running");
 
   const ca = await readFile(alice.caPath);
