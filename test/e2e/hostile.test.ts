@@ -7,7 +7,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { X509Certificate, randomBytes } from "node:crypto";
 import { closeSync, openSync } from "node:fs";
 import { lstat, mkdir, readFile, readlink, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
@@ -601,6 +601,8 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
   const mallory = await issueCert({ caDir, name: "mallory", hosts: ["127.0.0.1"], outDir: certs });
   await createCA(path.join(dir, "other-ca"), { commonName: "another CA" });
   const rogue = await issueCert({ caDir: path.join(dir, "other-ca"), name: "alice", hosts: ["127.0.0.1"], outDir: path.join(dir, "rogue") });
+  // Alice's own name, our CA, valid for one second: expired by the time it is used.
+  const expired = await issueCert({ caDir, name: "alice", hosts: ["127.0.0.1"], outDir: path.join(dir, "expired"), days: 1 / 86400 });
   const outside = path.join(dir, "outside");
   await mkdir(outside);
   await writeFile(path.join(outside, "secret"), "the secret\n");
@@ -628,7 +630,9 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
     otherCa: grpc.credentials.createSsl(ca, await readFile(rogue.keyPath), await readFile(rogue.certPath)),
     mallory: grpc.credentials.createSsl(ca, await readFile(mallory.keyPath), await readFile(mallory.certPath)),
     alice: grpc.credentials.createSsl(ca, await readFile(alice.keyPath), await readFile(alice.certPath)),
+    expired: grpc.credentials.createSsl(ca, await readFile(expired.keyPath), await readFile(expired.certPath)),
   };
+  const expiredAt = new Date(new X509Certificate(await readFile(expired.certPath)).validTo).getTime();
   const guard = new Guard(dir, "dst", ["agent.log", "state"]);
   const w = await guard.watch([]);
   const aliceImage = path.join(dir, "dst", "alice");
@@ -644,8 +648,9 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
     return { end, msgs };
   };
 
-  await t.test("g. plaintext, no client certificate and another CA's certificate are refused", async () => {
-    for (const [what, c] of [["plaintext", creds.none], ["TLS without a client certificate", creds.noClientCert], ["a client certificate from another CA", creds.otherCa]] as const) {
+  await t.test("g. plaintext, no client certificate, another CA's certificate and an expired certificate are refused", async () => {
+    await waitFor("alice's short-lived certificate to expire", () => Date.now() > expiredAt + 1000, 30_000, 100);
+    for (const [what, c] of [["plaintext", creds.none], ["TLS without a client certificate", creds.noClientCert], ["a client certificate from another CA", creds.otherCa], ["alice's expired certificate (our CA, her name)", creds.expired]] as const) {
       const { end, msgs } = await tryAsAlice(c);
       // Refused by the TLS handshake itself, before the identity check of the service.
       assert.equal(end.code, grpc.status.UNAVAILABLE, `${what}: refused at the connection (${grpc.status[end.code]}: ${end.details})`);
