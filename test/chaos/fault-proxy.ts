@@ -1,7 +1,7 @@
 // A small fault-injecting TCP proxy (toxiproxy's catalogue, in-process), put
 // between a source agent and its target: added latency with jitter, a
 // bandwidth cap, data cut into tiny segments, connection resets, and a black
-// hole (bytes silently dropped, connections left open). The same shape as
+// hole (nothing delivered, nothing reported, connections left open). The same shape as
 // test/bench/proxy.ts's CountingProxy, with a fault that can change at any
 // moment; every chunk passes through one queue per direction, so order is
 // kept whatever the fault.
@@ -92,7 +92,11 @@ export class FaultProxy {
         while (queue.length) {
           const chunk = queue.shift()!;
           const f = this.fault;
-          if (f.kind === "blackhole") continue; // dropped, silently
+          // A black hole: nothing gets through and nothing says so. TCP would keep
+          // retransmitting, so the bytes are held (not dropped: that would corrupt the
+          // stream, which no network does to TCP) until the hole closes or the
+          // connection is given up (the agents' keepalive notices and closes it).
+          while (this.fault.kind === "blackhole" && !to.destroyed) await sleep(50);
           if (f.kind === "latency") await sleep(f.ms + this.rnd() * f.jitterMs);
           if (f.kind === "tiny-segments") {
             for (let i = 0; i < chunk.length; i += f.bytes) {
