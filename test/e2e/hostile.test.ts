@@ -690,4 +690,14 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
     assert.equal(await readFile(path.join(outside, "secret"), "utf8"), "the secret\n");
     alive();
   });
+
+  await t.test("secrets: no private key (the agent's own, the sources', the CA's) appears in the agent's log", async () => {
+    const log = await readFile(logPath, "utf8");
+    assert.match(log, /refused|denied|PERMISSION_DENIED|mallory/i, "the log recorded the refusals above (it is the right log)");
+    for (const [who, keyPath] of [["the target agent", tgt.keyPath], ["alice", alice.keyPath], ["mallory", mallory.keyPath], ["the CA", path.join(caDir, "ca.key")], ["the expired certificate", expired.keyPath]] as const) {
+      const pem = await readFile(keyPath, "utf8").catch(() => "");
+      if (who !== "the CA") assert.ok(pem, `${who}'s key was read`);
+      for (const line of pem.split("\n").filter((l) => l.length >= 40 && !l.startsWith("-----"))) assert.ok(!log.includes(line), `${who}'s private key appears in the agent's log`);
+    }
+  });
 });
