@@ -41,6 +41,12 @@ export interface MirrorSource {
    * content). The source ignores them otherwise.
    */
   adoptDigests?(q: string, st: BigIntStats, digests: Buffer): void;
+   * Inside serial: the final round could not send these index entries (the
+   * tree moved on since the index: renamed, removed or replaced): journal their
+   * removal, so that the index again says what the target has and capture
+   * sends them afresh where they are now.
+   */
+  forget(paths: string[]): Promise<void>;
 }
 
 /**
@@ -197,6 +203,8 @@ export class Mirror {
   private readonly touched = new TouchTracker();
   /** Listings asked for ahead: taken once the target had applied `at` batches. */
   private prefetched = new Map<string, { at: number; listing: Promise<ManifestResponse> }>();
+  /** Files the final round could not send as the index has them (see skipped). */
+  private readonly lost = new Set<string>();
 
   constructor(src: MirrorSource, tgt: MirrorTarget, o: MirrorOptions) {
     this.src = src;
@@ -242,6 +250,8 @@ export class Mirror {
       const end = this.src.lastSeq();
       await this.mirrorDirs(await this.changedDirs(since), false);
       await this.flush("");
+      // Journaled after `end`: the target applies them once it stands at end.
+      if (this.lost.size) await this.src.forget([...this.lost].sort());
       await this.tgt.done(end);
       p.finishedAt = Date.now() / 1000;
       p.filesDone = Math.max(p.filesDone, p.filesTotal);
@@ -296,6 +306,20 @@ export class Mirror {
     }
     await this.settled(need);
     return ownDigestsOnly(await this.tgt.manifest(d, digestMaxBlocks));
+  }
+
+  /**
+   * File q is not what the index says any more (gone, renamed with its
+   * directory, replaced), so it was not sent. In an earlier round the change
+   * is journaled after that round began, and a later round looks again. In
+   * the final round nothing looks again: the change is journaled after `end`
+   * and describes the file as sent (a directory's Rename moved it on the
+   * target, where it never was), so the file stayed missing for good (issue
+   * 16: a renamed directory's files missing on the target of a mirror run on
+   * a busy machine). Such files are forgotten at the end (MirrorSource.forget).
+   */
+  private skipped(q: string): void {
+    if (this.inLock) this.lost.add(q);
   }
 
   private lock<T>(fn: () => Promise<T>): Promise<T> {
@@ -543,7 +567,7 @@ export class Mirror {
   private async mirrorFile(q: string, e: IndexEntry, h: ManifestEntryMsg | undefined, r?: ReadAhead): Promise<void> {
     const p = this.o.progress;
     if (r) {
-      if (r === "skip") return;
+      if (r === "skip") return this.skipped(q);
       if (r !== "normal") return this.sendReadAhead(q, e, r);
     }
     if (await this.linkedToFirst(q, e, (f, fe, fh) => this.mirrorFile(f, fe, fh))) {
@@ -554,11 +578,11 @@ export class Mirror {
     try {
       fh = await open(path.join(this.src.root, q), C.O_RDONLY | C.O_NOFOLLOW | C.O_NONBLOCK);
     } catch {
-      return; // changed since the index says so: capture journals it, and a later round sees it
+      return this.skipped(q); // changed since the index says so: capture journals it, and a later round sees it
     }
     try {
       const st = await fh.stat({ bigint: true });
-      if (Number(st.ino) !== e.ino || !st.isFile()) return;
+      if (Number(st.ino) !== e.ino || !st.isFile()) return this.skipped(q);
       const size = Number(st.size);
       const xs = await readXattrs(path.join(this.src.root, q));
       const attr: Attr = { ...attrOf(st), xattrs: xs ?? [], hasXattrs: xs !== undefined };

@@ -248,6 +248,21 @@ export class Capture {
   }
 
   /**
+   * A mirror's final round could not send these entries (see Mirror.skipped):
+   * journal their removal (the target lacks them, or holds an older copy),
+   * then look at the paths again; what moved is found through its rename.
+   */
+  async forget(paths: Iterable<string>): Promise<void> {
+    for (const rel of paths) {
+      const e = this.o.index.get(rel);
+      if (!e || e.t === "d") continue;
+      await this.remove(rel, e);
+      this.o.redirty(rel);
+    }
+    await this.finish();
+  }
+
+  /**
    * Build the index from the tree without journaling anything: for a brand-new
    * journal, whose targets all get a mirror (which sends the content) anyway.
    * The caller snapshots the index afterwards.

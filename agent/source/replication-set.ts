@@ -200,6 +200,10 @@ export class SourceSet {
       lastSeq: () => this.journal.lastSeq,
       touchedSince: (seq) => this.touchedSince(seq),
       adoptDigests: (q, st, digests) => this.adoptDigests(q, st, digests),
+      forget: (paths) => {
+        this.log.info({ files: paths.length, first: paths[0] }, "mirror: files changed on disk during its last round; sending them again as new");
+        return this.capture.forget(paths);
+      },
     };
     return {
       source,

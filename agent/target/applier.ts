@@ -230,7 +230,9 @@ export class Applier {
         this.forget(op.path, true);
         // A new inode, never a truncate of the old one: it may be hard-linked elsewhere.
         // (O_EXCL fails on anything there, a symlink too; then it is cleared first.)
-        const mode = k.value.attr?.mode ?? 0o600;
+        // Permission bits only: a mode beyond int32 (a hostile source's 0x80000000) made
+        // open() fail a native assertion and abort the whole agent (test/fuzz/applier.fuzz.test.ts).
+        const mode = (k.value.attr?.mode ?? 0o600) & 0o7777;
         let fd: number;
         try {
           fd = openSync(abs, WRITE_FLAGS | C.O_EXCL, mode);

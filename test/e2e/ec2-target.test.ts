@@ -228,7 +228,7 @@ describe("ec2 DR targets", { timeout: 900_000 }, () => {
     await waitFor("an InstanceRetained event for each instance", async () => {
       const ev = await events();
       return Object.entries(ids).every(([t, id]) => ev.split("\n").some((l) => l.startsWith(`InstanceRetained ${t}: instance ${id} kept`)));
-    }, 15_000, 500);
+    }, 60_000, 500);
     assert.doesNotMatch(await events(), /InstanceTerminated/);
     for (const key of keys) await assert.rejects(aws.s3.send(new HeadObjectCommand({ Bucket: BUCKET, Key: key })), `${key} is removed`);
     for (const id of Object.values(ids)) await terminate(aws.ec2, id);

@@ -221,7 +221,7 @@ describe("instances", () => {
         return true;
       },
     );
-    assert.ok(Date.now() - t0 < 5000);
+    assert.ok(Date.now() - t0 < 30_000, "the 300 ms timeout ended the wait (not the test's deadline)");
   });
 
   test("terminate, idempotently; a terminated instance is no longer the target's", async () => {
@@ -344,7 +344,7 @@ describe("AWS errors", () => {
       );
       assert.equal(info.code, "NetworkError", info.message);
       assert.equal(info.retryable, true);
-      assert.ok(Date.now() - t0 < 10_000);
+      assert.ok(Date.now() - t0 < 60_000, "a dead endpoint fails the call, it does not hang");
     } finally {
       dead.destroy();
     }

@@ -33,11 +33,16 @@ function enrollCli(args: string[], env: Record<string, string> = {}): Promise<Ru
   const e: NodeJS.ProcessEnv = { ...process.env, ...env };
   if (!("UNDERSTUDY_ENROLL_TOKEN" in env)) delete e.UNDERSTUDY_ENROLL_TOKEN;
   return new Promise((resolve) =>
-    execFile(process.execPath, [CLI, "enroll", ...args], { env: e, maxBuffer: 16 << 20, timeout: 120_000 }, (err, stdout, stderr) =>
-      resolve({ code: err ? (typeof err.code === "number" ? err.code : 1) : 0, stdout, stderr }),
-    ),
+    execFile(process.execPath, [CLI, "enroll", ...args], { env: e, maxBuffer: 16 << 20, timeout: 120_000 }, (err, stdout, stderr) => {
+      outputs.push(stdout, stderr);
+      resolve({ code: err ? (typeof err.code === "number" ? err.code : 1) : 0, stdout, stderr });
+    }),
   );
 }
+
+/** Everything the enroll command printed, and every token minted (for the secrets scan at the end). */
+const outputs: string[] = [];
+const tokens: string[] = [];
 
 const mode = async (p: string) => (await stat(p)).mode & 0o777;
 
@@ -62,7 +67,9 @@ function makeServer(port: number): EnrollmentServer {
 function mint(sub: string, grant: Grant, o: { key?: Buffer; expInMs?: number } = {}): string {
   const nonce = randomUUID();
   store.add(sub, { nonce, ...grant });
-  return issueToken(o.key ?? key, { sub, nonce, exp: Date.now() + (o.expInMs ?? 600_000) });
+  const t = issueToken(o.key ?? key, { sub, nonce, exp: Date.now() + (o.expInMs ?? 600_000) });
+  tokens.push(t);
+  return t;
 }
 
 /** The usual command line for a host whose config directory is `d`. */
@@ -338,5 +345,27 @@ describe("enrollment server", () => {
     assert.equal(bad.status, 401);
     assert.equal(JSON.parse(bad.body).reason, "bad-signature");
     assert.ok(!logLines.join("").includes(token));
+  });
+});
+
+describe("secrets", () => {
+  test("no enrollment token, nor any private key, appears in the server's log or the command's output", async () => {
+    assert.ok(tokens.length >= 5 && outputs.length >= 5 && logLines.length > 0, "the tests above ran (tokens minted, commands run, the server logged)");
+    // Private keys: the CA's, the server's, the enrollment (token signing) key, and every key the command wrote.
+    const keys = [ca.keyPem, other.keyPem, serverCert.keyPem];
+    const walk = async (d: string): Promise<void> => {
+      for (const e of await readdir(d, { withFileTypes: true }).catch(() => [])) {
+        const p = path.join(d, e.name);
+        if (e.isDirectory()) await walk(p);
+        else if (/\.key$|key\.pem$/.test(e.name)) keys.push(await readFile(p, "utf8"));
+      }
+    };
+    await walk(dir);
+    assert.ok(keys.length > 3, "the enrolled hosts' private keys were found");
+    // A distinctive piece of each: the token itself and its signature; a line of each key's body.
+    const needles: [string, string][] = [...tokens.flatMap((t, i) => [[`token ${i + 1}`, t], [`token ${i + 1}'s signature`, t.slice(-24)]] as [string, string][]), ["the enrollment key (hex)", key.toString("hex")], ["the enrollment key (base64url)", key.toString("base64url")]];
+    for (const [i, k] of keys.entries()) for (const line of k.split("\n").filter((l) => l.length >= 40 && !l.startsWith("-----")).slice(0, 2)) needles.push([`private key ${i + 1}`, line]);
+    const haystacks: [string, string][] = [["the enrollment server's log", logLines.join("")], ["the enroll command's output", outputs.join("\n")]];
+    for (const [where, text] of haystacks) for (const [what, needle] of needles) assert.ok(!text.includes(needle), `${what} appears in ${where}`);
   });
 });

@@ -130,6 +130,6 @@ describe("migration cutover", { timeout: 900_000 }, () => {
     await w.waitTreesEqual(image(), srcDir, "fallback up to date");
     const st = await fetchStatus(w.agents.old!.address, w.tls);
     assert.equal(st.sets.find((s) => s.name === "mig.app"), undefined);
-    await waitFor("events", async () => /Quiesced|ActionDone/.test(await w.events("app")), 10_000, 250);
+    await waitFor("events", async () => /Quiesced|ActionDone/.test(await w.events("app")), 60_000, 250);
   });
 });

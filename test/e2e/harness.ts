@@ -151,7 +151,7 @@ export class AgentProc extends ChildProc {
     await waitFor(`agent ${this.name} to answer on ${this.address}`, async () => {
       if (p.exitCode !== null) throw new Error(`agent ${this.name} exited with ${p.exitCode}; log:\n${await this.log()}`);
       return (await fetchStatus(this.address, tls, 1000).catch(() => undefined)) ?? false;
-    }, 20_000);
+    }, 60_000); // generous: start-up on a loaded CI machine takes a while
   }
 
   status(): Promise<StatusResponse> {

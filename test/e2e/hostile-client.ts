@@ -127,7 +127,7 @@ export class HostileSession {
    * The next message of kind `kind`. Acks in between are skipped (the target
    * acknowledges on its own timer); any other kind in between fails.
    */
-  async next<K extends Kind>(kind: K, timeoutMs = 10_000): Promise<MsgOf<K>> {
+  async next<K extends Kind>(kind: K, timeoutMs = 30_000): Promise<MsgOf<K>> {
     return this.waitUntil(kind, () => {
       while (this.cursor < this.messages.length) {
         const m = this.messages[this.cursor++]!.msg;
@@ -141,7 +141,7 @@ export class HostileSession {
   }
 
   /** Wait until an Ack covering `seq` arrived (fails on a refusal; gap Nacks are tolerated). */
-  async acked(seq: number, timeoutMs = 10_000): Promise<void> {
+  async acked(seq: number, timeoutMs = 30_000): Promise<void> {
     await this.waitUntil(`ack of ${seq}`, () => {
       if (this.messages.some((m) => m.msg?.$case === "ack" && m.msg.value.seq >= seq)) return true;
       const bad = this.messages.find((m) => m.msg?.$case === "nack" && m.msg.value.reason !== Nack_Reason.REASON_GAP);
@@ -151,7 +151,7 @@ export class HostileSession {
   }
 
   /** Whatever settles packet `seq` first: an Ack covering it, a Nack, or the end of the stream. */
-  async outcome(seq: number, timeoutMs = 10_000): Promise<{ acked: true } | { nack: MsgOf<"nack"> } | { end: End }> {
+  async outcome(seq: number, timeoutMs = 30_000): Promise<{ acked: true } | { nack: MsgOf<"nack"> } | { end: End }> {
     return this.waitUntil(`the outcome of packet ${seq}`, () => {
       for (const m of this.messages) {
         if (m.msg?.$case === "ack" && m.msg.value.seq >= seq) return { acked: true as const };
@@ -167,7 +167,7 @@ export class HostileSession {
   }
 
   /** The final status of the call. */
-  async ended(timeoutMs = 10_000): Promise<End> {
+  async ended(timeoutMs = 30_000): Promise<End> {
     return this.waitUntil("the end of the stream", () => this.end, timeoutMs);
   }
 

@@ -7,7 +7,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { X509Certificate, randomBytes } from "node:crypto";
 import { closeSync, openSync } from "node:fs";
 import { lstat, mkdir, readFile, readlink, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
@@ -15,7 +15,7 @@ import { zstdCompressSync } from "node:zlib";
 import * as grpc from "@grpc/grpc-js";
 import YAML from "yaml";
 import { fetchStatus } from "../../agent/control-client.ts";
-import { MAX_MESSAGE_BYTES, Nack_Reason, OpBatch, PROTOCOL_VERSION, type ImageStatus, type Op } from "../../agent/wire.ts";
+import { MAX_MESSAGE_BYTES, Nack_Reason, OpBatch, PROTOCOL_VERSION, ReplicationClient, SourceMessage, type DigestsResponse, type ImageStatus, type ManifestResponse, type Op } from "../../agent/wire.ts";
 import { createCA, issueCert } from "../../common/tls.ts";
 import { CLI, Pair, compareTrees, freePort, snapshotTree, tmpDir, waitFor, type NodeInfo } from "./harness.ts";
 import { HostileSession, op, type MsgOf } from "./hostile-client.ts";
@@ -89,7 +89,7 @@ function batchBytes(ops: Op[]): Buffer {
   return Buffer.from(OpBatch.encode({ ops }).finish());
 }
 
-test("a hostile source cannot get out of its image on a real target agent", { timeout: 120_000 }, async (t) => {
+test("a hostile source cannot get out of its image on a real target agent", { timeout: 300_000 }, async (t) => {
   const pair = await Pair.create();
   t.after(async () => {
     HostileSession.closeAll();
@@ -389,7 +389,7 @@ test("a hostile source cannot get out of its image on a real target agent", { ti
     // Resending packet 1: applying it again would replace f by a new empty-then-"one" file.
     const acks = s.ackCount;
     s.packet(1, [op.create("f"), op.write("f", "one")]);
-    await waitFor("an Ack for the duplicate", () => s.ackCount > acks || (s.end ? Promise.reject(new Error(s.describe())) : false), 5_000, 20);
+    await waitFor("an Ack for the duplicate", () => s.ackCount > acks || (s.end ? Promise.reject(new Error(s.describe())) : false), 30_000, 20);
     const last = s.messages.filter((m) => m.msg?.$case === "ack").at(-1)!.msg as { value: { seq: number } };
     assert.equal(last.value.seq, 2, "the duplicate is answered with what is durable");
     assert.ok(!s.messages.some((m) => m.msg?.$case === "nack" && m.msg.value.reason !== Nack_Reason.REASON_GAP), s.describe());
@@ -403,6 +403,177 @@ test("a hostile source cannot get out of its image on a real target agent", { ti
     s2.hello("h-h", SET);
     assert.equal((await s2.next("welcome")).appliedSeq, 2);
     s2.close();
+    alive();
+  });
+
+  const reader = new ReplicationClient(addr, grpc.credentials.createInsecure());
+  t.after(() => reader.close());
+  const unary = <R>(fn: (cb: (e: grpc.ServiceError | null, r?: R) => void) => unknown) => new Promise<R>((res, rej) => fn((e, r) => (e ? rej(e) : res(r!))));
+
+  await t.test("i. read-side traversal: listings and digests of paths outside the image are refused, nothing leaks", async () => {
+    // An image with a symlink out of it, to list through.
+    const { s } = await connect("h-i", { imageMayChange: true });
+    s.packet(1, [op.symlink("evil", outside), op.create("ok"), op.write("ok", "fine")]);
+    await s.acked(1);
+    s.close();
+    const w = await guard.watch([]);
+    const leaks = (x: unknown) => /secret/.test(JSON.stringify(x));
+    for (const dir of ["..", "../..", "../../../outside", outside, "evil", "evil/sub", "a/../..", "\u0000"]) {
+      const r = await unary<ManifestResponse>((cb) => reader.manifest({ source: "h-i", set: SET, dir, blockSize: 0, digestMaxBlocks: 64 }, cb)).then(
+        (v) => v,
+        (e: grpc.ServiceError) => e,
+      );
+      if (r instanceof Error) assert.match(r.details, /\.\.|absolute|symlink|NUL|invalid|refus/i, `listing ${JSON.stringify(dir)} is refused with a clear error: ${r.details}`);
+      else assert.ok(!r.exists || (r.entries.length === 0 && !leaks(r)), `listing ${JSON.stringify(dir)} showed something outside the image: ${JSON.stringify(r)}`);
+    }
+    for (const p of ["../../../outside/secret", path.join(outside, "secret"), "evil/secret", "a/../../../../outside/secret"]) {
+      const r = await unary<DigestsResponse>((cb) => reader.digests({ source: "h-i", set: SET, path: p, blockSize: 0 }, cb)).then(
+        (v) => v,
+        (e: grpc.ServiceError) => e,
+      );
+      if (r instanceof Error) assert.match(r.details, /\.\.|absolute|symlink|invalid|refus/i, `digests of ${JSON.stringify(p)} refused with a clear error: ${r.details}`);
+      else assert.equal(r.exists, false, `digests of ${JSON.stringify(p)} read a file outside the image: ${JSON.stringify(r)}`);
+    }
+    // Another image's name that escapes the target root.
+    for (const [source, set] of [["..", SET], ["h-i", "../../outside"], ["../outside", "x"]]) {
+      const r = await unary<ManifestResponse>((cb) => reader.manifest({ source: source!, set: set!, dir: "", blockSize: 0, digestMaxBlocks: 0 }, cb)).then(
+        (v) => v,
+        (e: grpc.ServiceError) => e,
+      );
+      if (r instanceof Error) assert.match(r.details, /invalid|name|not found|no image/i, `${source}/${set}: ${r.details}`);
+      else assert.ok(!r.exists || !leaks(r), `${source}/${set} listed outside the target root: ${JSON.stringify(r)}`);
+    }
+    await w.check("read-side traversal");
+    alive();
+  });
+
+  await t.test("j. an oversized message is refused by size; the target keeps serving", async () => {
+    const { s, welcome, check } = await connect("h-j");
+    s.packet(welcome.appliedSeq + 1, [op.create("big"), op.write("big", "x".repeat(MAX_MESSAGE_BYTES + 1024))]);
+    const end = await s.ended(30_000);
+    s.close();
+    assert.equal(end.code, grpc.status.RESOURCE_EXHAUSTED, `a message over ${MAX_MESSAGE_BYTES} bytes: ${grpc.status[end.code]} ${end.details}`);
+    assert.match(end.details, /larger than max|exceeds|too large/i);
+    await check("oversized message");
+    alive();
+  });
+
+  await t.test("k. truncated messages (a stream message or a packet body cut short) are refused", async () => {
+    {
+      const { s, check } = await connect("h-k", { raw: true });
+      const whole = Buffer.from(SourceMessage.encode({ msg: { $case: "packet", value: { seq: 1, compression: 0, body: batchBytes([op.create("cut"), op.write("cut", "x".repeat(500))]), rawSize: 0 } } }).finish());
+      s.write(whole.subarray(0, whole.length - 200));
+      const end = await s.ended();
+      s.close();
+      assert.notEqual(end.code, grpc.status.OK, "a message cut short fails the stream");
+      assert.match(end.details, /deserializ/i);
+      await check("truncated stream message");
+      alive();
+    }
+    {
+      const body = batchBytes([op.create("cut"), op.write("cut", "x".repeat(500))]);
+      const cut = body.subarray(0, body.length - 100);
+      const { s, welcome, check } = await connect("h-k");
+      const seq = welcome.appliedSeq + 1;
+      s.rawPacket({ seq, compression: 0, body: cut, rawSize: cut.length });
+      assertRejected(await s.next("nack"), seq, /not a valid op batch/, "truncated body");
+      s.close();
+      await check("truncated packet body");
+      alive();
+    }
+  });
+
+  await t.test("l. lying offsets and sizes: huge writes and truncates are refused, not a crash or a disk filled", async () => {
+    for (const [what, ops] of [
+      ["write at offset 2^53-1", [op.create("f"), op.write("f", "x", 2 ** 53 - 1)]],
+      ["truncate to 2^62 bytes", [op.create("f"), op.truncate("f", 2 ** 62)]],
+      ["write at offset 2^63 (wraps as uint64)", [op.create("f"), { path: "f", kind: { $case: "write", value: { offset: 2 ** 63, data: Buffer.from("x") } } } as Op]],
+    ] as const) {
+      const { s, welcome, check } = await connect("h-l", { imageMayChange: true });
+      const seq = welcome.appliedSeq + 1;
+      s.packet(seq, [...ops]);
+      const o = await s.outcome(seq, 30_000);
+      s.close();
+      assert.ok("nack" in o || "end" in o, `${what}: refused (got ${JSON.stringify(o)})`);
+      if ("nack" in o) assert.match(o.nack.message, /EFBIG|EINVAL|too large|larger than|offset|size|range/i, `${what}: the error says why: ${o.nack.message}`);
+      await check(what);
+      const st = await lstat(path.join(guard.image("h-l"), "f")).catch(() => undefined);
+      assert.ok(!st || st.size < 2 ** 45, `${what}: no giant file left in the image (${st?.size})`);
+      alive();
+    }
+  });
+
+  await t.test("m. sequence games: seq 0, a huge seq and reordered packets", async () => {
+    const img = guard.image("h-m");
+    const { s, welcome } = await connect("h-m", { imageMayChange: true });
+    assert.equal(welcome.appliedSeq, 0);
+    s.packet(0, [op.create("zero")]); // (a seq below the first one: answered or ignored, never applied)
+    // 2 before 1: 2 is a gap (not applied), then 1 and 2 in order are.
+    s.packet(2, [op.write("f", "second")]);
+    const gap = await s.next("nack");
+    assert.equal(gap.reason, Nack_Reason.REASON_GAP);
+    assert.equal(gap.expectedSeq, 1);
+    s.packet(1, [op.create("f"), op.write("f", "first")]);
+    await s.acked(1);
+    s.packet(2, [op.write("f", "second")]);
+    await s.acked(2);
+    s.close();
+    // A sequence number from far in the future: a gap, not applied.
+    const f = new HostileSession(addr);
+    f.hello("h-m", SET);
+    await f.next("welcome");
+    f.packet(2 ** 53 - 1, [op.create("far")]);
+    const far = await f.next("nack");
+    assert.equal(far.reason, Nack_Reason.REASON_GAP, far.message);
+    assert.equal(far.expectedSeq, 3);
+    f.close();
+    assert.equal(await readFile(path.join(img, "f"), "utf8"), "second");
+    assert.equal(await exists(path.join(img, "far")), false);
+    assert.equal(await exists(path.join(img, "zero")), false, "packet 0 was not applied");
+    assert.equal((await imageStatus("h-m"))?.appliedSeq, 2);
+    alive();
+  });
+
+  await t.test("o. out-of-range attribute values (mode, owner, times) do not bring the target down", async () => {
+    // A Create whose mode did not fit in an int32 aborted the agent process (a native assertion in open()).
+    const big = { mode: 0xffffffff, uid: 0xffffffff, gid: 0xfffffffe, mtimeSec: 2 ** 40, mtimeNsec: 0xffffffff, xattrs: [], hasXattrs: false };
+    for (const [what, ops] of [
+      ["create with mode 0xffffffff", [{ path: "m1", kind: { $case: "create", value: { attr: { ...big, uid: 0, gid: 0, mtimeSec: 0, mtimeNsec: 0 } } } }]],
+      ["create with mode 0x80000000", [{ path: "m2", kind: { $case: "create", value: { attr: { ...big, mode: 0x80000000, uid: 0, gid: 0, mtimeSec: 0, mtimeNsec: 0 } } } }]],
+      ["mkdir with every field at its maximum", [{ path: "m3", kind: { $case: "mkdir", value: { attr: big } } }]],
+      ["attr with every field at its maximum", [op.create("m4"), { path: "m4", kind: { $case: "attr", value: { attr: big } } }]],
+      ["mknod with a huge mode", [{ path: "m5", kind: { $case: "mknod", value: { type: "p", major: 0, minor: 0, attr: big } } }]],
+    ] as [string, Op[]][]) {
+      const { s, welcome, check } = await connect("h-o", { imageMayChange: true });
+      const seq = welcome.appliedSeq + 1;
+      s.packet(seq, ops);
+      const o = await s.outcome(seq, 30_000);
+      s.close();
+      assert.ok(!("end" in o) || o.end.code === grpc.status.OK, `${what}: answered, not a dead stream (${JSON.stringify(o)})`);
+      alive();
+      await check(what);
+    }
+    const st = await lstat(path.join(guard.image("h-o"), "m1")).catch(() => undefined);
+    if (st) assert.equal(st.mode & 0o170000, 0o100000, "m1 is a regular file");
+  });
+
+  await t.test("n. a stale epoch is fenced: a source older than the image's epoch cannot write it", async () => {
+    const s = new HostileSession(addr);
+    s.hello("h-n", SET, { epoch: 5 });
+    await s.next("welcome");
+    s.packet(1, [op.create("at-5")]);
+    await s.acked(1);
+    s.close();
+    const w = await guard.watch([["h-n", SET]]);
+    const old = new HostileSession(addr);
+    old.hello("h-n", SET, { epoch: 3 });
+    old.packet(2, [op.create("from-epoch-3")]);
+    const end = await old.ended();
+    old.close();
+    assert.notEqual(end.code, grpc.status.OK, "the stale source's stream is refused");
+    assert.match(end.details, /fenced.*epoch 5.*epoch 3 is older/, end.details);
+    assert.equal(old.messages.length, 0, "no Welcome for a fenced source");
+    await w.check("stale epoch");
     alive();
   });
 });
@@ -430,6 +601,8 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
   const mallory = await issueCert({ caDir, name: "mallory", hosts: ["127.0.0.1"], outDir: certs });
   await createCA(path.join(dir, "other-ca"), { commonName: "another CA" });
   const rogue = await issueCert({ caDir: path.join(dir, "other-ca"), name: "alice", hosts: ["127.0.0.1"], outDir: path.join(dir, "rogue") });
+  // Alice's own name, our CA, valid for one second: expired by the time it is used.
+  const expired = await issueCert({ caDir, name: "alice", hosts: ["127.0.0.1"], outDir: path.join(dir, "expired"), days: 1 / 86400 });
   const outside = path.join(dir, "outside");
   await mkdir(outside);
   await writeFile(path.join(outside, "secret"), "the secret\n");
@@ -447,7 +620,7 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
   await waitFor("the TLS target agent to answer", async () => {
     if (p.exitCode !== null) throw new Error(`agent exited with ${p.exitCode}:\n${await readFile(logPath, "utf8")}`);
     return (await fetchStatus(address, aliceTls, 1000).catch(() => undefined)) ?? false;
-  }, 20_000);
+  }, 60_000);
   const alive = () => assert.equal(p.exitCode, null, "the TLS target agent is still running");
 
   const ca = await readFile(alice.caPath);
@@ -457,7 +630,9 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
     otherCa: grpc.credentials.createSsl(ca, await readFile(rogue.keyPath), await readFile(rogue.certPath)),
     mallory: grpc.credentials.createSsl(ca, await readFile(mallory.keyPath), await readFile(mallory.certPath)),
     alice: grpc.credentials.createSsl(ca, await readFile(alice.keyPath), await readFile(alice.certPath)),
+    expired: grpc.credentials.createSsl(ca, await readFile(expired.keyPath), await readFile(expired.certPath)),
   };
+  const expiredAt = new Date(new X509Certificate(await readFile(expired.certPath)).validTo).getTime();
   const guard = new Guard(dir, "dst", ["agent.log", "state"]);
   const w = await guard.watch([]);
   const aliceImage = path.join(dir, "dst", "alice");
@@ -473,8 +648,9 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
     return { end, msgs };
   };
 
-  await t.test("g. plaintext, no client certificate and another CA's certificate are refused", async () => {
-    for (const [what, c] of [["plaintext", creds.none], ["TLS without a client certificate", creds.noClientCert], ["a client certificate from another CA", creds.otherCa]] as const) {
+  await t.test("g. plaintext, no client certificate, another CA's certificate and an expired certificate are refused", async () => {
+    await waitFor("alice's short-lived certificate to expire", () => Date.now() > expiredAt + 1000, 30_000, 100);
+    for (const [what, c] of [["plaintext", creds.none], ["TLS without a client certificate", creds.noClientCert], ["a client certificate from another CA", creds.otherCa], ["alice's expired certificate (our CA, her name)", creds.expired]] as const) {
       const { end, msgs } = await tryAsAlice(c);
       // Refused by the TLS handshake itself, before the identity check of the service.
       assert.equal(end.code, grpc.status.UNAVAILABLE, `${what}: refused at the connection (${grpc.status[end.code]}: ${end.details})`);
@@ -513,5 +689,15 @@ test("with mTLS, only a source with a valid certificate for its own name gets in
     assert.equal(await readFile(path.join(aliceImage, SET, "hello.txt"), "utf8"), "from alice");
     assert.equal(await readFile(path.join(outside, "secret"), "utf8"), "the secret\n");
     alive();
+  });
+
+  await t.test("secrets: no private key (the agent's own, the sources', the CA's) appears in the agent's log", async () => {
+    const log = await readFile(logPath, "utf8");
+    assert.match(log, /refused|denied|PERMISSION_DENIED|mallory/i, "the log recorded the refusals above (it is the right log)");
+    for (const [who, keyPath] of [["the target agent", tgt.keyPath], ["alice", alice.keyPath], ["mallory", mallory.keyPath], ["the CA", path.join(caDir, "ca.key")], ["the expired certificate", expired.keyPath]] as const) {
+      const pem = await readFile(keyPath, "utf8").catch(() => "");
+      if (who !== "the CA") assert.ok(pem, `${who}'s key was read`);
+      for (const line of pem.split("\n").filter((l) => l.length >= 40 && !l.startsWith("-----"))) assert.ok(!log.includes(line), `${who}'s private key appears in the agent's log`);
+    }
   });
 });

@@ -300,8 +300,7 @@ test("Verify with background=true returns at once; status shows it running, then
   });
   const t0 = Date.now();
   const r = await conn.startVerify({ set: "data", target: "", repair: false });
-  const took = Date.now() - t0;
-  assert.ok(took < 1000, `returned at once (${took} ms)`);
+  const returnedAt = Date.now();
   assert.equal(r.finishedAt, 0, "the returned report is not a result");
   assert.equal(r.set, "data");
   const running = setOf(await conn.status(), "data")!.targets[0]!;
@@ -317,6 +316,8 @@ test("Verify with background=true returns at once; status shows it running, then
   assert.deepEqual(done.differences, []);
   assert.ok(done.filesCompared >= 21, `it compared every file (${done.filesCompared})`);
   assert.ok(done.finishedAt - done.startedAt >= 2, `the verify itself took a while (${(done.finishedAt - done.startedAt).toFixed(1)} s), so the call above did not wait for it`);
+  // (a condition, not a time limit: on a busy machine the call itself may take a while)
+  assert.ok(returnedAt < done.finishedAt * 1000, `the call returned (${returnedAt - t0} ms after it was made) before the verify finished`);
   await pair.waitEqual();
 
   await rejectsWith(conn.startVerify({ set: "nope", target: "", repair: false }), GrpcStatus.NOT_FOUND, /no replication set "nope"/);

@@ -569,7 +569,7 @@ export class NetnsAgentProc extends AgentProc {
     await waitFor(`agent ${this.name} to answer on ${this.address} (host ${this.host.name})`, async () => {
       if (p.exitCode !== null) throw new Error(`agent ${this.name} exited with ${p.exitCode}; log:\n${await this.log()}`);
       return (await fetchStatus(this.address, tls, 1000).catch(() => undefined)) ?? false;
-    }, 20_000);
+    }, 60_000); // generous: start-up on a loaded CI machine takes a while
   }
 
   /** Status over mTLS, from the root namespace. */

@@ -172,7 +172,7 @@ describe("agent install over SSH", { timeout: 900_000 }, () => {
     assert.deepEqual(r.filesWritten, ["agent.yaml"]);
     assert.equal(r.started, true);
     assert.notEqual(r.pid, pidBefore);
-    await waitFor("the old agent to be gone", () => !alive(pidBefore), 10_000);
+    await waitFor("the old agent to be gone", () => !alive(pidBefore), 60_000);
     assert.match(await readFile(path.join(dirs("a").etcDir, "agent.yaml"), "utf8"), /# changed\n$/);
     await waitFor("the restarted agent to answer", () => status().catch(() => undefined), 30_000, 250);
     // and back, so later cases see the original files
@@ -290,7 +290,7 @@ describe("agent install over SSH", { timeout: 900_000 }, () => {
     assert.equal(r.started, true);
     assert.deepEqual(r.filesWritten, []);
     assert.notEqual(r.pid, pidBefore);
-    await waitFor("the old agent to be gone", () => !alive(pidBefore), 10_000);
+    await waitFor("the old agent to be gone", () => !alive(pidBefore), 60_000);
     assert.equal(await readlink(d.prefix), `understudy-${v2.version}`);
     assert.ok(existsSync(path.join(path.dirname(d.prefix), `understudy-${v1.version}`)), "the previous version stays for a rollback");
     const s = await waitFor("the upgraded agent to answer", () => status().catch(() => undefined), 30_000, 250);

@@ -65,19 +65,21 @@ test("two sources into one target: one image each; scheduled mode ships on its i
   await mkdir(path.join(dir, "a"));
   await mkdir(path.join(dir, "b"));
   const a = await agent(dir, "web-a", { source: { sets: [{ name: "www", path: "a", targets: [tg.address], bandwidthLimit: "1MiB", compression: "none" }] } });
-  const b = await agent(dir, "web-b", { source: { sets: [{ name: "www", path: "b", targets: [tg.address], mode: "scheduled", interval: "3s" }] } });
+  const b = await agent(dir, "web-b", { source: { sets: [{ name: "www", path: "b", targets: [tg.address], mode: "scheduled", interval: "12s" }] } });
   procs.push(tg, a, b);
   await tg.start();
   await Promise.all([a.start(), b.start()]);
   // Scheduled: a change is journaled at once but not shipped before the interval.
-  await new Promise((r) => setTimeout(r, 3500)); // let the first tick pass
+  // (A long interval: on a busy machine the change must still be seen journaled
+  // well before the next tick, which comes about 8 s after it is written.)
+  await new Promise((r) => setTimeout(r, 3500)); // let start-up (and its mirror) pass
   await writeFile(path.join(dir, "b", "note.txt"), "scheduled\n");
   const shipped = await waitFor("the scheduled change to be journaled", async () => {
     const st = await b.status();
     return st.sets[0]!.lastSeq > st.sets[0]!.targets[0]!.lastSentSeq ? st : undefined;
-  }, 5000, 20);
+  }, 8000, 20);
   assert.ok(shipped, "journaled but not yet sent");
-  await waitSame(path.join(dir, "b"), path.join(dir, "replicas", "web-b", "www"), 10_000);
+  await waitSame(path.join(dir, "b"), path.join(dir, "replicas", "web-b", "www"));
   // Bandwidth: 3 MiB of incompressible data at 1 MiB/s takes at least ~2 s.
   const { randomBytes } = await import("node:crypto");
   const t0 = Date.now();

@@ -42,7 +42,7 @@ for (const what of ["gone", "replaced by another file"] as const) {
     const applier = new Applier(img);
     let applied = 0;
     const m = new Mirror(
-      { root: src, blockSize: 65536, index, serial: (fn) => fn(), flushCapture: async () => undefined, lastSeq: () => 0, touchedSince: async () => ({ paths: new Set(), moved: new Set() }) },
+      { root: src, blockSize: 65536, index, serial: (fn) => fn(), flushCapture: async () => undefined, lastSeq: () => 0, touchedSince: async () => ({ paths: new Set(), moved: new Set() }), forget: async () => undefined },
       {
         manifest: (dir, digestMaxBlocks) => listDir(img, dir, 65536, digestMaxBlocks, CHANGE_DIGEST),
         digests: (p) => digestsOf(img, p, 65536, CHANGE_DIGEST),

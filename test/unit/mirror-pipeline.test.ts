@@ -129,7 +129,7 @@ for (const mode of ["full", "checksum"] as const) {
     };
     let asked = 0;
     const m = new Mirror(
-      { root: src, blockSize: 4096, index, serial: (fn) => fn(), flushCapture: async () => undefined, lastSeq: () => 0, touchedSince: async () => ({ paths: new Set(), moved: new Set() }) },
+      { root: src, blockSize: 4096, index, serial: (fn) => fn(), flushCapture: async () => undefined, lastSeq: () => 0, touchedSince: async () => ({ paths: new Set(), moved: new Set() }), forget: async () => undefined },
       {
         manifest: async (dir, digestMaxBlocks) => {
           for (const b of queue) for (const op of b) assert.ok(!affects(op, dir), `listing of ${JSON.stringify(dir)} asked for while ${op.kind?.$case} ${op.path} is not applied`);
