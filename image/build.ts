@@ -3,6 +3,7 @@
 // `podman load`, `docker load` and `skopeo copy oci-archive:…` read.
 //
 //   npm run image [-- --out FILE] [--name NAME:TAG] [--bundle FILE] [--label K=V]
+//   node image/build.ts --rootfs DIR    only the root file system (image/Containerfile's build stage)
 //
 // Default output: dist/understudy-image-<version>-linux-<arch>.oci.tar (and
 // .digest next to it), named localhost/understudy:<version> (the chart's
@@ -36,8 +37,7 @@ const PREFIX = "/opt/understudy";
 const UID = 65532;
 
 function fail(msg: string): never {
-  process.stderr.write(`image: ${msg}\n`);
-  process.exit(1);
+  throw new Error(`image: ${msg}`);
 }
 
 function run(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): string {
@@ -127,7 +127,7 @@ export interface ImageBuild {
   ms: number;
 }
 
-export async function buildImage(o: { out?: string; name?: string; bundle?: string; labels?: Record<string, string> } = {}): Promise<ImageBuild> {
+export async function buildImage(o: { out?: string; name?: string; bundle?: string; labels?: Record<string, string>; rootfs?: string } = {}): Promise<ImageBuild> {
   const started = performance.now();
   if (process.platform !== "linux") fail("the image is built on Linux");
   const pkg = JSON.parse(await readFile(path.join(REPO, "package.json"), "utf8")) as { version: string };
@@ -146,7 +146,9 @@ export async function buildImage(o: { out?: string; name?: string; bundle?: stri
       run(process.execPath, [path.join(REPO, "bundle", "build.ts"), "--out", bundle], { cwd: REPO, env: { ...process.env, SOURCE_DATE_EPOCH: String(epoch) } });
     }
     if (path.basename(bundle) !== bundleName) fail(`--bundle ${bundle}: expected a file named ${bundleName} (the operator checks the name)`);
-    const rootfs = path.join(tmp, "rootfs");
+    // --rootfs (the Containerfile's build stage): the file system only, in a new directory
+    const rootfs = o.rootfs ? path.resolve(o.rootfs) : path.join(tmp, "rootfs");
+    if (o.rootfs && (await lstat(rootfs).catch(() => undefined))) fail(`--rootfs ${rootfs} exists already`);
     await dirs(rootfs, [["etc", 0o755], ["opt", 0o755], ["usr/share/understudy", 0o755], ["usr/share/doc", 0o755], ["tmp", 0o1777], ["home/nonroot", 0o755]]);
 
     // the bundle, unpacked at /opt/understudy, and as a file for provisioning
@@ -181,6 +183,8 @@ export async function buildImage(o: { out?: string; name?: string; bundle?: stri
       if (said !== version) fail(`\`understudy --version\` in the image printed ${JSON.stringify(said)}, expected ${version}`);
     }
 
+    if (o.rootfs) return { file: rootfs, digest: "", name, size: 0, ms: performance.now() - started };
+
     const labels: Record<string, string> = {
       "org.opencontainers.image.title": "understudy",
       "org.opencontainers.image.description": "understudy operator and agent (Node.js runtime included)",
@@ -208,11 +212,11 @@ export async function buildImage(o: { out?: string; name?: string; bundle?: stri
   }
 }
 
-if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  const { values } = parseArgs({ options: { out: { type: "string" }, name: { type: "string" }, bundle: { type: "string" }, label: { type: "string", multiple: true }, help: { type: "boolean", short: "h" } } });
+async function main(): Promise<void> {
+  const { values } = parseArgs({ options: { out: { type: "string" }, name: { type: "string" }, bundle: { type: "string" }, rootfs: { type: "string" }, label: { type: "string", multiple: true }, help: { type: "boolean", short: "h" } } });
   if (values.help) {
-    process.stdout.write("usage: node image/build.ts [--out FILE.oci.tar] [--name REPO:TAG] [--bundle understudy-agent-….tar.gz] [--label K=V]…\n");
-    process.exit(0);
+    process.stdout.write("usage: node image/build.ts [--out FILE.oci.tar] [--name REPO:TAG] [--bundle understudy-agent-….tar.gz] [--label K=V]… | --rootfs DIR\n");
+    return;
   }
   const labels: Record<string, string> = {};
   for (const l of values.label ?? []) {
@@ -220,6 +224,17 @@ if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.me
     if (i < 1) fail(`--label ${l}: expected KEY=VALUE`);
     labels[l.slice(0, i)] = l.slice(i + 1);
   }
-  const r = await buildImage({ ...(values.out ? { out: values.out } : {}), ...(values.name ? { name: values.name } : {}), ...(values.bundle ? { bundle: values.bundle } : {}), labels });
+  const r = await buildImage({ ...(values.out ? { out: values.out } : {}), ...(values.name ? { name: values.name } : {}), ...(values.bundle ? { bundle: values.bundle } : {}), ...(values.rootfs ? { rootfs: values.rootfs } : {}), labels });
+  if (values.rootfs) {
+    process.stdout.write(`${r.file}\n  the image's root file system (for the Containerfile); built in ${(r.ms / 1000).toFixed(1)} s\n`);
+    return;
+  }
   process.stdout.write(`${r.file}\n  ${r.name}, ${(r.size / 2 ** 20).toFixed(1)} MiB, ${r.digest}; built in ${(r.ms / 1000).toFixed(1)} s\n`);
+}
+
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  await main().catch((e: unknown) => {
+    process.stderr.write(`${e instanceof Error ? e.message : String(e)}\n`);
+    process.exit(1);
+  });
 }
