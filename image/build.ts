@@ -24,6 +24,7 @@
 // Reproducible: the same tree (same bundle, same libraries) gives the same
 // digest; every time stamp is SOURCE_DATE_EPOCH (default: the last commit's).
 import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { chmod, copyFile, lstat, mkdir, mkdtemp, readFile, readlink, realpath, rename, rm, stat, symlink, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -119,6 +120,30 @@ async function dirs(rootfs: string, list: [string, number][]): Promise<void> {
   }
 }
 
+/** What the image is made of: the files of the code, bundle and image scripts and the lock file. */
+const SOURCES = ["agent", "common", "operator", "proto/gen", "bin", "bundle", "image", "package.json", "package-lock.json"];
+
+/**
+ * A key for the image's inputs: sha256 over the commit time (the image's
+ * timestamps) and the path and content of every source file (tracked or not,
+ * unless ignored), so a cache of built images stays right on a dirty tree.
+ */
+export async function sourceKey(): Promise<string> {
+  const files = run("git", ["-C", REPO, "ls-files", "-co", "--exclude-standard", "--", ...SOURCES]).split("\n").filter(Boolean).sort();
+  const h = createHash("sha256");
+  h.update(`epoch ${sourceDateEpoch()}\n`);
+  for (const f of files) {
+    const data = await readFile(path.join(REPO, f)).catch(() => undefined); // listed but deleted
+    if (data) h.update(`${f}\0${data.length}\0`).update(data);
+  }
+  return h.digest("hex");
+}
+
+/** Where `npm run image` writes the image. */
+export function defaultImageFile(version: string): string {
+  return path.join(REPO, "dist", `understudy-image-${version}-linux-${process.arch}.oci.tar`);
+}
+
 export interface ImageBuild {
   file: string;
   digest: string;
@@ -134,8 +159,9 @@ export async function buildImage(o: { out?: string; name?: string; bundle?: stri
   const version = pkg.version;
   const arch = process.arch;
   const name = o.name ?? `${IMAGE_REPOSITORY}:${version}`;
-  const out = path.resolve(o.out ?? path.join(REPO, "dist", `understudy-image-${version}-linux-${arch}.oci.tar`));
+  const out = path.resolve(o.out ?? defaultImageFile(version));
   const epoch = sourceDateEpoch();
+  const key = o.bundle ? undefined : await sourceKey();
   const tmp = await mkdtemp(path.join(os.tmpdir(), "understudy-image-"));
   try {
     // the agent bundle: built from this tree unless one is given
@@ -206,6 +232,8 @@ export async function buildImage(o: { out?: string; name?: string; bundle?: stri
       createdBy: `npm run image (bundle ${bundleName}; libraries ${pkgs.map((p) => p.name).join(", ")})`,
     });
     await writeFile(`${out}.digest`, `${img.digest}\n`);
+    // what it was built from, so a test can reuse it while the sources stay the same
+    if (key) await writeFile(`${out}.source`, `${key}\n`);
     return { file: out, digest: img.digest, name, size: img.size, ms: performance.now() - started };
   } finally {
     await rm(tmp, { recursive: true, force: true });

@@ -14,7 +14,7 @@
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
-import { mkdir, mkdtemp, rename, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { PassThrough } from "node:stream";
@@ -165,6 +165,41 @@ export async function buildOciArchive(rootfs: string, out: string, c: ImageConfi
     await runTar(["--sort=name", "--format=gnu", "--owner=0", "--group=0", "--numeric-owner", `--mtime=@${c.epoch}`, "--mode=a+r,u+w,go-w", "-C", layout, "-cf", "-", "."], createWriteStream(partial));
     await rename(partial, out);
     return { file: out, digest: manifest.digest, layerSize: layer.size, size: (await stat(out)).size };
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+}
+
+/**
+ * The same image under another name with more labels: a new config (so a new
+ * manifest digest) over the same layer, written as a new OCI layout tar. For
+ * "another version" of an image without building it again (an upgrade test).
+ */
+export async function relabelOciArchive(from: string, out: string, name: string, labels: Record<string, string>): Promise<BuiltImage> {
+  const tmp = await mkdtemp(path.join(os.tmpdir(), "understudy-oci-"));
+  try {
+    await runTar(["-xf", from, "-C", tmp], new PassThrough().resume());
+    const blobs = path.join(tmp, "blobs", "sha256");
+    const blob = async (digest: string) => JSON.parse(await readFile(path.join(blobs, digest.replace(/^sha256:/, "")), "utf8")) as Record<string, unknown>;
+    const index = JSON.parse(await readFile(path.join(tmp, "index.json"), "utf8")) as { manifests: { digest: string; size: number; annotations?: Record<string, string> }[] };
+    if (index.manifests.length !== 1) throw new Error(`${from}: expected one image, found ${index.manifests.length}`);
+    const desc = index.manifests[0]!;
+    const manifest = (await blob(desc.digest)) as { config: { digest: string; size: number }; layers: { size: number }[]; annotations?: Record<string, string> };
+    const config = (await blob(manifest.config.digest)) as { config: { Labels?: Record<string, string> } };
+    config.config.Labels = { ...config.config.Labels, ...labels };
+    const oldConfig = manifest.config.digest;
+    const c = await writeBlob(blobs, config);
+    manifest.config = { ...manifest.config, digest: c.digest, size: c.size };
+    manifest.annotations = { ...manifest.annotations, ...labels };
+    const m = await writeBlob(blobs, manifest);
+    // the old manifest and config are not part of the new image
+    for (const old of [desc.digest, oldConfig]) if (old !== m.digest && old !== c.digest) await rm(path.join(blobs, old.replace(/^sha256:/, "")));
+    index.manifests = [{ ...desc, digest: m.digest, size: m.size, annotations: { ...desc.annotations, "io.containerd.image.name": name, "org.opencontainers.image.ref.name": name } }];
+    await writeFile(path.join(tmp, "index.json"), JSON.stringify(index));
+    const partial = `${out}.partial`;
+    await runTar(["--sort=name", "--format=gnu", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "--mode=a+r,u+w,go-w", "-C", tmp, "-cf", "-", "."], createWriteStream(partial));
+    await rename(partial, out);
+    return { file: out, digest: m.digest, layerSize: manifest.layers.reduce((a, l) => a + l.size, 0), size: (await stat(out)).size };
   } finally {
     await rm(tmp, { recursive: true, force: true });
   }

@@ -7,15 +7,14 @@
 // the host as it was before (test/env/realnode.ts undoes what the node did).
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
 import { execFileSync } from "node:child_process";
 import { existsSync } from "node:fs";
-import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { buildImage, IMAGE_REPOSITORY } from "../../image/build.ts";
+import { buildImage, defaultImageFile, IMAGE_REPOSITORY, sourceKey } from "../../image/build.ts";
+import { relabelOciArchive } from "../../image/oci.ts";
 import { startRealNode, type RealNode } from "../env/realnode.ts";
-import { buildBundle } from "../env/bundle.ts";
 import { REPO, compareTrees, snapshotTree, tmpDir, waitFor, type AgentProc } from "./harness.ts";
 import { Pki, getPair, kubectlOk, pairYaml, tlsAgent, waitCondition } from "./k8s-harness.ts";
 import { createLab, type Lab } from "./netns.ts";
@@ -39,43 +38,28 @@ interface Image {
 }
 
 /**
- * The image of this tree, built once per content: the key hashes every file
- * the image is made of (code, bundle and image scripts, the lock file) and
- * the commit time its timestamps come from.
+ * The image of this tree: the one `npm run image` left in dist/ if it was
+ * built from the sources as they are now (its .source key), else one built
+ * here once per source key (cached). The upgrade's image: the same layer
+ * under another tag with another config, so another digest.
  */
-async function cachedImages(): Promise<{ release: Image; upgrade: Image }> {
-  const pkg = JSON.parse(await readFile(path.join(REPO, "package.json"), "utf8")) as { version: string };
-  const files = execFileSync("git", ["-C", REPO, "ls-files", "-co", "--exclude-standard", "--", "agent", "common", "operator", "proto/gen", "bin", "bundle", "image", "package.json", "package-lock.json"], { encoding: "utf8" }).split("\n").filter(Boolean).sort();
-  const h = createHash("sha256");
-  h.update(execFileSync("git", ["-C", REPO, "log", "-1", "--format=%ct"], { encoding: "utf8" }));
-  for (const f of files) {
-    const p = path.join(REPO, f);
-    if (!existsSync(p)) continue;
-    h.update(`${f}\0`).update(await readFile(p)).update("\0");
-  }
-  const dir = path.join(CACHE, h.digest("hex").slice(0, 24));
-  await mkdir(dir, { recursive: true });
-  const tag = pkg.version;
-  const upgradeTag = `${pkg.version}-upgrade`;
-  const one = async (name: string, t: string, bundle: string, labels: Record<string, string> = {}): Promise<Image> => {
-    const file = path.join(dir, `understudy-${t}.oci.tar`);
+async function testImages(dir: string): Promise<{ release: Image; upgrade: Image }> {
+  const version = (JSON.parse(await readFile(path.join(REPO, "package.json"), "utf8")) as { version: string }).version;
+  const key = await sourceKey();
+  let file = defaultImageFile(version);
+  if ((await readFile(`${file}.source`, "utf8").catch(() => "")).trim() === key) log(`using ${file} (npm run image of these sources)`);
+  else {
+    file = path.join(CACHE, key.slice(0, 32), "understudy.oci.tar");
     if (!existsSync(`${file}.digest`)) {
-      const r = await buildImage({ out: file, name: `${name}:${t}`, bundle, labels });
+      await mkdir(path.dirname(file), { recursive: true });
+      const r = await buildImage({ out: file });
       log(`built ${r.name} (${(r.size / 2 ** 20).toFixed(1)} MiB, ${r.digest}) in ${(r.ms / 1000).toFixed(1)} s`);
-    }
-    return { file, name, tag: t, digest: (await readFile(`${file}.digest`, "utf8")).trim() };
-  };
-  const bundle = path.join(dir, `understudy-agent-${pkg.version}-linux-${process.arch}.tar.gz`);
-  if (!existsSync(bundle)) {
-    const tmp = await tmpDir("understudy-rn-bundle-");
-    const b = await buildBundle(tmp);
-    await rename(b.tarball, bundle).catch(async () => {
-      await writeFile(bundle, await readFile(b.tarball));
-    });
-    await rm(tmp, { recursive: true, force: true });
+    } else log(`using ${file} (cached for these sources)`);
   }
-  // the upgrade's image: the same files, another config (so another digest), another tag
-  return { release: await one(IMAGE_REPOSITORY, tag, bundle), upgrade: await one(IMAGE_REPOSITORY, upgradeTag, bundle, { "dev.understudy.test": "upgrade" }) };
+  const release: Image = { file, name: IMAGE_REPOSITORY, tag: version, digest: (await readFile(`${file}.digest`, "utf8")).trim() };
+  const upTag = `${version}-upgrade`;
+  const up = await relabelOciArchive(file, path.join(dir, "upgrade.oci.tar"), `${IMAGE_REPOSITORY}:${upTag}`, { "dev.understudy.test": "upgrade" });
+  return { release, upgrade: { file: up.file, name: IMAGE_REPOSITORY, tag: upTag, digest: up.digest } };
 }
 
 interface PodInfo {
@@ -146,7 +130,7 @@ describe("the chart on a real node, with the image this repository builds", { ti
     const t0 = Date.now();
     dir = await tmpDir("understudy-rn-");
     for (const k of ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"]) hostBefore[k] = (await readFile(`/proc/sys/${k}`, "utf8")).trim();
-    images = await cachedImages();
+    images = await testImages(dir);
     log(`images ready after ${Date.now() - t0} ms: ${images.release.digest}, ${images.upgrade.digest}`);
     lab = await createLab({ prefix: "rn" });
     const nodeHost = await lab.addHost("node");
