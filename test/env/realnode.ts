@@ -445,12 +445,23 @@ let hookInstalled = false;
 function installHook(): void {
   if (hookInstalled) return;
   hookInstalled = true;
-  process.on("exit", () => {
-    for (const n of liveNodes) {
+  const teardownAll = () => {
+    for (const n of [...liveNodes]) {
       n.teardown(false);
       rmSync(n.dir, { recursive: true, force: true });
+      liveNodes.delete(n);
     }
-  });
+  };
+  process.on("exit", teardownAll);
+  // a signal ends the process without 'exit': undo first, then die of it as we would have
+  for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+    const onSignal = () => {
+      teardownAll();
+      process.off(sig, onSignal);
+      if (process.listenerCount(sig) === 0) process.kill(process.pid, sig);
+    };
+    process.on(sig, onSignal);
+  }
 }
 
 // ---------------------------------------------------------------------------
