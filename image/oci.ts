@@ -205,6 +205,25 @@ export async function relabelOciArchive(from: string, out: string, name: string,
   }
 }
 
+/**
+ * The digests of the image in an OCI layout tar: its manifest's (what
+ * registries and `ctr images ls` show) and its config's (the image ID, what
+ * the kubelet reports as a container's imageID with containerd).
+ */
+export async function ociArchiveDigests(file: string): Promise<{ manifest: string; config: string }> {
+  const member = async (name: string): Promise<string> => {
+    const out = new PassThrough();
+    const chunks: Buffer[] = [];
+    out.on("data", (d: Buffer) => chunks.push(d));
+    await runTar(["-xOf", file, name], out);
+    return Buffer.concat(chunks).toString("utf8");
+  };
+  const index = JSON.parse(await member("./index.json")) as { manifests: { digest: string }[] };
+  const manifest = index.manifests[0]?.digest ?? "";
+  const m = JSON.parse(await member(`./blobs/sha256/${manifest.replace(/^sha256:/, "")}`)) as { config: { digest: string } };
+  return { manifest, config: m.config.digest };
+}
+
 /** sha256 of a file, hex. */
 export async function sha256File(file: string): Promise<string> {
   const h = createHash("sha256");

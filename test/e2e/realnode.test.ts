@@ -13,7 +13,7 @@ import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { buildImage, defaultImageFile, IMAGE_REPOSITORY, sourceKey } from "../../image/build.ts";
-import { relabelOciArchive } from "../../image/oci.ts";
+import { ociArchiveDigests, relabelOciArchive } from "../../image/oci.ts";
 import { startRealNode, type RealNode } from "../env/realnode.ts";
 import { REPO, compareTrees, snapshotTree, tmpDir, waitFor, type AgentProc } from "./harness.ts";
 import { Pki, getPair, kubectlOk, pairYaml, tlsAgent, waitCondition } from "./k8s-harness.ts";
@@ -34,7 +34,10 @@ interface Image {
   file: string;
   name: string;
   tag: string;
+  /** the manifest's digest */
   digest: string;
+  /** the config's digest: the image ID the kubelet reports with containerd */
+  id: string;
 }
 
 /**
@@ -56,10 +59,13 @@ async function testImages(dir: string): Promise<{ release: Image; upgrade: Image
       log(`built ${r.name} (${(r.size / 2 ** 20).toFixed(1)} MiB, ${r.digest}) in ${(r.ms / 1000).toFixed(1)} s`);
     } else log(`using ${file} (cached for these sources)`);
   }
-  const release: Image = { file, name: IMAGE_REPOSITORY, tag: version, digest: (await readFile(`${file}.digest`, "utf8")).trim() };
+  const d = await ociArchiveDigests(file);
+  assert.equal(d.manifest, (await readFile(`${file}.digest`, "utf8")).trim(), `${file}.digest names its manifest`);
+  const release: Image = { file, name: IMAGE_REPOSITORY, tag: version, digest: d.manifest, id: d.config };
   const upTag = `${version}-upgrade`;
   const up = await relabelOciArchive(file, path.join(dir, "upgrade.oci.tar"), `${IMAGE_REPOSITORY}:${upTag}`, { "dev.understudy.test": "upgrade" });
-  return { release, upgrade: { file: up.file, name: IMAGE_REPOSITORY, tag: upTag, digest: up.digest } };
+  const u = await ociArchiveDigests(up.file);
+  return { release, upgrade: { file: up.file, name: IMAGE_REPOSITORY, tag: upTag, digest: u.manifest, id: u.config } };
 }
 
 interface PodInfo {
@@ -172,10 +178,6 @@ describe("the chart on a real node, with the image this repository builds", { ti
     assert.equal(r.code, 0, `helm install: ${r.stderr}\n${(await node.kubectl(["get", "events", "-n", SYSTEM_NS])).stdout}`);
     log(`helm install --wait took ${Date.now() - t} ms`);
     const pods = await waitPods("two operator pods Ready", (p) => p.length === 2 && p.every((x) => x.ready));
-    for (const p of pods) {
-      assert.equal(p.image, `${images.release.name}:${images.release.tag}`, "the chart's default image is the one the repository builds");
-      assert.match(p.imageID, new RegExp(images.release.digest), "running the digest npm run image made");
-    }
     const dep = JSON.parse(await kubectlOk(node, ["get", "deployment", "-n", SYSTEM_NS, "-l", `app.kubernetes.io/instance=${RELEASE}`, "-o", "jsonpath={.items[0].spec.template.spec}"])) as {
       containers: { args: string[]; securityContext: Record<string, unknown> }[];
       securityContext: Record<string, unknown>;
@@ -183,6 +185,12 @@ describe("the chart on a real node, with the image this repository builds", { ti
     const args = dep.containers[0]!.args;
     leaseName = args[args.indexOf("--leader-election-id") + 1] ?? "";
     assert.ok(leaseName, `the Deployment names its Lease: ${args.join(" ")}`);
+    for (const p of pods) {
+      assert.equal(p.image, `${images.release.name}:${images.release.tag}`, "the chart's default image is the one the repository builds");
+      assert.equal(p.imageID.replace(/^.*@/, ""), images.release.id, "running the image npm run image made");
+    }
+    const listed = await new Promise<string>((resolve) => resolve(execFileSync("ctr", ["--address", node.containerdSocket, "-n", "k8s.io", "images", "ls", "-q", `name==${images.release.name}:${images.release.tag}`], { encoding: "utf8" })));
+    assert.match(listed, /localhost\/understudy/, "containerd has it under the chart's default name");
     // the defaults a restricted cluster asks for, and they run
     assert.equal(dep.securityContext.runAsNonRoot, true);
     assert.equal(dep.securityContext.runAsUser, 65532);
@@ -240,7 +248,8 @@ describe("the chart on a real node, with the image this repository builds", { ti
     const r = await node.helm(["upgrade", RELEASE, CHART, "-n", SYSTEM_NS, "--reuse-values", "--set", `image.tag=${images.upgrade.tag}`, "--wait", "--timeout", "5m"], { timeoutMs: 330_000 });
     assert.equal(r.code, 0, `helm upgrade: ${r.stderr}`);
     const pods = await waitPods("two Ready pods on the new image", (p) => p.length === 2 && p.every((x) => x.ready && x.image === `${images.upgrade.name}:${images.upgrade.tag}`));
-    for (const p of pods) assert.match(p.imageID, new RegExp(images.upgrade.digest), "running the new digest");
+    for (const p of pods) assert.equal(p.imageID.replace(/^.*@/, ""), images.upgrade.id, "running the new image");
+    assert.notEqual(images.upgrade.id, images.release.id);
     const names = pods.map((p) => p.name);
     await waitFor(`one of the new pods (${names.join(", ")}) to lead`, async () => names.includes(await leaderPod()) || undefined, 60_000, 500);
     await writeFile(path.join(srcDir, "d0", "after-upgrade.txt"), "written after the upgrade\n");
