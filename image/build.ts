@@ -161,7 +161,8 @@ export async function buildImage(o: { out?: string; name?: string; bundle?: stri
   const name = o.name ?? `${IMAGE_REPOSITORY}:${version}`;
   const out = path.resolve(o.out ?? defaultImageFile(version));
   const epoch = sourceDateEpoch();
-  const key = o.bundle ? undefined : await sourceKey();
+  // (not for --rootfs: the Containerfile's build stage has no git and needs no key)
+  const key = o.bundle || o.rootfs ? undefined : await sourceKey();
   const tmp = await mkdtemp(path.join(os.tmpdir(), "understudy-image-"));
   try {
     // the agent bundle: built from this tree unless one is given
