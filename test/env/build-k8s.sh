@@ -9,7 +9,12 @@
 # module with its published v0.X.Y builds. etcd's server/v3 has relative
 # replaces as well, which a wrapper module ignores.
 #
-# Prints the bin directory on stdout when done. Usage: build-k8s.sh [--print-dir]
+# With --node it also builds what a real node needs (test/env/realnode.ts):
+# kubelet, kube-controller-manager, kube-scheduler and kube-proxy (in the same
+# wrapper module as kube-apiserver: ~1.5 min more with a warm Go cache) and the
+# pause binary (build/pause/linux/pause.c from the same module, `gcc -static`).
+#
+# Prints the bin directory on stdout when done. Usage: build-k8s.sh [--print-dir] [--node]
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.35.4}"
@@ -18,10 +23,22 @@ HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 CACHE="${UNDERSTUDY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/understudy}"
 BIN="$CACHE/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION/bin"
 
-if [[ "${1:-}" == "--print-dir" ]]; then echo "$BIN"; exit 0; fi
+node=no
+for a in "$@"; do
+  case "$a" in
+    --print-dir) echo "$BIN"; exit 0 ;;
+    --node) node=yes ;;
+    *) echo "usage: build-k8s.sh [--print-dir] [--node]" >&2; exit 2 ;;
+  esac
+done
+NODE_CMDS=(kubelet kube-controller-manager kube-scheduler kube-proxy)
 
 log() { echo "[build-k8s] $*" >&2; }
-have_all() { [[ -x "$BIN/kube-apiserver" && -x "$BIN/kubectl" && -x "$BIN/etcd" && -x "$BIN/helm" ]]; }
+have_node() {
+  [[ $node == no ]] && return 0
+  for c in "${NODE_CMDS[@]}" pause; do [[ -x "$BIN/$c" ]] || return 1; done
+}
+have_all() { [[ -x "$BIN/kube-apiserver" && -x "$BIN/kubectl" && -x "$BIN/etcd" && -x "$BIN/helm" ]] && have_node; }
 # cached: no Go toolchain needed at all
 if have_all; then echo "$BIN"; exit 0; fi
 # etcd v3.6.16 and helm v3.22.0 declare `go 1.26.0`. An older Go (Debian's
@@ -38,9 +55,13 @@ export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN="$toolchain"
 work="$(mktemp -d "${TMPDIR:-/tmp}/understudy-k8sbuild.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-# --- kube-apiserver + kubectl ---
-if [[ ! -x "$BIN/kube-apiserver" || ! -x "$BIN/kubectl" ]]; then
-  log "building kube-apiserver and kubectl $K8S_VERSION (first time only)"
+# --- kube-apiserver + kubectl (+ the node's commands with --node) ---
+cmds=()
+[[ -x "$BIN/kube-apiserver" ]] || cmds+=(kube-apiserver)
+[[ -x "$BIN/kubectl" ]] || cmds+=(kubectl)
+if [[ $node == yes ]]; then for c in "${NODE_CMDS[@]}"; do [[ -x "$BIN/$c" ]] || cmds+=("$c"); done; fi
+if ((${#cmds[@]})); then
+  log "building ${cmds[*]} $K8S_VERSION (first time only)"
   minor="$(echo "$K8S_VERSION" | cut -d. -f2)"
   staging_version="v0.${K8S_VERSION#v1.}"
   gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
@@ -62,14 +83,29 @@ package tools
 
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
   go mod tidy >&2
   X="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1"
   X="$X -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
   X="$X -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-  go build -trimpath -ldflags "$X" -o "$BIN/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl >&2
+  go build -trimpath -ldflags "$X" -o "$BIN/" "${cmds[@]/#/k8s.io/kubernetes/cmd/}" >&2
+fi
+
+# --- pause (the pod sandbox's process; test/env/realnode.ts makes it an image) ---
+if [[ $node == yes && ! -x "$BIN/pause" ]]; then
+  log "building pause $K8S_VERSION"
+  src="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')/build/pause/linux/pause.c"
+  [[ -f "$src" ]] || { log "no $src in the module cache"; exit 1; }
+  command -v gcc >/dev/null || { log "gcc is not installed (apt-get install gcc libc6-dev)"; exit 1; }
+  gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION" -o "$work/pause" "$src" >&2
+  strip "$work/pause"
+  mv "$work/pause" "$BIN/pause"
 fi
 
 # --- etcd ---
