@@ -140,8 +140,8 @@ export class PairTableAgent {
   private agent?: Agent;
   private timer?: NodeJS.Timeout;
   private rows = 0;
-  private readonly o: { address: string; port: number; communities: string[]; pairs: () => ReplicationPair[]; log: Logger; refreshMs?: number };
-  constructor(o: { address: string; port: number; communities: string[]; pairs: () => ReplicationPair[]; log: Logger; refreshMs?: number }) {
+  private readonly o: { address: string; port: number; communities: string[]; pairs: () => readonly ReplicationPair[]; log: Logger; refreshMs?: number };
+  constructor(o: { address: string; port: number; communities: string[]; pairs: () => readonly ReplicationPair[]; log: Logger; refreshMs?: number }) {
     this.o = o;
   }
 

@@ -221,6 +221,7 @@ export interface ChannelStatus {
    */
   lastSentEvent?: string;
   lastError?: string;
+  lastErrorReason?: string;
   lastErrorTime?: string;
   consecutiveFailures?: number;
   /**
