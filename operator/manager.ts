@@ -152,7 +152,7 @@ export class Operator {
     pols.on("add", requeuePolicyPairs);
     pols.on("update", requeuePolicyPairs);
     pols.on("delete", requeuePolicyPairs);
-    this.notifications = createNotifications(this.kc, { namespace: this.o.namespace, log, pairs: inf, ...(this.o.snmp ? { snmp: this.o.snmp } : {}) });
+    this.notifications = createNotifications(this.kc, { namespace: this.o.namespace, log, registry: this.metrics.registry, pairs: inf, ...(this.o.snmp ? { snmp: this.o.snmp } : {}) });
     await Promise.all([inf.start(), pols.start()]);
     await Promise.all([inf.synced, pols.synced, this.notifications.start()]);
     this.synced = true;

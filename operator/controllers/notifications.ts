@@ -17,6 +17,7 @@ import { ApiException, CoreV1Api, CustomObjectsApi, PatchStrategy, setHeaderOpti
 import { parseDuration, parseSize } from "../../common/config.ts";
 import type { Logger } from "../../common/log.ts";
 import { Backoff } from "../../common/retry.ts";
+import { Gauge, type Registry } from "prom-client";
 import { GROUP, NOTIFICATION_POLICIES, VERSION, setCondition, timestamp, type AlertState, type ChannelStatus, type Condition, type Delivery, type EventMark, type NotificationChannel, type NotificationEvent, type NotificationPolicy, type NotificationPolicyStatus, type ReplicationPair } from "../api/v1alpha1/index.ts";
 import { crInformer } from "../kube.ts";
 import { errText } from "../runtime/leader-election.ts";
@@ -48,6 +49,9 @@ export interface NotificationDeps {
   now?: () => Date;
   /** How often every policy is looked at even without a change (grace periods, retries). */
   tickMs?: number;
+  /** Every pair (all namespaces), for the understudy_pair_problem metric the chart's PrometheusRule alerts on. */
+  allPairs?(): readonly ReplicationPair[];
+  problemGauge?: Gauge<"namespace" | "name" | "kind" | "subject">;
 }
 
 interface ChannelRuntime {
@@ -191,7 +195,7 @@ export class NotificationController {
   start(): void {
     if (this.running) return;
     this.running = true;
-    this.timer = setInterval(() => this.touchAll(), this.d.tickMs ?? 2000);
+    this.timer = setInterval(() => (this.touchAll(), this.exportProblems()), this.d.tickMs ?? 2000);
     this.timer.unref();
     this.touchAll();
   }
@@ -201,6 +205,17 @@ export class NotificationController {
     clearInterval(this.timer);
     clearTimeout(this.touchTimer);
     for (const rt of this.rts.values()) for (const c of rt.channels.values()) c.sender?.close();
+  }
+
+  /** understudy_pair_problem: 1 per problem a pair shows now (no grace period: Prometheus rules have their own `for`). */
+  exportProblems(): void {
+    const g = this.d.problemGauge;
+    if (!g || !this.d.allPairs) return;
+    g.reset();
+    for (const pair of this.d.allPairs()) {
+      const { problems } = observe(pair, { lagSeconds: Infinity, queuedBytes: Infinity, graceMs: 0 });
+      for (const x of problems) if (!x.holdOnly) g.set({ namespace: pair.metadata.namespace!, name: pair.metadata.name!, kind: x.kind, subject: x.subject ?? "" }, 1);
+    }
   }
 
   touchAll(): void {
@@ -470,7 +485,7 @@ export class NotificationController {
  * the controller (acting once `lead()` is called), and the SNMP agent when
  * `snmp.listen` is set (on every replica: it only reads the cache).
  */
-export function createNotifications(kc: KubeConfig, o: { namespace?: string; log: Logger; pairs: { list(ns?: string): readonly ReplicationPair[]; on(ev: "add" | "update" | "delete", cb: (p: ReplicationPair) => void): void }; snmp?: { listen: string; communities: string[] } }) {
+export function createNotifications(kc: KubeConfig, o: { namespace?: string; log: Logger; registry?: Registry; pairs: { list(ns?: string): readonly ReplicationPair[]; on(ev: "add" | "update" | "delete", cb: (p: ReplicationPair) => void): void }; snmp?: { listen: string; communities: string[] } }) {
   const log = o.log.child({ controller: "notificationpolicy" });
   const inf = crInformer<NotificationPolicy>(kc, NOTIFICATION_POLICIES, o.namespace, log);
   const api = kc.makeApiClient(CustomObjectsApi);
@@ -479,6 +494,8 @@ export function createNotifications(kc: KubeConfig, o: { namespace?: string; log
     policies: () => inf.list(),
     pairs: (ns) => o.pairs.list(ns),
     secrets: new KubeSecretReader(kc),
+    allPairs: () => o.pairs.list(),
+    ...(o.registry ? { problemGauge: new Gauge({ name: "understudy_pair_problem", help: "1 while a pair shows a problem NotificationPolicies report (kind: FailoverStarted, FailoverRefused, PairDegraded, NotKnownGood, ...); set by the leader", labelNames: ["namespace", "name", "kind", "subject"] as const, registers: [o.registry] }) } : {}),
     writeStatus: async (p, status) => {
       await api.patchNamespacedCustomObjectStatus({ group: GROUP, version: VERSION, namespace: p.metadata.namespace!, plural: NOTIFICATION_POLICIES, name: p.metadata.name!, body: { status } }, merge);
     },
