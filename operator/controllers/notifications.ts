@@ -30,7 +30,7 @@ import { selects } from "./known-good.ts";
 
 const merge = setHeaderOptions("Content-Type", PatchStrategy.MergePatch);
 /** Deliveries kept per channel; beyond it the oldest are dropped (and counted). */
-const OUTBOX_PER_CHANNEL = 100;
+const OUTBOX_PER_CHANNEL = 50;
 /** Channels (and the Secrets they name) are re-read this often, and email logins re-checked. */
 const CHANNEL_REFRESH_MS = 60_000;
 
@@ -281,14 +281,20 @@ export class NotificationController {
     const ns = p.metadata.namespace!;
     const next = new Map<string, ChannelRuntime>();
     for (const c of p.spec.channels) {
-      const old = rt.channels.get(c.name);
       let timeoutMs = 10_000;
       try {
         timeoutMs = parseDuration(c.timeout ?? "10s");
       } catch {
         // the CRD checks the format
       }
-      const ch: ChannelRuntime = { name: c.name, type: channelType(c), timeoutMs, busy: old?.busy ?? false, ...(old?.verifyError ? { verifyError: old.verifyError } : {}) };
+      // One object per channel for its whole life: a delivery in flight holds it (and its busy flag).
+      const ch: ChannelRuntime = rt.channels.get(c.name) ?? { name: c.name, type: channelType(c), timeoutMs, busy: false };
+      ch.type = channelType(c);
+      ch.timeoutMs = timeoutMs;
+      const old = ch.sender;
+      delete ch.sender;
+      delete ch.configError;
+      delete ch.engineID;
       try {
         const built = await buildSender(ns, c, this.d.secrets, rt.uid);
         ch.sender = built.sender;
@@ -297,7 +303,7 @@ export class NotificationController {
         ch.configError = e instanceof DeliveryError ? e : new DeliveryError("InvalidChannel", errText(e));
         delete ch.verifyError;
       }
-      old?.sender?.close();
+      old?.close();
       next.set(c.name, ch);
       // Email can be checked without sending anything: connect, STARTTLS, log in. Off the path, with a deadline.
       const sender = ch.sender;
@@ -312,6 +318,7 @@ export class NotificationController {
         ).finally(() => this.touch(rt.key));
       }
     }
+    for (const [name, ch] of rt.channels) if (!next.has(name)) ch.sender?.close();
     rt.channels = next;
     rt.channelsFor = want;
     rt.channelsAt = Date.now();
