@@ -105,18 +105,22 @@ export interface EmailChannel {
   /**
    * Recipients of every event.
    *
-   * @maxItems 64
+   * @maxItems 32
+   *
+   * Items: An address like ops@example.com.
    */
   to?: string[];
   /**
    * Recipients for some pairs or some servers only (the seed's "different recipients for each server"): an event goes to every entry whose pairs list names its pair or whose servers list names one of its agents (the source agent's name, a target's name, or an agent's host or host:port), besides to.
    *
-   * @maxItems 64
+   * @maxItems 32
    */
   recipients?: {
     /**
      * @minItems 1
-     * @maxItems 64
+     * @maxItems 32
+     *
+     * Items: An address like ops@example.com.
      */
     to: string[];
     /**
