@@ -179,6 +179,7 @@ describe("notifications end to end", { timeout: 900_000 }, () => {
       for (const [k, n] of Object.entries(c)) assert.equal(n, 1, `${ch}: ${k} sent ${n} times`);
     }
     assert.equal(cond(np, "Ready")?.status, "True");
+    process.stderr.write(`# received per channel: ${JSON.stringify(await received())}\n`);
     const r = hook.posts.find((x) => x.body.state === "resolved" && x.body.kind === "FailoverStarted")!;
     assert.match(String(r.body.detail), /old source is reachable again/);
   });
