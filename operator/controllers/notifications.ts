@@ -515,9 +515,12 @@ export function createNotifications(kc: KubeConfig, o: { namespace?: string; log
   let agent: PairTableAgent | undefined;
   return {
     controller: ctl,
+    /**
+     * Starts the cache without waiting for it: an operator upgraded without its new CRD (helm
+     * does not upgrade CRDs) must still reconcile pairs; the cache retries until the CRD is there.
+     */
     async start(): Promise<void> {
-      await inf.start();
-      await inf.synced;
+      void inf.start().catch(() => undefined);
       if (o.snmp?.listen) {
         const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(o.snmp.listen);
         if (!m) throw new Error(`--snmp-listen must be host:port, not ${o.snmp.listen}`);
