@@ -182,6 +182,7 @@ export class NotificationController {
   private running = false;
   private readonly pendingTouch = new Set<string>();
   private touchTimer?: NodeJS.Timeout;
+  private readonly everSeen = new Set<string>();
 
   constructor(d: NotificationDeps) {
     this.d = d;
@@ -212,9 +213,13 @@ export class NotificationController {
     const g = this.d.problemGauge;
     if (!g || !this.d.allPairs) return;
     g.reset();
+    // "Has been known good" as the policies remember it, and as seen by this process.
+    for (const p of this.d.policies()) for (const m of p.status?.marks ?? []) if (m.key === "seen") this.everSeen.add(`${p.metadata.namespace}/${m.pair}|${m.kind}|${m.subject ?? ""}`);
     for (const pair of this.d.allPairs()) {
-      const { problems } = observe(pair, { lagSeconds: Infinity, queuedBytes: Infinity, graceMs: 0 });
-      for (const x of problems) if (!x.holdOnly) g.set({ namespace: pair.metadata.namespace!, name: pair.metadata.name!, kind: x.kind, subject: x.subject ?? "" }, 1);
+      const { problems, seen } = observe(pair, { lagSeconds: Infinity, queuedBytes: Infinity, graceMs: 0 });
+      const id = `${pair.metadata.namespace}/${pair.metadata.name}`;
+      for (const x of seen) this.everSeen.add(`${id}|${x.kind}|${x.subject}`);
+      for (const x of problems) if (!x.holdOnly && (!x.needsMark || this.everSeen.has(`${id}|${x.needsMark}`))) g.set({ namespace: pair.metadata.namespace!, name: pair.metadata.name!, kind: x.kind, subject: x.subject ?? "" }, 1);
     }
   }
 
@@ -345,8 +350,8 @@ export class NotificationController {
     const notBefore = p.metadata.creationTimestamp ? timestamp(new Date(p.metadata.creationTimestamp as unknown as string)) : "";
     for (const pair of selected) {
       const name = pair.metadata.name!;
-      const { problems, oneShots } = observe(pair, thresholds);
-      const out = step({ policyUid: rt.uid, namespace: ns, pair: name, kinds: p.spec.events ?? [], problems, oneShots, alerts: alerts.get(name) ?? [], marks: marks.get(name) ?? [], graceMs: thresholds.graceMs, notBefore, servers: serversOf(pair), now });
+      const { problems, oneShots, seen } = observe(pair, thresholds);
+      const out = step({ policyUid: rt.uid, namespace: ns, pair: name, kinds: p.spec.events ?? [], problems, oneShots, seen, alerts: alerts.get(name) ?? [], marks: marks.get(name) ?? [], graceMs: thresholds.graceMs, notBefore, servers: serversOf(pair), now });
       nextAlerts.push(...out.alerts);
       nextMarks.push(...out.marks);
       events.push(...out.events);

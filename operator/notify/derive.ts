@@ -29,6 +29,8 @@ export interface Problem {
   grace?: boolean;
   /** Kept if already known, but not raised anew (it is covered by a bigger problem, e.g. a failover). */
   holdOnly?: boolean;
+  /** Raised only once this mark (kind|subject) was recorded: "no longer known good" needs a target that was. */
+  needsMark?: string;
   data?: Record<string, string>;
 }
 
@@ -76,7 +78,7 @@ export function serversOf(pair: ReplicationPair): string[] {
 }
 
 /** Problems and one-shot events the pair's status shows now. */
-export function observe(pair: ReplicationPair, t: Thresholds): { problems: Problem[]; oneShots: OneShot[] } {
+export function observe(pair: ReplicationPair, t: Thresholds): { problems: Problem[]; oneShots: OneShot[]; seen: { kind: string; subject: string }[] } {
   const st = pair.status ?? {};
   const id = `${pair.metadata.namespace}/${pair.metadata.name}`;
   const specActive = pair.spec.activeSide ?? "source";
@@ -86,6 +88,8 @@ export function observe(pair: ReplicationPair, t: Thresholds): { problems: Probl
   const srcAddr = pair.spec.source.agent?.address ?? "source";
   const problems: Problem[] = [];
   const oneShots: OneShot[] = [];
+  /** States worth remembering (a target that has been known good). */
+  const seen: { kind: string; subject: string }[] = [];
 
   // A failover (not a planned cutover): decided (spec names a target that does not serve yet) with the source
   // down, under way, or done while the old source has not come back.
@@ -123,9 +127,10 @@ export function observe(pair: ReplicationPair, t: Thresholds): { problems: Probl
   }
 
   for (const kg of st.knownGood ?? []) {
+    if (kg.ok) seen.push({ kind: "KnownGood", subject: kg.target });
     const failed = (kg.failed ?? []).filter((f) => !/^never verified/.test(f));
     if (kg.ok || failed.length === 0) continue;
-    problems.push({ kind: "NotKnownGood", subject: kg.target, severity: "warning", summary: `${id}: target ${kg.target} is no longer known good`, detail: `failing checks: ${failed.join("; ")}`, holdOnly: inPlay, data: { failing: failed.join("; ") } });
+    problems.push({ kind: "NotKnownGood", subject: kg.target, severity: "warning", summary: `${id}: target ${kg.target} is no longer known good`, detail: `failing checks: ${failed.join("; ")}`, holdOnly: inPlay, needsMark: `KnownGood|${kg.target}`, data: { failing: failed.join("; ") } });
   }
 
   for (const tg of st.targets ?? []) {
@@ -163,7 +168,7 @@ export function observe(pair: ReplicationPair, t: Thresholds): { problems: Probl
   if (fb?.status === "False" && fb.reason === "FailedBack") {
     oneShots.push({ kind: "FailbackCompleted", key: fb.lastTransitionTime, at: fb.lastTransitionTime, severity: "info", summary: `failback of ${id} completed: the source serves again`, detail: fb.message });
   }
-  return { problems, oneShots };
+  return { problems, oneShots, seen };
 }
 
 export interface StepInput {
@@ -174,6 +179,8 @@ export interface StepInput {
   kinds: readonly string[];
   problems: Problem[];
   oneShots: OneShot[];
+  /** States to remember as marks (key "seen"), e.g. that a target has been known good. */
+  seen?: { kind: string; subject: string }[];
   /** This pair's remembered alerts and marks. */
   alerts: AlertState[];
   marks: EventMark[];
@@ -221,6 +228,8 @@ export function step(i: StepInput): StepOutput {
     ...(o.data ? { data: o.data } : {}),
   });
 
+  const marks = new Map(i.marks.map((m) => [keyOf(m), m]));
+  for (const x of i.seen ?? []) marks.set(keyOf(x), { pair: i.pair, kind: x.kind, subject: x.subject, key: "seen" });
   const seen = new Set<string>();
   for (const p of i.problems) {
     if (!on(p.kind)) continue;
@@ -228,7 +237,7 @@ export function step(i: StepInput): StepOutput {
     if (seen.has(k)) continue;
     seen.add(k);
     const old = prev.get(k);
-    if (!old && p.holdOnly) continue;
+    if (!old && (p.holdOnly || (p.needsMark && !marks.has(p.needsMark)))) continue;
     const a: AlertState = old ? { ...old, summary: old.firedAt ? old.summary : p.summary } : { pair: i.pair, kind: p.kind, ...(p.subject ? { subject: p.subject } : {}), since: now, summary: p.summary };
     const due = !p.grace || i.now.getTime() - Date.parse(a.since) >= i.graceMs;
     if (!a.firedAt && due && !p.holdOnly) {
@@ -245,7 +254,6 @@ export function step(i: StepInput): StepOutput {
     }
   }
 
-  const marks = new Map(i.marks.map((m) => [keyOf(m), m]));
   for (const o of i.oneShots) {
     if (!on(o.kind)) continue;
     const k = keyOf(o);

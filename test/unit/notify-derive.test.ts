@@ -31,8 +31,8 @@ function run(states: { p: ReplicationPair; t: number }[], o: { kinds?: string[];
   let marks: EventMark[] = [];
   const out: NotificationEvent[] = [];
   for (const s of states) {
-    const { problems, oneShots } = observe(s.p, o.th ?? TH);
-    const r = step({ policyUid: "pol", namespace: "shop", pair: "db", kinds: o.kinds ?? [], problems, oneShots, alerts, marks, graceMs: (o.th ?? TH).graceMs, notBefore: o.notBefore ?? "2026-01-01T00:00:00Z", servers: serversOf(s.p), now: at(s.t) });
+    const { problems, oneShots, seen } = observe(s.p, o.th ?? TH);
+    const r = step({ policyUid: "pol", namespace: "shop", pair: "db", kinds: o.kinds ?? [], problems, oneShots, seen, alerts, marks, graceMs: (o.th ?? TH).graceMs, notBefore: o.notBefore ?? "2026-01-01T00:00:00Z", servers: serversOf(s.p), now: at(s.t) });
     // The remembered state goes through JSON, as it does through the policy's status.
     alerts = JSON.parse(JSON.stringify(r.alerts));
     marks = JSON.parse(JSON.stringify(r.marks));
@@ -113,6 +113,12 @@ test("version mismatch, known good lost and regained, verify differences, mirror
   assert.deepEqual(names(evs), ["VersionMismatch/firing", "VersionMismatch/resolved", "NotKnownGood/firing", "NotKnownGood/resolved", "VerifyDifferences/firing", "VerifyDifferences/resolved", "MirrorFailed/firing", "MirrorCompleted/info", "MirrorFailed/resolved"]);
   assert.equal(evs[2]!.subject, "b");
   assert.match(evs[4]!.detail!, /row-3.dat/);
+});
+
+test("a target that was never known good (a new pair, mirroring) is not announced as \"no longer known good\"", () => {
+  const mirroring = { ...healthy, knownGood: [{ target: "a", ok: false, failed: ["a mirror into the replica is unfinished (not a consistent copy)"] }] };
+  const good = { ...healthy, knownGood: [{ target: "a", ok: true, failed: [] }] };
+  assert.deepEqual(names(run([{ p: pair(mirroring), t: 0 }, { p: pair(mirroring), t: 10 }, { p: pair(good), t: 20 }, { p: pair(mirroring), t: 30 }, { p: pair(good), t: 40 }])), ["NotKnownGood/firing", "NotKnownGood/resolved"]);
 });
 
 test("lag and queue over the threshold for longer than the grace period; not while failed over", () => {
