@@ -215,6 +215,8 @@ export class NotificationController {
     g.reset();
     // "Has been known good" as the policies remember it, and as seen by this process.
     for (const p of this.d.policies()) for (const m of p.status?.marks ?? []) if (m.key === "seen") this.everSeen.add(`${p.metadata.namespace}/${m.pair}|${m.kind}|${m.subject ?? ""}`);
+    const ids = new Set(this.d.allPairs().map((x) => `${x.metadata.namespace}/${x.metadata.name}`));
+    for (const k of this.everSeen) if (!ids.has(k.split("|")[0]!)) this.everSeen.delete(k);
     for (const pair of this.d.allPairs()) {
       const { problems, seen } = observe(pair, { lagSeconds: Infinity, queuedBytes: Infinity, graceMs: 0 });
       const id = `${pair.metadata.namespace}/${pair.metadata.name}`;
