@@ -29,6 +29,7 @@ interface Flags {
   agentBundle?: string;
   enrollListen: string;
   enrollUrl?: string;
+  snmpListen?: string;
 }
 
 export function operatorCommand(fail: (msg: string) => never): Command {
@@ -52,6 +53,7 @@ export function operatorCommand(fail: (msg: string) => never): Command {
     .option("--agent-bundle <file>", "the agent bundle (npm run bundle) that ec2 and ssh endpoints get")
     .option("--enroll-url <url>", "https URL at which new agents (EC2 instances) reach the enrollment endpoint, e.g. https://10.0.0.10:7443")
     .option("--enroll-listen <addr>", "where the enrollment endpoint listens", "0.0.0.0:7443")
+    .option("--snmp-listen <addr>", "answer SNMP GET/WALK on the pair table (mibs/UNDERSTUDY-MIB.txt) here, e.g. 0.0.0.0:1161; v2c communities from $UNDERSTUDY_SNMP_COMMUNITY (comma-separated)")
     .option("--log-level <level>", "trace, debug, info, warn, error", process.env.UNDERSTUDY_LOG_LEVEL ?? "info")
     .action(async (f: Flags) => {
       let tls: TlsConfig;
@@ -105,6 +107,7 @@ export function operatorCommand(fail: (msg: string) => never): Command {
         statusIntervalMs,
         log,
         ...(provisioning ? { provisioning } : {}),
+        ...(f.snmpListen ? { snmp: { listen: f.snmpListen, communities: (process.env.UNDERSTUDY_SNMP_COMMUNITY ?? "").split(",").filter(Boolean) } } : {}),
       });
       } catch (e) {
         fail((e as Error).message);

@@ -29,6 +29,7 @@ import { OperatorMetrics } from "./metrics.ts";
 import { serveHttp } from "./runtime/http.ts";
 import { LeaderElector, errText } from "./runtime/leader-election.ts";
 import { WorkQueue } from "./runtime/workqueue.ts";
+import { createNotifications } from "./controllers/notifications.ts";
 
 export interface OperatorOptions {
   kubeconfig?: string;
@@ -55,6 +56,8 @@ export interface OperatorOptions {
   /** Bound on one reconcile, Kubernetes calls included. */
   reconcileTimeoutMs?: number;
   log: Logger;
+  /** NotificationPolicies' SNMP agent (pair table): host:port, and the v2c communities it answers. */
+  snmp?: { listen: string; communities: string[] };
 }
 
 const CONTROLLER = "replicationpair";
@@ -76,6 +79,7 @@ export class Operator {
   /** What last triggered a reconcile per key: status-only updates (our own writes) do not. */
   private readonly seen = new Map<string, string>();
   private readonly seenLabels = new Map<string, Record<string, string>>();
+  private notifications?: ReturnType<typeof createNotifications>;
 
   constructor(o: OperatorOptions) {
     this.o = o;
@@ -148,8 +152,9 @@ export class Operator {
     pols.on("add", requeuePolicyPairs);
     pols.on("update", requeuePolicyPairs);
     pols.on("delete", requeuePolicyPairs);
+    this.notifications = createNotifications(this.kc, { namespace: this.o.namespace, log, registry: this.metrics.registry, pairs: inf, ...(this.o.snmp ? { snmp: this.o.snmp } : {}) });
     await Promise.all([inf.start(), pols.start()]);
-    await Promise.all([inf.synced, pols.synced]);
+    await Promise.all([inf.synced, pols.synced, this.notifications.start()]);
     this.synced = true;
     log.info({ pairs: inf.list().length, namespace: this.o.namespace ?? "(all)" }, "caches synced");
     // Every replica serves enrollments (the store is atomic in the API server); only the leader launches.
@@ -172,6 +177,7 @@ export class Operator {
       if (this.stopping) return;
     }
     this.metrics.leader.set(1);
+    this.notifications.lead();
     const reconciler = new ReplicationPairReconciler({
       get: (ns, name) => inf.get(name, ns),
       writer: new KubePairWriter(this.kc),
@@ -305,6 +311,7 @@ export class Operator {
     await Promise.race([Promise.all(this.workers), new Promise((r) => setTimeout(r, 10_000))]);
     await this.elector?.release();
     await this.informer?.stop().catch(() => undefined);
+    await this.notifications?.stop();
     this.pool.close();
     await this.enrollServer?.stop().catch(() => undefined);
     for (const s of this.servers) s.close();

@@ -13,6 +13,7 @@ const out = path.join(root, "operator/api/v1alpha1/gen");
 const CRDS = [
   { file: "crds/understudy.dev_replicationpairs.yaml", out: "replicationpair.ts" },
   { file: "crds/understudy.dev_failoverpolicies.yaml", out: "failoverpolicy.ts" },
+  { file: "crds/understudy.dev_notificationpolicies.yaml", out: "notificationpolicy.ts" },
 ];
 
 /** Kubernetes' structural schemas allow no unknown fields unless they say so. */

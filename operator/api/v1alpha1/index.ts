@@ -19,12 +19,14 @@ export type ResolvedPair = Omit<ReplicationPair, "spec"> & {
   };
 };
 export type { FailoverPolicy, FailoverPolicySpec, FailoverPolicyStatus } from "./gen/failoverpolicy.ts";
+export type { NotificationPolicy, NotificationPolicySpec, NotificationPolicyStatus, NotificationChannel, EmailChannel, WebhookChannel, SnmpChannel, ChannelStatus, AlertState, EventMark, Delivery, NotificationEvent } from "./gen/notificationpolicy.ts";
 
 export const GROUP = "understudy.dev";
 export const VERSION = "v1alpha1";
 export const API_VERSION = `${GROUP}/${VERSION}`;
 export const REPLICATION_PAIRS = "replicationpairs";
 export const FAILOVER_POLICIES = "failoverpolicies";
+export const NOTIFICATION_POLICIES = "notificationpolicies";
 
 /** Removed once the source agent no longer replicates the pair's set. */
 export const PAIR_FINALIZER = "understudy.dev/replication";
