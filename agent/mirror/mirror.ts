@@ -41,6 +41,7 @@ export interface MirrorSource {
    * content). The source ignores them otherwise.
    */
   adoptDigests?(q: string, st: BigIntStats, digests: Buffer): void;
+  /**
    * Inside serial: the final round could not send these index entries (the
    * tree moved on since the index: renamed, removed or replaced): journal their
    * removal, so that the index again says what the target has and capture

@@ -15,7 +15,7 @@ import { zstdCompressSync } from "node:zlib";
 import * as grpc from "@grpc/grpc-js";
 import YAML from "yaml";
 import { fetchStatus } from "../../agent/control-client.ts";
-import { MAX_MESSAGE_BYTES, Nack_Reason, OpBatch, PROTOCOL_VERSION, ReplicationClient, SourceMessage, type DigestsResponse, type ImageStatus, type ManifestResponse, type Op } from "../../agent/wire.ts";
+import { DigestAlgo, MAX_MESSAGE_BYTES, Nack_Reason, OpBatch, PROTOCOL_VERSION, ReplicationClient, SourceMessage, type DigestsResponse, type ImageStatus, type ManifestResponse, type Op } from "../../agent/wire.ts";
 import { createCA, issueCert } from "../../common/tls.ts";
 import { CLI, Pair, compareTrees, freePort, snapshotTree, tmpDir, waitFor, type NodeInfo } from "./harness.ts";
 import { HostileSession, op, type MsgOf } from "./hostile-client.ts";
@@ -419,7 +419,7 @@ test("a hostile source cannot get out of its image on a real target agent", { ti
     const w = await guard.watch([]);
     const leaks = (x: unknown) => /secret/.test(JSON.stringify(x));
     for (const dir of ["..", "../..", "../../../outside", outside, "evil", "evil/sub", "a/../..", "\u0000"]) {
-      const r = await unary<ManifestResponse>((cb) => reader.manifest({ source: "h-i", set: SET, dir, blockSize: 0, digestMaxBlocks: 64 }, cb)).then(
+      const r = await unary<ManifestResponse>((cb) => reader.manifest({ source: "h-i", set: SET, dir, blockSize: 0, digestMaxBlocks: 64, digestAlgo: DigestAlgo.DIGEST_ALGO_SHA256_128 }, cb)).then(
         (v) => v,
         (e: grpc.ServiceError) => e,
       );
@@ -427,7 +427,7 @@ test("a hostile source cannot get out of its image on a real target agent", { ti
       else assert.ok(!r.exists || (r.entries.length === 0 && !leaks(r)), `listing ${JSON.stringify(dir)} showed something outside the image: ${JSON.stringify(r)}`);
     }
     for (const p of ["../../../outside/secret", path.join(outside, "secret"), "evil/secret", "a/../../../../outside/secret"]) {
-      const r = await unary<DigestsResponse>((cb) => reader.digests({ source: "h-i", set: SET, path: p, blockSize: 0 }, cb)).then(
+      const r = await unary<DigestsResponse>((cb) => reader.digests({ source: "h-i", set: SET, path: p, blockSize: 0, digestAlgo: DigestAlgo.DIGEST_ALGO_SHA256_128 }, cb)).then(
         (v) => v,
         (e: grpc.ServiceError) => e,
       );
@@ -436,7 +436,7 @@ test("a hostile source cannot get out of its image on a real target agent", { ti
     }
     // Another image's name that escapes the target root.
     for (const [source, set] of [["..", SET], ["h-i", "../../outside"], ["../outside", "x"]]) {
-      const r = await unary<ManifestResponse>((cb) => reader.manifest({ source: source!, set: set!, dir: "", blockSize: 0, digestMaxBlocks: 0 }, cb)).then(
+      const r = await unary<ManifestResponse>((cb) => reader.manifest({ source: source!, set: set!, dir: "", blockSize: 0, digestMaxBlocks: 0, digestAlgo: DigestAlgo.DIGEST_ALGO_SHA256_128 }, cb)).then(
         (v) => v,
         (e: grpc.ServiceError) => e,
       );
