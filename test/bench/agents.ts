@@ -121,11 +121,11 @@ export class BenchAgent {
   }
 
   /** CPU seconds (user, system) the agent process has used so far, from /proc; undefined when it is not running. */
-  async cpuSeconds(): Promise<{ user: number; system: number } | undefined> {
+  async cpuSeconds(): Promise<{ user: number; system: number; minorFaults: number } | undefined> {
     const s = await readFile(`/proc/${this.pid}/stat`, "utf8").catch(() => undefined);
     if (!s) return undefined;
     const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-    return { user: Number(f[11]) / 100, system: Number(f[12]) / 100 }; // utime, stime in USER_HZ (100 on Linux)
+    return { user: Number(f[11]) / 100, system: Number(f[12]) / 100, minorFaults: Number(f[7]) }; // utime, stime in USER_HZ (100 on Linux)
   }
 
   async stop(): Promise<void> {

@@ -45,8 +45,10 @@ interface AgentUse {
   cpu: number;
   user: number;
   system: number;
+  minorFaults: number;
   gc: GcStats;
 }
+type Usage = { user: number; system: number; minorFaults: number; gc: GcStats };
 
 interface Run {
   ms: number;
@@ -56,15 +58,15 @@ interface Run {
   target: AgentUse;
 }
 
-async function usage(a: BenchAgent): Promise<{ user: number; system: number; gc: GcStats }> {
-  const c = (await a.cpuSeconds()) ?? { user: NaN, system: NaN };
+async function usage(a: BenchAgent): Promise<Usage> {
+  const c = (await a.cpuSeconds()) ?? { user: NaN, system: NaN, minorFaults: NaN };
   return { ...c, gc: await a.gcStats() };
 }
 
-function used(a: { user: number; system: number; gc: GcStats }, b: { user: number; system: number; gc: GcStats }): AgentUse {
+function used(a: Usage, b: Usage): AgentUse {
   const user = b.user - a.user;
   const system = b.system - a.system;
-  return { cpu: user + system, user, system, gc: gcDelta(a.gc, b.gc) };
+  return { cpu: user + system, user, system, minorFaults: b.minorFaults - a.minorFaults, gc: gcDelta(a.gc, b.gc) };
 }
 
 /** One replicated write of `size` bytes: agents started (pinned to `cpus` when given), file written, waited for until acknowledged and equal. */
@@ -178,10 +180,11 @@ export async function benchThroughput(ctx: BenchContext): Promise<BenchResult> {
     perGiB(a ? a.gc.ms / 1000 : undefined, run),
     perGiB(a?.gc.markCompacts, run, 0),
     perGiB(a?.gc.scavenges, run, 0),
+    perGiB(a?.minorFaults, run, 0),
   ];
   res.tables.push({
     title: `CPU and garbage collection per GiB replicated (the ${fmtSize(size)} run, unpinned)`,
-    headers: ["agent", "CPU-s / GiB", "user", "system", "GC pause s / GiB", "full GCs (mark-compact) / GiB", "scavenges / GiB"],
+    headers: ["agent", "CPU-s / GiB", "user", "system", "GC pause s / GiB", "full GCs (mark-compact) / GiB", "scavenges / GiB", "page faults / GiB"],
     rows: [agentRow("source", main?.source, main), agentRow("target", main?.target, main)],
   });
   const one = pinned["0"];
