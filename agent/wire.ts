@@ -345,6 +345,15 @@ const FRAME_HEADROOM = 8;
 /** Packets with FRAME_HEADROOM bytes in front of them that belong to them alone (nobody else ever reads or writes those bytes). */
 const framable = new WeakSet<Buffer>();
 
+/**
+ * Say that the `bytes` bytes before `packet` (in its ArrayBuffer) belong to
+ * it alone, so framePacket may put its header there (journal entries read
+ * from disk: the record header precedes the packet).
+ */
+export function markFramable(packet: Buffer, bytes: number): void {
+  if (bytes >= FRAME_HEADROOM && packet.byteOffset >= bytes) framable.add(packet);
+}
+
 function withFrameHeadroom(size: number): Buffer {
   const out = Buffer.allocUnsafe(FRAME_HEADROOM + size).subarray(FRAME_HEADROOM);
   framable.add(out);

@@ -31,6 +31,12 @@ export interface JournalEntry {
   seq: number;
   payload: Buffer;
   meta: Buffer;
+  /**
+   * Bytes right before payload (in payload.buffer) that belong to this entry
+   * alone and that the caller may overwrite (read() from disk: the record
+   * header, already checked); 0 or absent: none.
+   */
+  headroom?: number;
 }
 
 export interface JournalOptions {
@@ -208,7 +214,7 @@ export class Journal {
     if (typeof rec === "string" || rec.seq !== seq) {
       throw new Error(`journal: segment ${seg.path} is corrupt at offset ${offset}: ${typeof rec === "string" ? rec : `seq ${rec.seq}, expected ${seq}`}`);
     }
-    return { seq, payload: rec.payload, meta: rec.meta };
+    return { seq, payload: rec.payload, meta: rec.meta, headroom: HEADER };
   }
 
   /**
