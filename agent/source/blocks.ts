@@ -157,7 +157,7 @@ export function clearDigestCache(): void {
  * `signal` cancels between blocks. The next read is in flight while a buffer
  * is being hashed and visited.
  */
-export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer): Promise<Buffer> {
+export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer, scratch2?: Buffer): Promise<Buffer> {
   const n = Math.ceil(size / blockSize);
   const digests = Buffer.allocUnsafe(n * DIGEST_BYTES);
   // Read several blocks per syscall: large reads are much cheaper than 64 KiB
@@ -168,7 +168,7 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
   const need = Math.min(per * blockSize, Math.max(blockSize, n * blockSize));
   const chunks = Math.ceil(n / bufBlocks);
   const bufs = [scratch && scratch.length >= need ? scratch : Buffer.allocUnsafe(need)];
-  if (chunks > 1) bufs.push(Buffer.allocUnsafe(need));
+  if (chunks > 1) bufs.push(scratch2 && scratch2 !== bufs[0] && scratch2.length >= need ? scratch2 : Buffer.allocUnsafe(need));
 
   // Fingerprints: only for large files, in runs that never straddle a read.
   let fpBlocks = Math.max(1, Math.floor(FP_BYTES / blockSize));

@@ -228,8 +228,9 @@ export class Capture {
   private readonly maxWrite: number;
   /** Recent cost of reading large files, for deferFor. */
   private readonly cost = new Map<string, { at: number; ms: number }>();
-  /** Read buffer reused for every file hashed (capture runs one file at a time). */
+  /** Read buffers reused for every file hashed (capture runs one file at a time). */
   private scratch?: Buffer;
+  private scratch2?: Buffer;
   /**
    * Buffers of maxWrite bytes for the data of Write ops, reused once their
    * packet is encoded: a fresh megabyte per Write cost page faults and, as
@@ -564,6 +565,8 @@ export class Capture {
     try {
       if (size < oldSize) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });
       this.scratch ??= Buffer.allocUnsafe(Math.max(READ_BYTES, bs));
+      // The read-ahead buffer of files larger than one read, kept too (a growing file is read again and again).
+      if (size > this.scratch.length) this.scratch2 ??= Buffer.allocUnsafe(this.scratch.length);
       const t0 = Date.now();
       const hashes = await hashBlocks(fh, size, bs, this.silent ? undefined : async (b) => {
         const was = digestAt(old, b.index);
@@ -579,7 +582,7 @@ export class Capture {
         }
         b.data.copy(pend.buf, pend.len);
         pend.len += b.data.length;
-      }, undefined, this.scratch);
+      }, undefined, this.scratch, this.scratch2);
       await flushWrite();
       if (size >= LARGE_FILE) {
         if (this.cost.size > 1000) this.cost.clear();
