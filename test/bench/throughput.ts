@@ -7,7 +7,7 @@
 // data). Both agents' CPU time and garbage collection are measured over the
 // run (from /proc and --trace-gc), per GiB replicated; then the run is
 // repeated smaller with both agents pinned (taskset) to one core and to two
-// cores, to show how it scales with cores.
+// cores, to show how it scales with cores (BENCH_NO_SCALING=1 skips those).
 import { randomFillSync } from "node:crypto";
 import { mkdir, open } from "node:fs/promises";
 import path from "node:path";
