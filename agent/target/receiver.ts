@@ -26,11 +26,13 @@ type Call = grpc.ServerDuplexStream<SourceMessage, TargetMessage>;
  * With the defaults (64 KiB per stream and per connection) one stream moves
  * a fraction of what TLS over the link can, and the receiver sends a
  * WINDOW_UPDATE every few frames; both must be raised (one alone does
- * nothing). What a window lets the source send ahead is bounded anyway by
- * the sender's own window of unacknowledged packets.
+ * nothing). They are kept to about two packets, not more: everything the
+ * windows let the source queue is read before a keepalive ping's answer
+ * behind it, and the server drops a connection whose ping goes unanswered
+ * for 2 s (with 16/64 MiB windows a loaded target did, again and again).
  */
-export const STREAM_WINDOW = 16 * 1024 * 1024;
-export const CONNECTION_WINDOW = 64 * 1024 * 1024;
+export const STREAM_WINDOW = 8 * 1024 * 1024;
+export const CONNECTION_WINDOW = 8 * 1024 * 1024;
 const widened = new WeakSet<Http2Session>();
 let warnedWindows = false;
 
