@@ -9,7 +9,7 @@
 // With oneFileSystem, directories on another file system (mount points) are
 // replicated as empty directories and nothing on other file systems is.
 import { lstat, open, readdir, readlink } from "node:fs/promises";
-import { constants as C, type BigIntStats } from "node:fs";
+import { constants as C, lstatSync, type BigIntStats } from "node:fs";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
 import type { Attr, Op, Xattr } from "../wire.ts";
@@ -209,6 +209,22 @@ async function lst(abs: string): Promise<St> {
   }
 }
 
+/**
+ * lst without the thread pool: one lstat of a cached inode costs a few
+ * microseconds, a round trip through libuv's pool far more, and a burst of
+ * events (a thousand new files) was lstat-ed one await at a time before any
+ * of it was captured.
+ */
+function lstNow(abs: string): St {
+  try {
+    return lstatSync(abs, { bigint: true, throwIfNoEntry: false }) ?? undefined;
+  } catch (e) {
+    const c = (e as NodeJS.ErrnoException).code;
+    if (c === "ENOENT" || c === "ENOTDIR") return undefined;
+    throw e;
+  }
+}
+
 export interface CaptureStats {
   ops: number;
   dataBytes: number;
@@ -328,7 +344,7 @@ export class Capture {
   async sync(paths: Iterable<[string, boolean]>): Promise<void> {
     await this.learnRootDev();
     const items: { rel: string; deep: boolean; st: St }[] = [];
-    for (const [rel, deep] of paths) items.push({ rel, deep, st: rel === "" ? undefined : await lst(this.abs(rel)) });
+    for (const [rel, deep] of paths) items.push({ rel, deep, st: rel === "" ? undefined : lstNow(this.abs(rel)) });
     // Paths that exist first, parents before children (a rename's new name must be
     // seen before its old name is taken for a deletion); then the missing ones.
     const present = items.filter((i) => i.st || i.rel === "").sort((a, b) => depth(a.rel) - depth(b.rel));
