@@ -30,14 +30,6 @@ export function packetDataLimit(bandwidth: number): number {
 /** Files at least this large are looked at less often while they change (see deferFor). */
 const LARGE_FILE = 16 * 1024 * 1024;
 const MAX_PACKET_OPS = 4096;
-/**
- * A packet is cut once its first op has waited this long for the rest of a
- * long capture pass (a burst of new files): the first files of a burst reach
- * the target without waiting for the last ones to be read.
- */
-const MAX_PACKET_AGE_MS = 5;
-/** ...unless it carries this much data already: a large write's packets stay large (4 MiB), its throughput wants that. */
-const AGED_BELOW = 1024 * 1024;
 
 /**
  * Takes a packet's ops and index deltas. The data of Write ops may live in
@@ -65,8 +57,6 @@ export class Packetizer {
   private ops: Op[] = [];
   private deltas: IndexDelta[] = [];
   private bytes = 0;
-  /** When the first op of this packet came (performance.now()). */
-  private firstAt = 0;
   /** Paths earlier ops of this packet depend on, with every directory above them. */
   private needed = new Set<string>();
   /** Buffers the ops of this packet borrowed (returned through onDone once the sink is done with them). */
@@ -83,7 +73,6 @@ export class Packetizer {
   async push(op: Op | undefined, delta?: IndexDelta, lent?: Buffer): Promise<void> {
     if (op) {
       if (this.needed.size > 0 && replaces(op) && this.needed.has(op.path)) await this.flush();
-      if (this.ops.length === 0) this.firstAt = performance.now();
       this.ops.push(op);
       if (lent) this.lent.push(lent);
       const k = op.kind;
@@ -92,7 +81,7 @@ export class Packetizer {
       else if (k?.$case === "write" || k?.$case === "truncate") this.need(op.path);
     }
     if (delta) this.deltas.push(delta);
-    if (this.bytes >= this.maxData || this.ops.length >= MAX_PACKET_OPS || (this.ops.length > 0 && this.bytes < AGED_BELOW && performance.now() - this.firstAt >= MAX_PACKET_AGE_MS)) await this.flush();
+    if (this.bytes >= this.maxData || this.ops.length >= MAX_PACKET_OPS) await this.flush();
   }
   async alone(op: Op, delta: IndexDelta): Promise<void> {
     await this.flush();
