@@ -9,7 +9,7 @@ import {
   OpBatch,
   Packet,
   ReplicationClient,
-  ReplicationService,
+  ReplicationService as GeneratedReplicationService,
   SourceMessage,
   TargetMessage,
   Nack_Reason,
@@ -38,7 +38,7 @@ export const AGENT_VERSION: string = pkg.version;
 /** Largest gRPC message either side accepts (a packet holds at most ~4 MiB of data). */
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
-export { ReplicationClient, ReplicationService, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet, SetSpec, DigestAlgo };
+export { ReplicationClient, ControlClient, ControlService, SourceMessage, TargetMessage, Nack_Reason, OpBatch, Packet, SetSpec, DigestAlgo };
 export type { Attr, Op, Xattr, ReplicationServer, ControlServer, StatusResponse, SourceSetStatus, TargetStatus, ImageStatus, ManifestEntryMsg, ManifestResponse, DigestsResponse, SummaryResponse, Welcome, MirrorProgress, VerifyReport, Difference };
 export type OpKind = NonNullable<Op["kind"]>["$case"];
 
@@ -77,7 +77,7 @@ export function encodePacketPayload(seq: number, ops: Op[], level: CompressionLe
   const rawSize = enc.bytes;
   // The uncompressed packet: seq, body, rawSize (compression NONE is the default: not written).
   const head = (seq !== 0 ? 1 + varintSize(seq) : 0) + (rawSize ? 1 + varintSize(rawSize) : 0);
-  const out = Buffer.allocUnsafe(head + rawSize + (rawSize ? 1 + varintSize(rawSize) : 0));
+  const out = withFrameHeadroom(head + rawSize + (rawSize ? 1 + varintSize(rawSize) : 0));
   let pos = 0;
   if (seq !== 0) pos = putVarint(out, putVarint(out, pos, 0x08), seq);
   if (rawSize) pos = putVarint(out, putVarint(out, pos, 0x1a), rawSize);
@@ -249,14 +249,14 @@ export function decodePacket(p: Packet): Op[] {
     }
   } else throw new PacketError(`packet ${p.seq}: unknown compression ${p.compression}`);
   if (raw.length !== p.rawSize) throw new PacketError(`packet ${p.seq}: body is ${raw.length} bytes, header says ${p.rawSize}`);
-  let batch: OpBatch;
+  let ops: Op[];
   try {
-    batch = OpBatch.decode(raw);
+    ops = readOpBatchView(raw) ?? OpBatch.decode(raw).ops;
   } catch (e) {
     throw new PacketError(`packet ${p.seq}: body is not a valid op batch: ${(e as Error).message}`);
   }
-  for (const [i, op] of batch.ops.entries()) if (!op.kind) throw new PacketError(`packet ${p.seq}: op ${i} (${JSON.stringify(op.path)}) has no kind`);
-  return batch.ops;
+  for (const [i, op] of ops.entries()) if (!op.kind) throw new PacketError(`packet ${p.seq}: op ${i} (${JSON.stringify(op.path)}) has no kind`);
+  return ops;
 }
 
 /** A Buffer view of bytes, without copying them. */
@@ -321,9 +321,9 @@ export function versionMismatch(local: number, remote: number, who: string): str
  */
 export const PacketStreamClient = grpcMakeClient(
   {
-    ...ReplicationService,
+    ...GeneratedReplicationService,
     replicate: {
-      ...ReplicationService.replicate,
+      ...GeneratedReplicationService.replicate,
       requestSerialize: (v: SourceMessage | Buffer | EncodedSourceMessage): Buffer => (v instanceof EncodedSourceMessage ? v.bytes : Buffer.isBuffer(v) ? framePacket(v) : Buffer.from(SourceMessage.encode(v).finish())),
     },
   },
@@ -336,13 +336,180 @@ export const PacketStreamClient = grpcMakeClient(
 
 export type ReplicationStreamClient = InstanceType<typeof PacketStreamClient>;
 
-export function framePacket(packetBytes: Buffer): Buffer {
-  let n = packetBytes.length;
-  const head = [0x12];
-  while (n >= 0x80) {
-    head.push((n & 0x7f) | 0x80);
-    n >>>= 7;
-  }
-  head.push(n);
-  return Buffer.concat([Buffer.from(head), packetBytes]);
+/**
+ * Bytes kept free in front of packets encodePacketPayload builds, so that
+ * framePacket can put the SourceMessage header there instead of copying the
+ * packet (megabytes) into a new buffer: a field tag and a length varint (at
+ * most 5 bytes for a packet below 4 GiB).
+ */
+const FRAME_HEADROOM = 8;
+/** Packets with FRAME_HEADROOM bytes in front of them that belong to them alone (nobody else ever reads or writes those bytes). */
+const framable = new WeakSet<Buffer>();
+
+/**
+ * Say that the `bytes` bytes before `packet` (in its ArrayBuffer) belong to
+ * it alone, so framePacket may put its header there (journal entries read
+ * from disk: the record header precedes the packet).
+ */
+export function markFramable(packet: Buffer, bytes: number): void {
+  if (bytes >= FRAME_HEADROOM && packet.byteOffset >= bytes) framable.add(packet);
 }
+
+function withFrameHeadroom(size: number): Buffer {
+  const out = Buffer.allocUnsafe(FRAME_HEADROOM + size).subarray(FRAME_HEADROOM);
+  framable.add(out);
+  return out;
+}
+
+/**
+ * SourceMessage { packet } of an encoded Packet. A packet built by
+ * encodePacketPayload is framed in place (the header goes into its headroom:
+ * every caller writes the same bytes there, they depend on the length only);
+ * any other is copied behind the header.
+ */
+export function framePacket(packetBytes: Buffer): Buffer {
+  const n = packetBytes.length;
+  const hl = 1 + varintSize(n);
+  if (framable.has(packetBytes) && hl <= FRAME_HEADROOM) {
+    const framed = Buffer.from(packetBytes.buffer, packetBytes.byteOffset - hl, hl + n);
+    putVarint(framed, 1, n);
+    framed[0] = 0x12;
+    return framed;
+  }
+  const out = Buffer.allocUnsafe(hl + n);
+  out[0] = 0x12;
+  putVarint(out, 1, n);
+  packetBytes.copy(out, hl);
+  return out;
+}
+
+// ---- decoding without copies (target side) ----
+//
+// The generated decoders copy every bytes field (Buffer.from(reader.bytes())):
+// a packet's body once, then each Write's data again. The two shapes that
+// carry file data in bulk, SourceMessage { packet } and Write ops, are
+// decoded here by hand into views of the received message; anything else, or
+// anything these readers do not understand (unknown fields, numbers beyond
+// 2^53, malformed input), goes to the generated decoder, which decides as
+// before (including how it fails).
+
+/** A cursor over protobuf bytes; `bad` is set (and reading stops making sense) on anything unexpected. */
+class Cursor {
+  pos: number;
+  bad = false;
+  readonly b: Buffer;
+  readonly end: number;
+  constructor(b: Buffer, pos = 0, end = b.length) {
+    this.b = b;
+    this.pos = pos;
+    this.end = end;
+  }
+  /** A varint up to 2^53 - 1; sets bad beyond that or when cut short. */
+  varint(): number {
+    let n = 0;
+    let mul = 1;
+    for (let i = 0; i < 8; i++) {
+      if (this.pos >= this.end) break;
+      const c = this.b[this.pos++]!;
+      n += (c & 0x7f) * mul;
+      if (c < 0x80) {
+        if (n > Number.MAX_SAFE_INTEGER) break;
+        return n;
+      }
+      mul *= 128;
+    }
+    this.bad = true;
+    return 0;
+  }
+  /** The bytes of a length-delimited field, as a view. */
+  bytes(): Buffer {
+    const n = this.varint();
+    if (this.bad || n > this.end - this.pos) {
+      this.bad = true;
+      return EMPTY;
+    }
+    const v = this.b.subarray(this.pos, this.pos + n);
+    this.pos += n;
+    return v;
+  }
+}
+
+const EMPTY = Buffer.alloc(0);
+const utf8 = new TextDecoder();
+
+/** Packet from bytes, its body a view; undefined when the fast reader does not fully understand it. */
+function readPacketView(b: Buffer): Packet | undefined {
+  const c = new Cursor(b);
+  const p: Packet = { seq: 0, compression: 0, body: EMPTY, rawSize: 0 };
+  while (c.pos < c.end && !c.bad) {
+    const tag = c.varint();
+    if (tag === 0x08) p.seq = c.varint();
+    else if (tag === 0x10) p.compression = c.varint() as Compression;
+    else if (tag === 0x1a) p.body = c.bytes();
+    else if (tag === 0x20) p.rawSize = c.varint();
+    else return undefined;
+  }
+  if (c.bad || p.compression > 0x7fffffff || p.rawSize > 0xffffffff) return undefined;
+  return p;
+}
+
+/** SourceMessage decoder for the server: packets without copying their body, everything else as generated. */
+function decodeSourceMessage(b: Buffer): SourceMessage {
+  if (b.length > 0 && b[0] === 0x12) {
+    const c = new Cursor(b, 1);
+    const body = c.bytes();
+    if (!c.bad && c.pos === b.length) {
+      const p = readPacketView(body);
+      if (p) return { msg: { $case: "packet", value: p } };
+    }
+  }
+  return SourceMessage.decode(b);
+}
+
+/** An Op that is a Write (path + write only), with its data as a view; undefined for anything else. */
+function readWriteOpView(b: Buffer): Op | undefined {
+  const c = new Cursor(b);
+  let path = "";
+  let write: { offset: number; data: Buffer } | undefined;
+  while (c.pos < c.end && !c.bad) {
+    const tag = c.varint();
+    if (tag === 0x0a) path = utf8.decode(c.bytes());
+    else if (tag === 98) {
+      const w = new Cursor(c.bytes());
+      if (c.bad) return undefined;
+      write = { offset: 0, data: EMPTY };
+      while (w.pos < w.end && !w.bad) {
+        const t = w.varint();
+        if (t === 0x08) write.offset = w.varint();
+        else if (t === 0x12) write.data = w.bytes();
+        else return undefined;
+      }
+      if (w.bad) return undefined;
+    } else return undefined;
+  }
+  if (c.bad || !write) return undefined;
+  return { path, kind: { $case: "write", value: write } };
+}
+
+/** OpBatch with Write data as views of raw; undefined when the fast reader does not fully understand it. */
+function readOpBatchView(raw: Buffer): Op[] | undefined {
+  const c = new Cursor(raw);
+  const ops: Op[] = [];
+  while (c.pos < c.end) {
+    if (c.varint() !== 0x0a) return undefined;
+    const ob = c.bytes();
+    if (c.bad) return undefined;
+    // Not a Write: the generated decoder (these ops are small).
+    ops.push(readWriteOpView(ob) ?? Op.decode(ob));
+  }
+  return ops;
+}
+
+/**
+ * The Replication service as the server registers it: its requests are
+ * decoded with decodeSourceMessage (packet bodies are not copied).
+ */
+export const ReplicationService: typeof GeneratedReplicationService = {
+  ...GeneratedReplicationService,
+  replicate: { ...GeneratedReplicationService.replicate, requestDeserialize: decodeSourceMessage },
+};

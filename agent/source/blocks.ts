@@ -195,7 +195,7 @@ export function clearDigestCache(): void {
  * is being hashed and visited. `algo`: which digest; `reread`: false for a
  * one-off read of the file (no fingerprints, nothing cached).
  */
-export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer, algo: DigestAlgo = CHANGE_DIGEST, reread = true): Promise<Buffer> {
+export async function hashBlocks(fh: FileHandle, size: number, blockSize: number, visit?: (b: BlockVisit) => void | Promise<void>, signal?: AbortSignal, scratch?: Buffer, algo: DigestAlgo = CHANGE_DIGEST, reread = true, scratch2?: Buffer): Promise<Buffer> {
   const n = Math.ceil(size / blockSize);
   const digests = Buffer.allocUnsafe(n * DIGEST_BYTES);
   // Read several blocks per syscall: large reads are much cheaper than 64 KiB
@@ -206,7 +206,7 @@ export async function hashBlocks(fh: FileHandle, size: number, blockSize: number
   const need = Math.min(per * blockSize, Math.max(blockSize, n * blockSize));
   const chunks = Math.ceil(n / bufBlocks);
   const bufs = [scratch && scratch.length >= need ? scratch : Buffer.allocUnsafe(need)];
-  if (chunks > 1) bufs.push(Buffer.allocUnsafe(need));
+  if (chunks > 1) bufs.push(scratch2 && scratch2 !== bufs[0] && scratch2.length >= need ? scratch2 : Buffer.allocUnsafe(need));
 
   // Fingerprints: only for large files, in runs that never straddle a read.
   let fpBlocks = Math.max(1, Math.floor(FP_BYTES / blockSize));

@@ -9,7 +9,7 @@
 // With oneFileSystem, directories on another file system (mount points) are
 // replicated as empty directories and nothing on other file systems is.
 import { lstat, open, readdir, readlink } from "node:fs/promises";
-import { constants as C, type BigIntStats } from "node:fs";
+import { constants as C, lstatSync, type BigIntStats } from "node:fs";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
 import type { Attr, Op, Xattr } from "../wire.ts";
@@ -31,7 +31,15 @@ export function packetDataLimit(bandwidth: number): number {
 const LARGE_FILE = 16 * 1024 * 1024;
 const MAX_PACKET_OPS = 4096;
 
+/**
+ * Takes a packet's ops and index deltas. The data of Write ops may live in
+ * buffers capture reuses once the sink has resolved: a sink that keeps ops
+ * beyond that must copy their data (the agent's sink encodes them at once).
+ */
 export type PacketSink = (ops: Op[], deltas: IndexDelta[]) => Promise<void>;
+
+/** Write data buffers at least this large are taken from (and given back to) capture's pool. */
+const POOLED_WRITE = 64 * 1024;
 
 /**
  * Groups ops into packets so that replaying a packet stays idempotent. A
@@ -51,16 +59,22 @@ export class Packetizer {
   private bytes = 0;
   /** Paths earlier ops of this packet depend on, with every directory above them. */
   private needed = new Set<string>();
+  /** Buffers the ops of this packet borrowed (returned through onDone once the sink is done with them). */
+  private lent: Buffer[] = [];
   private readonly sink: PacketSink;
   private readonly maxData: number;
-  constructor(sink: PacketSink, maxData = MAX_PACKET_DATA) {
+  private readonly onDone?: (lent: Buffer[]) => void;
+  constructor(sink: PacketSink, maxData = MAX_PACKET_DATA, onDone?: (lent: Buffer[]) => void) {
     this.sink = sink;
     this.maxData = maxData;
+    this.onDone = onDone;
   }
-  async push(op: Op | undefined, delta?: IndexDelta): Promise<void> {
+  /** `lent`: a buffer op's data lives in, handed back (onDone) when the packet has gone to the sink. */
+  async push(op: Op | undefined, delta?: IndexDelta, lent?: Buffer): Promise<void> {
     if (op) {
       if (this.needed.size > 0 && replaces(op) && this.needed.has(op.path)) await this.flush();
       this.ops.push(op);
+      if (lent) this.lent.push(lent);
       const k = op.kind;
       if (k?.$case === "write") this.bytes += k.value.data.length;
       if (k?.$case === "link") this.need(k.value.existing);
@@ -78,11 +92,17 @@ export class Packetizer {
     if (this.ops.length === 0 && this.deltas.length === 0) return;
     const ops = this.ops;
     const deltas = this.deltas;
+    const lent = this.lent;
     this.ops = [];
     this.deltas = [];
+    this.lent = [];
     this.bytes = 0;
     this.needed.clear();
-    await this.sink(ops, deltas);
+    try {
+      await this.sink(ops, deltas);
+    } finally {
+      if (lent.length) this.onDone?.(lent);
+    }
   }
   private need(rel: string): void {
     for (let p = rel; p !== "." && p !== "" && !this.needed.has(p); p = path.posix.dirname(p)) this.needed.add(p);
@@ -178,6 +198,22 @@ async function lst(abs: string): Promise<St> {
   }
 }
 
+/**
+ * lst without the thread pool: one lstat of a cached inode costs a few
+ * microseconds, a round trip through libuv's pool far more, and a burst of
+ * events (a thousand new files) was lstat-ed one await at a time before any
+ * of it was captured.
+ */
+function lstNow(abs: string): St {
+  try {
+    return lstatSync(abs, { bigint: true, throwIfNoEntry: false }) ?? undefined;
+  } catch (e) {
+    const c = (e as NodeJS.ErrnoException).code;
+    if (c === "ENOENT" || c === "ENOTDIR") return undefined;
+    throw e;
+  }
+}
+
 export interface CaptureStats {
   ops: number;
   dataBytes: number;
@@ -197,15 +233,29 @@ export class Capture {
   private readonly maxWrite: number;
   /** Recent cost of reading large files, for deferFor. */
   private readonly cost = new Map<string, { at: number; ms: number }>();
-  /** Read buffer reused for every file hashed (capture runs one file at a time). */
+  /** Read buffers reused for every file hashed (capture runs one file at a time). */
   private scratch?: Buffer;
+  private scratch2?: Buffer;
+  /**
+   * Buffers of maxWrite bytes for the data of Write ops, reused once their
+   * packet is encoded: a fresh megabyte per Write cost page faults and, as
+   * external memory, full garbage collections (a large write made hundreds).
+   */
+  private readonly pool: Buffer[] = [];
+  private readonly poolKeep: number;
   /** The set root's device (oneFileSystem). */
   private rootDev?: bigint;
 
   constructor(o: CaptureOptions) {
     this.o = o;
-    this.out = new Packetizer(o.sink, o.maxPacketData);
     this.maxWrite = Math.min(MAX_WRITE, o.maxPacketData ?? MAX_WRITE);
+    // A packet holds at most maxPacketData / maxWrite full Writes (plus partial ones): that many buffers, and a few more, are kept.
+    this.poolKeep = Math.ceil((o.maxPacketData ?? MAX_PACKET_DATA) / this.maxWrite) + 2;
+    this.out = new Packetizer(o.sink, o.maxPacketData, (lent) => this.giveBack(lent));
+  }
+
+  private giveBack(lent: Buffer[]): void {
+    for (const b of lent) if (this.pool.length < this.poolKeep && b.length === this.maxWrite) this.pool.push(b);
   }
 
   private abs(rel: string): string {
@@ -228,15 +278,18 @@ export class Capture {
     return { xs, changed: xs !== undefined && xattrDigest(xs) !== e?.xa };
   }
 
-  private async emit(op: Op | undefined, delta?: IndexDelta): Promise<void> {
+  private async emit(op: Op | undefined, delta?: IndexDelta, lent?: Buffer): Promise<void> {
     if (delta) this.o.index.apply(delta);
-    if (this.silent) return;
+    if (this.silent) {
+      if (lent) this.giveBack([lent]);
+      return;
+    }
     if (op) {
       this.stats.ops++;
       if (op.kind?.$case === "write") this.stats.dataBytes += op.kind.value.data.length;
     }
     if (op?.kind?.$case === "rename" && delta) await this.out.alone(op, delta);
-    else await this.out.push(op, delta);
+    else await this.out.push(op, delta, lent);
   }
 
   /** Compare the whole tree with the index (start-up, periodic safety net). */
@@ -295,7 +348,7 @@ export class Capture {
   async sync(paths: Iterable<[string, boolean]>): Promise<void> {
     await this.learnRootDev();
     const items: { rel: string; deep: boolean; st: St }[] = [];
-    for (const [rel, deep] of paths) items.push({ rel, deep, st: rel === "" ? undefined : await lst(this.abs(rel)) });
+    for (const [rel, deep] of paths) items.push({ rel, deep, st: rel === "" ? undefined : lstNow(this.abs(rel)) });
     // Paths that exist first, parents before children (a rename's new name must be
     // seen before its old name is taken for a deletion); then the missing ones.
     const present = items.filter((i) => i.st || i.rel === "").sort((a, b) => depth(a.rel) - depth(b.rel));
@@ -527,20 +580,22 @@ export class Capture {
     if (fresh) await this.emit({ path: rel, kind: { $case: "create", value: { attr: attrOf(st) } } });
     const size = Number(st.size);
     // Changed blocks are copied once, straight into the data of the Write op they join.
-    let pend: { offset: number; buf: Buffer; len: number } | undefined;
+    let pend: { offset: number; buf: Buffer; len: number; pooled: boolean } | undefined;
     // Time spent handing writes on (journal, queue back-pressure) is not the read's cost: deferFor bounds re-reads only.
     let emitMs = 0;
     const flushWrite = async () => {
       if (!pend) return;
-      const data = pend.buf.subarray(0, pend.len);
-      const e0 = Date.now();
-      await this.emit({ path: rel, kind: { $case: "write", value: { offset: pend.offset, data } } });
-      emitMs += Date.now() - e0;
+      const p = pend;
       pend = undefined;
+      const e0 = Date.now();
+      await this.emit({ path: rel, kind: { $case: "write", value: { offset: p.offset, data: p.buf.subarray(0, p.len) } } }, undefined, p.pooled ? p.buf : undefined);
+      emitMs += Date.now() - e0;
     };
     try {
       if (size < oldSize) await this.emit({ path: rel, kind: { $case: "truncate", value: { size } } });
       this.scratch ??= Buffer.allocUnsafe(Math.max(READ_BYTES, bs));
+      // The read-ahead buffer of files larger than one read, kept too (a growing file is read again and again).
+      if (size > this.scratch.length) this.scratch2 ??= Buffer.allocUnsafe(this.scratch.length);
       const t0 = Date.now();
       const hashes = await hashBlocks(fh, size, bs, this.silent ? undefined : async (b) => {
         const was = digestAt(old, b.index);
@@ -549,10 +604,14 @@ export class Capture {
         // Beyond the target's old end, zero blocks stay holes; the final truncate sets the size.
         if (b.offset >= oldSize && isZero(b.data)) return flushWrite();
         if (pend && (pend.offset + pend.len !== b.offset || pend.len + b.data.length > this.maxWrite)) await flushWrite();
-        if (!pend) pend = { offset: b.offset, buf: Buffer.allocUnsafe(Math.max(bs, Math.min(this.maxWrite, size - b.offset))), len: 0 };
+        if (!pend) {
+          const want = Math.max(bs, Math.min(this.maxWrite, size - b.offset));
+          const pooled = want >= POOLED_WRITE && want <= this.maxWrite;
+          pend = { offset: b.offset, buf: pooled ? (this.pool.pop() ?? Buffer.allocUnsafeSlow(this.maxWrite)) : Buffer.allocUnsafe(want), len: 0, pooled };
+        }
         b.data.copy(pend.buf, pend.len);
         pend.len += b.data.length;
-      }, undefined, this.scratch);
+      }, undefined, this.scratch, undefined, undefined, this.scratch2);
       await flushWrite();
       if (size >= LARGE_FILE) {
         if (this.cost.size > 1000) this.cost.clear();

@@ -11,7 +11,7 @@ import { dialOptions } from "../../common/tls.ts";
 import { Backoff, sleep } from "../../common/retry.ts";
 import type { Journal } from "../queue/journal.ts";
 import { randomUUID } from "node:crypto";
-import { AGENT_VERSION, MAX_MESSAGE_BYTES, encodeMirrorOps, PROTOCOL_VERSION, Nack_Reason, PacketStreamClient, versionMismatch, type MirrorProgress, type Op, type ReplicationStreamClient, type TargetMessage, type Welcome } from "../wire.ts";
+import { AGENT_VERSION, MAX_MESSAGE_BYTES, encodeMirrorOps, markFramable, PROTOCOL_VERSION, Nack_Reason, PacketStreamClient, versionMismatch, type MirrorProgress, type Op, type ReplicationStreamClient, type TargetMessage, type Welcome } from "../wire.ts";
 import { Mirror, type MirrorMode, type MirrorSource, type MirrorTarget } from "../mirror/mirror.ts";
 
 const WINDOW_PACKETS = 512;
@@ -419,6 +419,8 @@ export class Sender {
             throw new Error(`journal entry ${cursor} is gone (journal starts at ${journal.firstSeq}); resynchronising with a mirror`);
           }
           await this.throttle.take(e.payload.length, this.abort.signal);
+          // Read from disk: the packet is framed in the record header's place instead of copied.
+          if (e.headroom) markFramable(e.payload, e.headroom);
           const ok = call.write(e.payload);
           inflight.push([cursor, e.payload.length]);
           inflightBytes += e.payload.length;

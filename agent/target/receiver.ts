@@ -4,6 +4,7 @@
 // dropped), and acknowledge only what has been made durable.
 import * as grpc from "@grpc/grpc-js";
 import { readFile, rename, writeFile, mkdir } from "node:fs/promises";
+import type { Http2Session } from "node:http2";
 import path from "node:path";
 import type { Logger } from "../../common/log.ts";
 import { peerCommonName } from "../../common/tls.ts";
@@ -19,6 +20,47 @@ const TRACE_OPS = process.env.UNDERSTUDY_TRACE_OPS === "1";
 const NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 
 type Call = grpc.ServerDuplexStream<SourceMessage, TargetMessage>;
+
+/**
+ * HTTP/2 receive windows of a connection that carries replication streams.
+ * With the defaults (64 KiB per stream and per connection) one stream moves
+ * a fraction of what TLS over the link can, and the receiver sends a
+ * WINDOW_UPDATE every few frames; both must be raised (one alone does
+ * nothing). They are kept to about two packets, not more: everything the
+ * windows let the source queue is read before a keepalive ping's answer
+ * behind it, and the server drops a connection whose ping goes unanswered
+ * for 2 s (with 16/64 MiB windows a loaded target did, again and again).
+ */
+export const STREAM_WINDOW = 8 * 1024 * 1024;
+export const CONNECTION_WINDOW = 8 * 1024 * 1024;
+const widened = new WeakSet<Http2Session>();
+let warnedWindows = false;
+
+/**
+ * Raise the receive windows of the HTTP/2 session a server call arrived on.
+ * grpc-js has options for this on the client only, so the session is found
+ * through the call (best effort: a grpc-js whose call objects look different
+ * keeps the default windows, and replication is only slower).
+ */
+export function raiseReceiveWindows(call: object): boolean {
+  let c = (call as { call?: unknown }).call;
+  for (let i = 0; i < 8 && c && typeof c === "object"; i++) {
+    const session = (c as { stream?: { session?: Http2Session } }).stream?.session;
+    if (session) {
+      if (widened.has(session) || session.destroyed) return true;
+      widened.add(session);
+      try {
+        session.setLocalWindowSize(CONNECTION_WINDOW);
+        session.settings({ initialWindowSize: STREAM_WINDOW });
+      } catch {
+        return false;
+      }
+      return true;
+    }
+    c = (c as { nextCall?: unknown }).nextCall;
+  }
+  return false;
+}
 
 export interface ReceiverOptions {
   name: string;
@@ -178,6 +220,10 @@ export class Receiver {
 
   private async serve(call: Call): Promise<void> {
     const session = new Session(call);
+    if (!raiseReceiveWindows(call) && !warnedWindows) {
+      warnedWindows = true;
+      this.log.warn("could not raise the HTTP/2 receive windows of replication streams (grpc-js internals changed?): replication runs with the 64 KiB defaults, slower");
+    }
     const it = call[Symbol.asyncIterator]() as AsyncIterator<SourceMessage>;
     const first = await it.next().catch(() => undefined);
     if (!first || first.done) return session.fail(grpc.status.INVALID_ARGUMENT, "the stream ended before Hello");

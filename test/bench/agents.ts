@@ -21,11 +21,11 @@ export class BenchAgent {
   readonly port: number;
   readonly logPath: string;
   readonly tls: TlsConfig;
+  /** Extra node options (e.g. --trace-gc) and a CPU list to pin the process to with taskset ("0", "0,1"). */
+  nodeArgs: string[] = [];
+  cpus?: string;
   private proc?: ChildProcess;
   private exited?: Promise<void>;
-
-  /** `taskset -c` CPU list the agent is pinned to (undefined: not pinned) */
-  readonly cpus?: string;
 
   constructor(o: { name: string; configPath: string; port: number; logPath: string; tls: TlsConfig; cpus?: string }) {
     this.cpus = o.cpus;
@@ -53,8 +53,9 @@ export class BenchAgent {
     const fd = openSync(this.logPath, "a");
     // BENCH_CPU_PROF=<dir>: V8 CPU profiles of the agents (one .cpuprofile per process, written on exit), for finding where the time goes.
     const prof = process.env.BENCH_CPU_PROF ? ["--cpu-prof", `--cpu-prof-dir=${path.resolve(process.env.BENCH_CPU_PROF)}`, `--cpu-prof-name=${this.name}-${Date.now()}.cpuprofile`] : [];
-    const argv = [process.execPath, ...prof, CLI, "agent", "--config", this.configPath];
-    if (this.cpus) argv.unshift("taskset", "-c", this.cpus);
+    const argv = [process.execPath, ...this.nodeArgs, ...prof, CLI, "agent", "--config", this.configPath];
+    // taskset execs node: the pid stays the agent's.
+    if (this.cpus !== undefined) argv.unshift("taskset", "-c", this.cpus);
     const p = spawn(argv[0]!, argv.slice(1), { stdio: ["ignore", fd, fd], env: { ...AGENT_ENV, ...process.env, UNDERSTUDY_LOG_LEVEL: process.env.UNDERSTUDY_LOG_LEVEL ?? "info" } });
     closeSync(fd);
     this.proc = p;
@@ -98,16 +99,34 @@ export class BenchAgent {
     return out;
   }
 
+  /**
+   * Garbage collection so far, from the --trace-gc lines in its log (start
+   * the agent with nodeArgs ["--trace-gc"]): main-thread pause time (plus
+   * incremental marking steps), and how many full mark-compacts and
+   * scavenges. Take two and subtract for an interval.
+   */
+  async gcStats(): Promise<GcStats> {
+    const out: GcStats = { ms: 0, markCompacts: 0, scavenges: 0 };
+    for (const line of (await readFile(this.logPath, "utf8").catch(() => "")).split("\n")) {
+      const m = GC_LINE.exec(line);
+      if (!m) continue;
+      out.ms += Number(m[2]) + Number(INCREMENTAL.exec(line)?.[1] ?? 0);
+      if (m[1]!.startsWith("Mark-Compact")) out.markCompacts++;
+      else out.scavenges++;
+    }
+    return out;
+  }
+
   async logTail(lines = 20): Promise<string> {
     return (await readFile(this.logPath, "utf8").catch(() => "")).split("\n").slice(-lines).join("\n");
   }
 
   /** CPU seconds (user, system) the agent process has used so far, from /proc; undefined when it is not running. */
-  async cpuSeconds(): Promise<{ user: number; system: number } | undefined> {
+  async cpuSeconds(): Promise<{ user: number; system: number; minorFaults: number } | undefined> {
     const s = await readFile(`/proc/${this.pid}/stat`, "utf8").catch(() => undefined);
     if (!s) return undefined;
     const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
-    return { user: Number(f[11]) / 100, system: Number(f[12]) / 100 }; // utime, stime in USER_HZ (100 on Linux)
+    return { user: Number(f[11]) / 100, system: Number(f[12]) / 100, minorFaults: Number(f[7]) }; // utime, stime in USER_HZ (100 on Linux)
   }
 
   async stop(): Promise<void> {
@@ -122,6 +141,20 @@ export class BenchAgent {
     await this.exited;
     clearTimeout(t);
   }
+}
+
+export interface GcStats {
+  ms: number;
+  markCompacts: number;
+  scavenges: number;
+}
+
+/** A --trace-gc line: "[pid:0x..]  1234 ms: Mark-Compact 10.0 (13.0) -> 8.0 (12.0) MB, pooled: 0 MB, 4.56 / 0.00 ms ..." */
+const GC_LINE = /\d+ ms: (Scavenge|Minor Mark-Sweep|Mark-Compact(?: \(reduce\))?) .*? MB, (?:pooled: [\d.]+ MB, )?([\d.]+) \/ [\d.]+ ms/;
+const INCREMENTAL = /\(\+ ([\d.]+) ms in \d+ steps/;
+
+export function gcDelta(a: GcStats, b: GcStats): GcStats {
+  return { ms: b.ms - a.ms, markCompacts: b.markCompacts - a.markCompacts, scavenges: b.scavenges - a.scavenges };
 }
 
 /**

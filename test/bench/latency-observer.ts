@@ -4,18 +4,22 @@
 // safety net) and, each time a file may have changed, re-reads it and notes
 // the first time every record (or header value) is seen. Times come from the
 // same monotonic clock as the writer's (util.ts nowMs), so they compare.
-import { readFileSync, watch, type FSWatcher } from "node:fs";
+import { readdirSync, readFileSync, watch, type FSWatcher } from "node:fs";
 import path from "node:path";
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
-import { FILES, RECORD, decodeRecord, fileName, type Observations } from "./latency-workload.ts";
+import { FILES, RECORD, decodeRecord, fileName, isWholeNewFile, newFileSeq, type Observations } from "./latency-workload.ts";
 import { nowMs } from "./util.ts";
 
 const POLL_MS = 20;
 const ROLE = "latency-observer";
 
+/** Listing the new-files directory as a safety net is costlier than re-reading 16 files: less often. */
+const NEW_FILES_POLL_MS = 100;
+
 type Request = { type: "progress" } | { type: "finish" };
-export type Progress = { appends: number; headers: number[] };
+export type Progress = { appends: number; headers: number[]; newFiles: number };
 type Reply = { type: "ready" } | ({ type: "progress" } & Progress) | ({ type: "result" } & Observations) | { type: "error"; message: string };
+type Mode = "records" | "new-files";
 
 /** Handle on an observer thread watching `dir`. */
 export class Observer {
@@ -35,8 +39,9 @@ export class Observer {
     });
   }
 
-  static async start(dir: string): Promise<Observer> {
-    const o = new Observer(new Worker(new URL(import.meta.url), { workerData: { role: ROLE, dir } }));
+  /** mode "records": the 16 record files in dir; "new-files": new files appearing in dir (latency-workload's new-file workload). */
+  static async start(dir: string, mode: Mode = "records"): Promise<Observer> {
+    const o = new Observer(new Worker(new URL(import.meta.url), { workerData: { role: ROLE, dir, mode } }));
     await o.next();
     return o;
   }
@@ -63,12 +68,61 @@ export class Observer {
     const r = await p;
     await this.worker.terminate();
     if (r.type !== "result") throw new Error(`observer answered ${r.type}`);
-    return { appendSeen: r.appendSeen, headerSeen: r.headerSeen };
+    return { appendSeen: r.appendSeen, headerSeen: r.headerSeen, newFileSeen: r.newFileSeen };
   }
 
   async kill(): Promise<void> {
     await this.worker.terminate();
   }
+}
+
+/** The worker's body for new files: note when each file is first seen whole. */
+function observeNewFiles(dir: string): void {
+  const port = parentPort!;
+  const seen = new Map<number, number>();
+  const check = (name: string) => {
+    const seq = newFileSeq(name);
+    if (seq === undefined || seen.has(seq)) return;
+    let buf: Buffer;
+    try {
+      buf = readFileSync(path.join(dir, name));
+    } catch {
+      return; // not there yet
+    }
+    if (isWholeNewFile(buf, seq)) seen.set(seq, nowMs());
+  };
+  const scanAll = () => {
+    let names: string[];
+    try {
+      names = readdirSync(dir);
+    } catch {
+      return;
+    }
+    for (const n of names) check(n);
+  };
+  let watcher: FSWatcher;
+  try {
+    watcher = watch(dir, (_event, name) => {
+      if (name == null) scanAll();
+      else check(name.toString());
+    });
+  } catch (e) {
+    port.postMessage({ type: "error", message: `cannot watch ${dir}: ${(e as Error).message}` } satisfies Reply);
+    return;
+  }
+  const poll = setInterval(scanAll, NEW_FILES_POLL_MS);
+  scanAll();
+  port.on("message", (m: Request) => {
+    if (m.type === "progress") {
+      port.postMessage({ type: "progress", appends: 0, headers: [], newFiles: seen.size } satisfies Reply);
+    } else if (m.type === "finish") {
+      scanAll();
+      clearInterval(poll);
+      watcher.close();
+      port.postMessage({ type: "result", appendSeen: [], headerSeen: [], newFileSeen: [...seen] } satisfies Reply);
+    }
+  });
+  port.postMessage({ type: "ready" } satisfies Reply);
 }
 
 /** The worker's body: watch, read, record. */
@@ -120,15 +174,19 @@ function observe(dir: string): void {
   scanAll();
   port.on("message", (m: Request) => {
     if (m.type === "progress") {
-      port.postMessage({ type: "progress", appends: appendSeen.size, headers: [...lastHeader] } satisfies Reply);
+      port.postMessage({ type: "progress", appends: appendSeen.size, headers: [...lastHeader], newFiles: 0 } satisfies Reply);
     } else if (m.type === "finish") {
       scanAll();
       clearInterval(poll);
       watcher.close();
-      port.postMessage({ type: "result", appendSeen: [...appendSeen], headerSeen } satisfies Reply);
+      port.postMessage({ type: "result", appendSeen: [...appendSeen], headerSeen, newFileSeen: [] } satisfies Reply);
     }
   });
   port.postMessage({ type: "ready" } satisfies Reply);
 }
 
-if (!isMainThread && (workerData as { role?: string } | null)?.role === ROLE) observe((workerData as { dir: string }).dir);
+if (!isMainThread && (workerData as { role?: string } | null)?.role === ROLE) {
+  const w = workerData as { dir: string; mode?: Mode };
+  if (w.mode === "new-files") observeNewFiles(w.dir);
+  else observe(w.dir);
+}

@@ -101,6 +101,8 @@ export async function runWriter(dir: string, rate: number, durationMs: number): 
 export interface Observations {
   appendSeen: [seq: number, atMs: number][];
   headerSeen: [file: number, seq: number, atMs: number][];
+  /** new-file workload: when each new file was first seen whole */
+  newFileSeen: [seq: number, atMs: number][];
 }
 
 /**
@@ -138,4 +140,68 @@ export function expectedFinalState(log: WriteLog): { appends: number; lastHeader
     else appends++;
   }
   return { appends, lastHeader };
+}
+
+// ---- new small files ----
+//
+// The second workload: new files at a steady rate, each created, written
+// (NEW_FILE_BYTES) and closed by one synchronous open/write/close. A file
+// counts as replicated when the replica has it whole.
+
+export const NEW_DIR = "new";
+export const NEW_FILE_BYTES = 1024;
+const NEW_NAME = /^n-(\d{10})\.dat$/;
+
+export function newFileName(seq: number): string {
+  return `n-${String(seq).padStart(SEQ_DIGITS, "0")}.dat`;
+}
+
+/** The seq a replica file name stands for, or undefined. */
+export function newFileSeq(name: string): number | undefined {
+  const m = NEW_NAME.exec(name);
+  return m ? Number(m[1]) : undefined;
+}
+
+/** A new file's content: its seq's record, repeated. */
+export function newFileContent(seq: number): Buffer {
+  const rec = encodeRecord("A", seq);
+  return Buffer.concat(Array.from({ length: NEW_FILE_BYTES / RECORD }, () => rec));
+}
+
+/** True when buf is the whole content of new file seq. */
+export function isWholeNewFile(buf: Buffer, seq: number): boolean {
+  if (buf.length !== NEW_FILE_BYTES) return false;
+  const last = decodeRecord(buf, NEW_FILE_BYTES - RECORD);
+  return last?.seq === seq && decodeRecord(buf, 0)?.seq === seq;
+}
+
+export interface NewFileLog {
+  /** create time (nowMs) per seq; seqs start at 1 */
+  at: Float64Array;
+  count: number;
+  elapsedMs: number;
+}
+
+/** Create `rate` new files per second in dir for `durationMs`, each opened, written whole and closed. */
+export async function runNewFileWriter(dir: string, rate: number, durationMs: number): Promise<NewFileLog> {
+  const n = Math.round((rate * durationMs) / 1000);
+  const log: NewFileLog = { at: new Float64Array(n + 1), count: n, elapsedMs: 0 };
+  const t0 = nowMs();
+  let seq = 1;
+  while (seq <= n) {
+    const due = Math.min(n, Math.floor(((nowMs() - t0) * rate) / 1000) + 1);
+    for (; seq <= due; seq++) {
+      const content = newFileContent(seq);
+      log.at[seq] = nowMs();
+      const fd = openSync(path.join(dir, newFileName(seq)), "wx");
+      try {
+        writeSync(fd, content, 0, content.length, 0);
+      } finally {
+        closeSync(fd);
+      }
+    }
+    await sleep(1);
+  }
+  log.elapsedMs = nowMs() - t0;
+  return log;
 }

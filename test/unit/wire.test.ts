@@ -91,3 +91,71 @@ test("encodeMirrorOps equals SourceMessage.encode of the same mirror batch byte 
   const want = SourceMessage.encode({ msg: { $case: "mirrorOps", value: { mirrorId: "m", ops: big, doneThrough: "d", batch: 300 } } }).finish();
   assert.deepEqual(encodeMirrorOps("m", big, "d", 300).bytes, Buffer.from(want));
 });
+
+test("the server's packet decoder (views, no copies) agrees with the generated one, also on garbage", async () => {
+  const { ReplicationService, encodePacketPayload, OpBatch } = await import("../../agent/wire.ts");
+  const decode = ReplicationService.replicate.requestDeserialize;
+  const attr = { mode: 0o644, uid: 1000, gid: 1000, mtimeSec: 1_700_000_000, mtimeNsec: 123_456_789, xattrs: [], hasXattrs: false };
+  const opArb = fc.oneof(
+    fc.record({ path: fc.string({ maxLength: 40, unit: "binary" }), off: fc.oneof(fc.constant(0), fc.nat({ max: 2 ** 40 }), fc.maxSafeNat()), data: fc.uint8Array({ maxLength: 600 }) }).map(({ path, off, data }) => ({ path, kind: { $case: "write" as const, value: { offset: off, data: Buffer.from(data) } } })),
+    fc.string({ maxLength: 20 }).map((path) => ({ path, kind: { $case: "create" as const, value: { attr } } })),
+    fc.record({ path: fc.string({ maxLength: 20 }), size: fc.nat() }).map(({ path, size }) => ({ path, kind: { $case: "truncate" as const, value: { size } } })),
+  );
+  fc.assert(
+    fc.property(fc.nat({ max: 2 ** 40 }), fc.array(opArb, { maxLength: 12 }), fc.constantFrom("none", "fast"), (seq, ops, level) => {
+      const framed = framePacket(encodePacketPayload(seq, ops, level as "none" | "fast"));
+      const want = SourceMessage.decode(framed);
+      const got = decode(framed);
+      assert.deepEqual(got, want);
+      assert.equal(got.msg?.$case, "packet");
+      if (got.msg?.$case === "packet" && want.msg?.$case === "packet") {
+        assert.deepEqual(decodePacket(got.msg.value), decodePacket(want.msg.value));
+        assert.deepEqual(decodePacket(got.msg.value), ops);
+        if (got.msg.value.compression === 0) assert.deepEqual(decodePacket(got.msg.value), OpBatch.decode(got.msg.value.body).ops);
+      }
+    }),
+  );
+  // Arbitrary bytes: the same message, or both throw.
+  fc.assert(
+    fc.property(fc.uint8Array({ maxLength: 64 }), fc.boolean(), (bytes, asPacket) => {
+      const b = asPacket ? Buffer.concat([Buffer.from([0x12, bytes.length]), Buffer.from(bytes)]) : Buffer.from(bytes);
+      let want: unknown;
+      let wantErr = false;
+      try {
+        want = SourceMessage.decode(b);
+      } catch {
+        wantErr = true;
+      }
+      if (wantErr) assert.throws(() => decode(b));
+      else assert.deepEqual(decode(b), want);
+      const p = { seq: 1, compression: 0 as const, body: Buffer.from(bytes), rawSize: bytes.length };
+      let ops: unknown;
+      let opsErr = false;
+      try {
+        ops = OpBatch.decode(p.body).ops;
+      } catch {
+        opsErr = true;
+      }
+      try {
+        const mine = decodePacket(p);
+        assert.ok(!opsErr, "the fast reader accepted what the generated decoder refuses");
+        assert.deepEqual(mine, ops);
+      } catch (e) {
+        if (!(e instanceof PacketError)) throw e;
+        assert.ok(opsErr || /has no kind/.test(e.message), e.message);
+      }
+    }),
+    { numRuns: 2000 },
+  );
+});
+
+test("a packet framed in place is the same message as one framed by copying", async () => {
+  const { encodePacketPayload } = await import("../../agent/wire.ts");
+  const ops = [{ path: "f", kind: { $case: "write" as const, value: { offset: 3, data: Buffer.alloc(300_000, 9) } } }];
+  const payload = encodePacketPayload(7, ops, "none");
+  const inPlace = framePacket(payload);
+  const copied = framePacket(Buffer.from(payload));
+  assert.deepEqual(inPlace, copied);
+  assert.equal(inPlace.buffer, payload.buffer, "framed in the packet's own headroom");
+  assert.deepEqual(framePacket(payload), inPlace, "framing twice (two targets) gives the same bytes");
+});
