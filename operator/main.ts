@@ -29,6 +29,8 @@ interface Flags {
   agentBundle?: string;
   enrollListen: string;
   enrollUrl?: string;
+  dashboardAddress: string;
+  dashboardTlsDir?: string;
 }
 
 export function operatorCommand(fail: (msg: string) => never): Command {
@@ -52,6 +54,8 @@ export function operatorCommand(fail: (msg: string) => never): Command {
     .option("--agent-bundle <file>", "the agent bundle (npm run bundle) that ec2 and ssh endpoints get")
     .option("--enroll-url <url>", "https URL at which new agents (EC2 instances) reach the enrollment endpoint, e.g. https://10.0.0.10:7443")
     .option("--enroll-listen <addr>", "where the enrollment endpoint listens", "0.0.0.0:7443")
+    .option("--dashboard-address <addr>", "serve the dashboard at host:port (HTTPS; plain HTTP only on loopback); 0 disables", "0")
+    .option("--dashboard-tls-dir <dir>", "the dashboard's serving certificate: tls.crt, tls.key (default: self-signed, made at start)")
     .option("--log-level <level>", "trace, debug, info, warn, error", process.env.UNDERSTUDY_LOG_LEVEL ?? "info")
     .action(async (f: Flags) => {
       let tls: TlsConfig;
@@ -105,6 +109,7 @@ export function operatorCommand(fail: (msg: string) => never): Command {
         statusIntervalMs,
         log,
         ...(provisioning ? { provisioning } : {}),
+        ...(f.dashboardAddress !== "0" && f.dashboardAddress !== "" ? { dashboard: { address: f.dashboardAddress, ...(f.dashboardTlsDir ? { tlsDir: path.resolve(f.dashboardTlsDir) } : {}) } } : {}),
       });
       } catch (e) {
         fail((e as Error).message);
