@@ -55,14 +55,12 @@ const authHeaders = (): Record<string, string> => (token() ? { Authorization: `B
 // ---------------------------------------------------------------- live stream
 
 let abort: AbortController | undefined;
-let bucketMs = 20_000;
 
 function apply(kind: string, data: string): void {
   const d = JSON.parse(data) as unknown;
   if (kind === "snapshot") {
     const s = d as Snapshot;
     st.snap = { user: s.user, source: s.source, bucketMs: s.bucketMs, ...(s.hidden ? { hidden: s.hidden } : {}) };
-    bucketMs = s.bucketMs;
     st.pairs = new Map(s.pairs.map((p) => [keyOf(p), p]));
     st.history = new Map(Object.entries(s.history));
     st.events = s.events;
