@@ -131,8 +131,10 @@ export class DashboardServer {
     for (const t of this.timers) clearInterval(t);
     for (const v of this.viewers) v.res.end();
     this.viewers.clear();
-    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    const closed = new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    // Idle keep-alive connections (a browser's) would hold close() open.
     this.server?.closeAllConnections();
+    await closed;
   }
 
   get viewerCount(): number {
