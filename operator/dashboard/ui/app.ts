@@ -193,7 +193,7 @@ function Phase({ p }: { p: PairView }) {
 }
 
 /** A sparkline of one series over the last hour (SVG polyline: no chart library needed for this). */
-function Spark({ points: hist, pick, now: cur, w = 120, h = 28, label }: { points: HistoryPoint[]; pick: (x: HistoryPoint) => number; now?: HistoryPoint; w?: number; h?: number; label: string }) {
+function Spark({ points: hist, pick, now: cur, w = 90, h = 24, label }: { points: HistoryPoint[]; pick: (x: HistoryPoint) => number; now?: HistoryPoint; w?: number; h?: number; label: string }) {
   const now = Date.now();
   const t0 = now - 3600_000;
   // The line runs on to now with the value the status shows now (buckets close every bucketMs).
@@ -251,7 +251,7 @@ function Overview() {
       <input type="search" placeholder="filter pairs" value=${filter} onInput=${(e: Event) => setFilter((e.target as HTMLInputElement).value)} />
     </div>
     ${s.snap?.hidden && html`<p class="note">${s.snap.hidden}</p>`}
-    <table id="pairs">
+    <div class="scroll"><table id="pairs">
       <thead><tr><th>Pair</th><th>Phase</th><th>Active</th><th>Lag (1 h)</th><th>Queued (1 h)</th><th>Mirror</th><th>Last verify</th><th>Known good</th><th>Endpoints</th><th>Last failover</th></tr></thead>
       <tbody>${pairs.map((p) => {
         const k = keyOf(p);
@@ -270,7 +270,7 @@ function Overview() {
           <td><${Failovers} p=${p} /></td>
         </tr>`;
       })}</tbody>
-    </table>
+    </table></div>
     ${pairs.length === 0 && html`<p class="muted empty">${s.connected ? "no ReplicationPairs you may read" : "connecting…"}</p>`}
   </section>`;
 }
