@@ -244,7 +244,12 @@ export class DashboardServer {
       return this.reply(res, 200, perms);
     }
     if (req.method === "POST" && action && (ACTIONS as readonly string[]).includes(action)) {
-      const body = await readJson(req);
+      let body: ActionRequest;
+      try {
+        body = await readJson(req);
+      } catch (e) {
+        return this.reply(res, e instanceof AuthError ? e.status : 400, { ok: false, message: `bad request body: ${(e as Error).message}` });
+      }
       const d = await this.o.auth.can(caller, ns, name, action as Action);
       if (!d.allowed) {
         this.o.log.info({ user: caller.user, pair: `${ns}/${name}`, action, why: d.why }, "dashboard action refused");

@@ -157,6 +157,8 @@ test("the server serves the page, and reads, actions and the live stream follow 
     assert.equal(ok.status, 202);
     const hidden = await fetch(`${u}api/pairs/secret/vault/actions/verify`, { method: "POST", headers: { Authorization: "Bearer alice" }, body: "{}" });
     assert.equal(hidden.status, 404, "a pair the caller may not read does not exist for them");
+    const garbage = await fetch(`${u}api/pairs/prod/db/actions/verify`, { method: "POST", headers: { Authorization: "Bearer alice" }, body: "{not json" });
+    assert.equal(garbage.status, 400);
     assert.deepEqual(source.acted, ["alice verify prod/db"]);
   } finally {
     await srv.stop();
