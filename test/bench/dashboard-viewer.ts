@@ -2,6 +2,7 @@
 // a ServiceAccount token (bound to cluster-admin, so every namespace is
 // readable and each read costs the operator its SubjectAccessReviews) reading
 // the live stream (/api/live) until closed.
+import { readFile } from "node:fs/promises";
 import type { Cluster } from "../env/cluster.ts";
 import { kubectlOk } from "../e2e/k8s-harness.ts";
 
@@ -39,4 +40,23 @@ export async function openDashboardViewer(c: Cluster, url: string): Promise<{ sn
   })();
   await snapshot;
   return { snapshotMs, snapshotBytes, bytes: () => total, close: () => ac.abort() };
+}
+
+/**
+ * Sleep `ms` while sampling the operator's memory every 5 s: medians of RSS and
+ * of the JS heap in use (from its /metrics). A single RSS reading swings by
+ * tens of MB with V8's garbage collections; medians over a minute compare.
+ */
+export async function sampleMemory(pid: number, metrics: () => Promise<string>, ms: number): Promise<{ rss: number; heap: number }> {
+  const rss: number[] = [];
+  const heap: number[] = [];
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    await new Promise((r) => setTimeout(r, Math.min(5000, Math.max(0, end - Date.now()))));
+    const s = await readFile(`/proc/${pid}/status`, "utf8");
+    rss.push(Number(/VmRSS:\s+(\d+) kB/.exec(s)?.[1] ?? 0) * 1024);
+    heap.push(Number(/^understudy_operator_nodejs_heap_size_used_bytes (\S+)/m.exec(await metrics())?.[1] ?? 0));
+  }
+  const median = (a: number[]) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)] ?? 0;
+  return { rss: median(rss), heap: median(heap) };
 }
