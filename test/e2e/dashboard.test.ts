@@ -111,6 +111,9 @@ describe("dashboard in a real browser", { timeout: 900_000 }, () => {
       doc.metadata.labels = { tier: "web" };
       await kubectlOk(cluster, ["apply", "-f", "-"], JSON.stringify(doc));
     }
+    // A pair in a namespace neither person may read: it must not reach their page.
+    await kubectlOk(cluster, ["create", "namespace", "vault"]);
+    await kubectlOk(cluster, ["apply", "-f", "-"], pairYaml({ name: "secret", namespace: "vault", source: source.address, targets: [{ name: "standby", address: target.address }], path: path.join(dir, "shop") }));
     for (const name of ["web", "shop"]) await waitCondition(cluster, NS, name, "Ready", "True", 90_000);
     await waitFor("the dashboard to answer", async () => (await call("/").catch(() => undefined))?.status === 200, 30_000, 250);
     browser = await launchChromium({ trustSpki: [spki] });
@@ -147,6 +150,8 @@ describe("dashboard in a real browser", { timeout: 900_000 }, () => {
       last = `kubectl: ${kc.join(" | ")}\npage:    ${rows.join(" | ")}`;
       return kc.length === 2 && JSON.stringify(kc) === JSON.stringify(rows);
     }, 30_000, 500).catch((e: Error) => assert.fail(`${e.message}\n${last}`));
+    assert.equal(await page.$('tr[data-pair="vault/secret"]'), null, "a pair in a namespace the viewer may not read is not shown");
+    assert.match((await page.textContent(".pairs .note")) ?? "", /viewer may not list ReplicationPairs in 1 namespace/);
     // The known-good gate per target, with the check that fails.
     assert.match((await page.textContent(`tr[data-pair="${NS}/web"] ul.kg`)) ?? "", /✗ standby: never verified/);
     // Events of the pairs and the policy, filterable by pair.
