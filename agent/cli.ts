@@ -277,8 +277,9 @@ program
   .description("run two agents on loopback replicating a demo folder, with live status")
   .option("--dir <dir>", "working directory for the demo", "./demo")
   .option("--duration <seconds>", "stop after this many seconds (default: run until Ctrl-C)")
-  .action(async (opts: { dir: string; duration?: string }) => {
-    await runDemo({ dir: opts.dir, durationMs: opts.duration ? Number(opts.duration) * 1000 : undefined });
+  .option("--dashboard <addr>", "loopback host:port of the dashboard (default 127.0.0.1:7780, or a free port if taken; 0: none)")
+  .action(async (opts: { dir: string; duration?: string; dashboard?: string }) => {
+    await runDemo({ dir: opts.dir, durationMs: opts.duration ? Number(opts.duration) * 1000 : undefined, dashboard: opts.dashboard });
   });
 
 program.addCommand((await import("../operator/main.ts")).operatorCommand(fail));

@@ -9,7 +9,7 @@ import { createLogger } from "../common/log.ts";
 import { Agent } from "./agent.ts";
 import { formatStatus } from "./status-format.ts";
 
-export async function runDemo(o: { dir: string; durationMs?: number }): Promise<void> {
+export async function runDemo(o: { dir: string; durationMs?: number; dashboard?: string }): Promise<void> {
   const dir = path.resolve(o.dir);
   const src = path.join(dir, "source");
   await mkdir(path.join(src, "site", "css"), { recursive: true });
@@ -24,6 +24,9 @@ export async function runDemo(o: { dir: string; durationMs?: number }): Promise<
     log,
   );
   await source.start();
+  // The operator's dashboard on the demo's agents (no Kubernetes): loopback only, plain HTTP.
+  const { startDemoDashboard } = await import("../operator/dashboard/demo.ts");
+  const dash = o.dashboard === "0" ? undefined : await startDemoDashboard({ source, target, set: "www", path: src, address: o.dashboard, log });
   let n = 0;
   const writer = setInterval(() => {
     n++;
@@ -38,7 +41,7 @@ export async function runDemo(o: { dir: string; durationMs?: number }): Promise<
     })().catch(() => undefined);
   }, 200);
   const show = () => {
-    process.stdout.write(`${process.stdout.isTTY ? "\x1b[H\x1b[2J" : "\n"}understudy demo — source ${src}\n                 replica ${path.join(dir, "replica", "demo-source", "www")}\n\n${formatStatus(source.status())}\n${formatStatus(target.status())}\n\n(Ctrl-C to stop)\n`);
+    process.stdout.write(`${process.stdout.isTTY ? "\x1b[H\x1b[2J" : "\n"}understudy demo — source ${src}\n                 replica ${path.join(dir, "replica", "demo-source", "www")}\n\n${formatStatus(source.status())}\n${formatStatus(target.status())}\n\n${dash ? `dashboard: ${dash.url}\n` : ""}\n(Ctrl-C to stop)\n`);
   };
   const ticker = setInterval(show, 1000);
   let done!: () => void;
@@ -54,6 +57,7 @@ export async function runDemo(o: { dir: string; durationMs?: number }): Promise<
   await new Promise((r) => setTimeout(r, 300));
   while (!source.sets.every((s) => s.inSync) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
   show();
+  await dash?.stop();
   await source.stop();
   await target.stop();
 }

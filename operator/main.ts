@@ -30,6 +30,8 @@ interface Flags {
   enrollListen: string;
   enrollUrl?: string;
   snmpListen?: string;
+  dashboardAddress: string;
+  dashboardTlsDir?: string;
 }
 
 export function operatorCommand(fail: (msg: string) => never): Command {
@@ -54,6 +56,8 @@ export function operatorCommand(fail: (msg: string) => never): Command {
     .option("--enroll-url <url>", "https URL at which new agents (EC2 instances) reach the enrollment endpoint, e.g. https://10.0.0.10:7443")
     .option("--enroll-listen <addr>", "where the enrollment endpoint listens", "0.0.0.0:7443")
     .option("--snmp-listen <addr>", "answer SNMP GET/WALK on the pair table (mibs/UNDERSTUDY-MIB.txt) here, e.g. 0.0.0.0:1161; v2c communities from $UNDERSTUDY_SNMP_COMMUNITY (comma-separated)")
+    .option("--dashboard-address <addr>", "serve the dashboard at host:port (HTTPS; plain HTTP only on loopback); 0 disables", "0")
+    .option("--dashboard-tls-dir <dir>", "the dashboard's serving certificate: tls.crt, tls.key (default: self-signed, made at start)")
     .option("--log-level <level>", "trace, debug, info, warn, error", process.env.UNDERSTUDY_LOG_LEVEL ?? "info")
     .action(async (f: Flags) => {
       let tls: TlsConfig;
@@ -108,6 +112,7 @@ export function operatorCommand(fail: (msg: string) => never): Command {
         log,
         ...(provisioning ? { provisioning } : {}),
         ...(f.snmpListen ? { snmp: { listen: f.snmpListen, communities: (process.env.UNDERSTUDY_SNMP_COMMUNITY ?? "").split(",").filter(Boolean) } } : {}),
+        ...(f.dashboardAddress !== "0" && f.dashboardAddress !== "" ? { dashboard: { address: f.dashboardAddress, ...(f.dashboardTlsDir ? { tlsDir: path.resolve(f.dashboardTlsDir) } : {}) } } : {}),
       });
       } catch (e) {
         fail((e as Error).message);

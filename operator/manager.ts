@@ -55,6 +55,8 @@ export interface OperatorOptions {
   provisioning?: { caDir: string; bundlePath: string; enrollListen: string; enrollUrl?: string };
   /** Bound on one reconcile, Kubernetes calls included. */
   reconcileTimeoutMs?: number;
+  /** Serve the dashboard (operator/dashboard/) at this host:port, with tls.crt/tls.key from tlsDir. */
+  dashboard?: { address: string; tlsDir?: string };
   log: Logger;
   /** NotificationPolicies' SNMP agent (pair table): host:port, and the v2c communities it answers. */
   snmp?: { listen: string; communities: string[] };
@@ -80,6 +82,7 @@ export class Operator {
   private readonly seen = new Map<string, string>();
   private readonly seenLabels = new Map<string, Record<string, string>>();
   private notifications?: ReturnType<typeof createNotifications>;
+  private dashboard?: { stop: () => Promise<void> };
 
   constructor(o: OperatorOptions) {
     this.o = o;
@@ -159,6 +162,8 @@ export class Operator {
     log.info({ pairs: inf.list().length, namespace: this.o.namespace ?? "(all)" }, "caches synced");
     // Every replica serves enrollments (the store is atomic in the API server); only the leader launches.
     const provisioners = this.o.provisioning ? await this.startProvisioning(this.o.provisioning) : [];
+    // Every replica serves the dashboard from its caches (actions are patches any replica can make).
+    if (this.o.dashboard) this.dashboard = await (await import("./dashboard/index.ts")).startKubeDashboard({ ...this.o.dashboard, kc: this.kc, pairs: inf, policyFor: (p) => this.policyFor(p), namespace: this.o.namespace, log });
 
     if (this.o.leaderElect) {
       this.elector = new LeaderElector(this.kc, {
@@ -314,6 +319,7 @@ export class Operator {
     await this.notifications?.stop();
     this.pool.close();
     await this.enrollServer?.stop().catch(() => undefined);
+    await this.dashboard?.stop().catch(() => undefined);
     for (const s of this.servers) s.close();
     this.o.log.info("operator stopped");
   }

@@ -11,7 +11,9 @@ import { startCluster, type Cluster } from "../env/cluster.ts";
 import { OperatorProc, Pki, installCrds, kubectlOk, pairYaml, tlsAgent } from "../e2e/k8s-harness.ts";
 import type { ReplicationPair } from "../../operator/api/v1alpha1/index.ts";
 import { emptyResult, type BenchResult } from "./report.ts";
-import { fmtMs, nowMs, percentiles, pollUntil, progress, sleep, type BenchContext } from "./util.ts";
+import { openDashboardViewer, sampleMemory } from "./dashboard-viewer.ts";
+import { freePort } from "../e2e/harness.ts";
+import { fmtMs, nowMs, percentiles, pollUntil, progress, type BenchContext } from "./util.ts";
 
 const NS = "scale";
 
@@ -53,7 +55,8 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
     await installCrds(cluster);
     await kubectlOk(cluster, ["create", "namespace", NS]);
     await kubectlOk(cluster, ["create", "namespace", "understudy-system"]);
-    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", "10s", "--log-level", "warn"] });
+    const dashUrl = `http://127.0.0.1:${await freePort()}/`;
+    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", "10s", "--log-level", "warn", "--dashboard-address", new URL(dashUrl).host] });
     await op.start();
     const idle = await rss(op.pid);
     progress(`operator: creating ${pairs} source directories and pairs`);
@@ -81,7 +84,7 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
     progress("operator: steady state for 60 s");
     const m0 = await op.metrics();
     const cpu0 = await readFile(`/proc/${op.pid}/stat`, "utf8");
-    await sleep(60_000);
+    const memNoViewer = await sampleMemory(op.pid, () => op!.metrics(), 60_000);
     const cpu1 = await readFile(`/proc/${op.pid}/stat`, "utf8");
     const m1 = await op.metrics();
     const ticks = (s: string) => { const f = s.slice(s.lastIndexOf(")") + 2).split(" "); return Number(f[11]) + Number(f[12]); };
@@ -89,6 +92,14 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
     const calls = (m: string) => [...m.matchAll(/^understudy_operator_agent_calls_total\{[^}]*\} (\d+)/gm)].reduce((a, x) => a + Number(x[1]), 0);
     const reconciles = (m: string) => [...m.matchAll(/^understudy_operator_reconcile_total\{[^}]*\} (\d+)/gm)].reduce((a, x) => a + Number(x[1]), 0);
     const steady = await rss(op.pid);
+
+    // The dashboard open: one viewer on the live stream for 60 s, against the 60 s just measured without one.
+    progress("operator: dashboard open for 60 s");
+    const viewer = await openDashboardViewer(cluster, dashUrl);
+    const cpuD0 = await readFile(`/proc/${op.pid}/stat`, "utf8");
+    const memViewer = await sampleMemory(op.pid, () => op!.metrics(), 60_000);
+    const dashCores = (ticks(await readFile(`/proc/${op.pid}/stat`, "utf8")) - ticks(cpuD0)) / 100 / 60;
+    viewer.close();
 
     // A spec change on 50 pairs: how long until each shows the new generation observed.
     progress("operator: changing the spec of 50 pairs");
@@ -131,6 +142,8 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
         ["operator RSS once all Ready / after 60 s steady / peak", `${mb(afterReady.now)} / ${mb(steady.now)} / ${mb(final.peak)}`],
         ["operator JS heap in use at the end (the rest of RSS is V8's reserve, code and buffers)", mb(heapUsed)],
         ["operator CPU in steady state", `${cpuCores.toFixed(2)} cores`],
+        ["dashboard open (one viewer, 60 s) vs the 60 s before without one: operator RSS / JS heap in use (medians of 5 s samples) / CPU more (goal < 30 MB, < 0.05 cores)", `${mb(memViewer.rss - memNoViewer.rss)} / ${mb(memViewer.heap - memNoViewer.heap)} / ${(dashCores - cpuCores).toFixed(3)} cores`],
+        ["dashboard: first snapshot of every pair (size) / bytes streamed in 60 s", `${fmtMs(viewer.snapshotMs)} (${(viewer.snapshotBytes / 1e3).toFixed(0)} kB) / ${(viewer.bytes() / 1e3).toFixed(0)} kB`],
         ["reconciles per second in steady state", ((reconciles(m1) - reconciles(m0)) / 60).toFixed(1)],
         ["agent control calls per second in steady state (status cached 1 s per agent)", ((calls(m1) - calls(m0)) / 60).toFixed(1)],
         ["reconcile duration p50 / p99 (histogram bucket bounds)", `≤ ${rec.q[0]} s / ≤ ${rec.q[1]} s over ${rec.count} reconciles (mean ${(rec.sum / Math.max(1, rec.count) * 1000).toFixed(1)} ms)`],
@@ -138,7 +151,7 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
         ["spec change (kubectl patch) → status.observedGeneration, 50 pairs: p50 / p90 / p99 / max", `${fmtMs(lat.p50)} / ${fmtMs(lat.p90)} / ${fmtMs(lat.p99)} / ${fmtMs(lat.max)}`],
       ],
     });
-    r.notes.push("The operator runs as a process with an admin kubeconfig, 4 workers, a 10 s status interval, and leader election on; its Kubernetes client is @kubernetes/client-node.", "A spec change restarts that pair's set on the source agent (journal kept, no mirror); the latency includes that and the next status write.");
+    r.notes.push("The operator runs as a process with an admin kubeconfig, 4 workers, a 10 s status interval, leader election on, and the dashboard served (its history and event caches are in every figure); its Kubernetes client is @kubernetes/client-node.", "A spec change restarts that pair's set on the source agent (journal kept, no mirror); the latency includes that and the next status write.");
   } catch (e) {
     r.error = (e as Error).message;
   } finally {
