@@ -37,21 +37,36 @@ export function reuseConnections(kc: KubeConfig): KubeConfig {
  * fails (client-node leaves that to the caller). `synced` resolves after the
  * first successful list (client-node's start() resolves even when it failed).
  */
-export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: string, namespace: string | undefined, log: Logger): Informer<T> & ObjectCache<T> & { synced: Promise<void> } {
+export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: string, namespace: string | undefined, log: Logger): Informer<T> & ObjectCache<T> & { synced: Promise<void>; problem(): string | undefined } {
   const api = kc.makeApiClient(CustomObjectsApi);
   const path = namespace ? `/apis/${GROUP}/${VERSION}/namespaces/${namespace}/${plural}` : `/apis/${GROUP}/${VERSION}/${plural}`;
   let markSynced!: () => void;
   const synced = new Promise<void>((r) => (markSynced = r));
+  // The last failure of the list or the watch, until they work again: /readyz reports it (a 403 on the list is not "ready").
+  let failing: { error: string; since: number; list: boolean } | undefined;
+  const problem = () => (failing ? `cannot ${failing.list ? "list" : "watch"} ${plural}${namespace ? ` in ${namespace}` : ""}: ${failing.error} (since ${new Date(failing.since).toISOString()})` : undefined);
   const list = async (): Promise<KubernetesListObject<T>> => {
-    const l = (namespace ? await api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural }) : await api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })) as KubernetesListObject<T>;
+    let l: KubernetesListObject<T>;
+    try {
+      l = (namespace ? await api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural }) : await api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })) as KubernetesListObject<T>;
+    } catch (e) {
+      failing = { error: errText(e), since: failing?.since ?? Date.now(), list: true };
+      throw e;
+    }
+    failing = undefined;
     // Resolved once the informer has stored these items (it does so right after this returns).
     queueMicrotask(markSynced);
     return l;
   };
-  const inf = Object.assign(makeInformer<T>(kc, path, list), { synced });
+  const inf = Object.assign(makeInformer<T>(kc, path, list), { synced, problem });
   let delay = 1000;
-  inf.on("connect", () => (delay = 1000));
+  inf.on("connect", () => {
+    delay = 1000;
+    // connect comes before the list: only a watch failure is over (a failing list says so again)
+    if (failing && !failing.list) failing = undefined;
+  });
   inf.on("error", (err) => {
+    if (!failing?.list) failing = { error: errText(err), since: failing?.since ?? Date.now(), list: false };
     log.warn({ resource: plural, err: errText(err), retryMs: delay }, "watch failed; restarting");
     setTimeout(() => void inf.start().catch(() => undefined), delay).unref();
     delay = Math.min(delay * 2, 30_000);

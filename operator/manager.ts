@@ -99,6 +99,15 @@ export class Operator {
     this.queue.onDequeue = (ms) => this.metrics.queueWaitSeconds.observe({ controller: CONTROLLER }, ms / 1000);
   }
 
+  /**
+   * /readyz: ok only while this replica can do its job (caches synced and
+   * watching, the Lease usable); otherwise every reason, e.g. a 403 on the Lease.
+   */
+  readiness(): { ok: boolean; why?: string } {
+    const problems = [this.synced ? undefined : "caches not synced", this.informer?.problem(), this.policies?.problem(), this.elector?.problem].filter((p): p is string => !!p);
+    return problems.length ? { ok: false, why: problems.join("; ") } : { ok: true };
+  }
+
   get isLeader(): boolean {
     return !this.o.leaderElect || (this.elector?.isLeader ?? false);
   }
@@ -110,7 +119,7 @@ export class Operator {
       serveHttp(this.o.healthBind, {
         probes: {
           healthy: () => !this.stopping,
-          ready: () => (this.synced ? { ok: true } : { ok: false, why: "caches not synced" }),
+          ready: () => this.readiness(),
         },
       }),
     ])).filter((s): s is Server => !!s);

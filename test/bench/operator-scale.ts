@@ -36,7 +36,8 @@ function histogramQuantiles(metrics: string, name: string, qs: number[]): { coun
 }
 
 export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult> {
-  const pairs = ctx.quick ? 100 : 500;
+  // BENCH_OPERATOR_PAIRS=N: another pair count (the chart's memory limit is sized for the default).
+  const pairs = Number(process.env.BENCH_OPERATOR_PAIRS) || (ctx.quick ? 100 : 2000);
   const r = emptyResult("8", `Operator: reconciling ${pairs} ReplicationPairs on a real API server`, `${pairs} pairs, each a directory of 3 small files; one source and one target agent`);
   const t0 = nowMs();
   const dir = path.join(ctx.workDir, "operator-scale");

@@ -126,7 +126,7 @@ function wireTarget(p: Partial<WireTarget> = {}): WireTarget {
 }
 
 function set(targets: WireTarget[], p: Partial<SourceSetStatus> = {}): SourceSetStatus {
-  return { name: SET, path: "/srv/www", state: "running", lastSeq: 42, journalFirstSeq: 1, queuedBytes: { memory: 0, disk: 0 }, targets, files: 10, bytes: 1000, capturedDataBytes: 0, lastError: "", managed: true, specHash: "abc", ...p };
+  return { name: SET, path: "/srv/www", state: "running", lastSeq: 42, journalFirstSeq: 1, queuedBytes: { memory: 0, disk: 0 }, targets, files: 10, bytes: 1000, capturedDataBytes: 0, lastError: "", managed: true, specHash: "abc", pathError: "", ...p };
 }
 
 function image(p: Partial<ImageStatus> = {}): ImageStatus {
