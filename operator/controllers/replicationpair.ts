@@ -68,6 +68,8 @@ interface Provisioned {
 interface Health {
   missed: number;
   firstMissAt?: number;
+  /** The last check the source answered: the failure happened after it (its first evidence). */
+  lastOkAt?: number;
 }
 
 const FAST_MS = 2000;
@@ -321,6 +323,7 @@ export class ReplicationPairReconciler {
     } else {
       h.missed = 0;
       h.firstMissAt = undefined;
+      h.lastOkAt = now.getTime();
     }
     this.health.set(key, h);
     const srcName = status.sourceAgent?.name ?? pair.status?.sourceAgent?.name;
@@ -334,7 +337,8 @@ export class ReplicationPairReconciler {
       sourceReachable: !source.error,
       missedBeats: h.missed,
       sourceDown: down,
-      sourceDownSince: h.firstMissAt && down ? new Date(h.firstMissAt).toISOString() : undefined,
+      // Down since the last check it answered (an operator that restarted meanwhile knows only the first miss).
+      sourceDownSince: h.firstMissAt && down ? new Date(Math.min(h.lastOkAt ?? h.firstMissAt, h.firstMissAt)).toISOString() : undefined,
     };
     const gates = new Map(pair.spec.targets.map((t) => {
       const v = targets.get(t.agent.address);
