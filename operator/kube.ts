@@ -32,6 +32,25 @@ export function reuseConnections(kc: KubeConfig): KubeConfig {
   return kc;
 }
 
+const LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration";
+
+/**
+ * Drop what the operator never reads from an object its informer keeps, in
+ * place (the cache holds this very object): managedFields (server-side apply
+ * bookkeeping, often larger than the spec and status together) and kubectl's
+ * last-applied copy of the spec. With thousands of pairs they were most of
+ * the cache.
+ */
+export function slim(obj: KubernetesObject): void {
+  const m = obj.metadata;
+  if (!m) return;
+  delete m.managedFields;
+  if (m.annotations && LAST_APPLIED in m.annotations) {
+    delete m.annotations[LAST_APPLIED];
+    if (Object.keys(m.annotations).length === 0) delete m.annotations;
+  }
+}
+
 /**
  * A list+watch cache of one resource, restarted with backoff when its watch
  * fails (client-node leaves that to the caller). `synced` resolves after the
@@ -59,6 +78,9 @@ export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: s
     return l;
   };
   const inf = Object.assign(makeInformer<T>(kc, path, list), { synced, problem });
+  // Registered first, so every other handler and the cache itself see the slim object.
+  inf.on("add", slim);
+  inf.on("update", slim);
   let delay = 1000;
   inf.on("connect", () => {
     delay = 1000;

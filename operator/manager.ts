@@ -9,12 +9,8 @@ import { X509Certificate } from "node:crypto";
 import { loadCaSigner, signLeaf } from "../common/tls.ts";
 import { AGENT_VERSION } from "../agent/wire.ts";
 import type { EndpointProvisioner } from "./controllers/endpoints.ts";
-import { Ec2Provisioner } from "./ec2/provisioner.ts";
-import { SshProvisioner } from "./ssh/provisioner.ts";
-import { KubeEnrollmentStore } from "./enroll/kube-store.ts";
-import { EnrollProvisioner } from "./enroll/provisioner.ts";
-import { EnrollmentServer } from "./enroll/server.ts";
-import { enrollmentKey, issueToken } from "./enroll/tokens.ts";
+// Provisioning (AWS SDK, ssh2: ~100 MB of resident code) loads only when it is configured.
+import type { EnrollmentServer } from "./enroll/server.ts";
 import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
 import type { Server } from "node:http";
@@ -204,6 +200,9 @@ export class Operator {
 
   /** The enrollment endpoint and the provisioners that use it. */
   private async startProvisioning(p: NonNullable<OperatorOptions["provisioning"]>): Promise<EndpointProvisioner[]> {
+    const [{ Ec2Provisioner }, { SshProvisioner }, { KubeEnrollmentStore }, { EnrollProvisioner }, { EnrollmentServer }, { enrollmentKey, issueToken }] = await Promise.all([
+      import("./ec2/provisioner.ts"), import("./ssh/provisioner.ts"), import("./enroll/kube-store.ts"), import("./enroll/provisioner.ts"), import("./enroll/server.ts"), import("./enroll/tokens.ts"),
+    ]);
     const read = async (f: string) => readFile(path.join(p.caDir, f), "utf8").catch((e: NodeJS.ErrnoException) => {
       throw new Error(`--ca-dir ${p.caDir}: cannot read ${f}: ${e.code ?? e.message}`);
     });
