@@ -100,7 +100,7 @@ export class ReplicationPairReconciler {
     if (!cached) {
       // deleted, and its finalizer already done: forget what was kept about it
       this.health.delete(key);
-      for (const k of this.autoVerified.keys()) if (k.startsWith(`${key}|`)) this.autoVerified.delete(k);
+      this.forgetVerifies(key);
       return {};
     }
     const pair = structuredClone(cached); // never modify the informer's cache
@@ -146,6 +146,8 @@ export class ReplicationPairReconciler {
     }
     if (active !== "source" || want !== "source") {
       this.health.delete(key);
+      // The direction changes: verifies made for the old one say nothing about the new (after failback the gate wants its own).
+      this.forgetVerifies(key);
       const r = await this.flow.reconcile(resolved, policy, active, want);
       return { requeueAfterMs: Math.min(r.requeueAfterMs ?? this.o.statusIntervalMs, prov.requeueAfterMs ?? Infinity) };
     }
@@ -320,6 +322,10 @@ export class ReplicationPairReconciler {
     const next = Math.min(interval, busy ? FAST_MS : this.o.statusIntervalMs);
     const provNext = prov.requeueAfterMs ?? Infinity;
     return { requeueAfterMs: Math.min(provNext, policy ? Math.max(50, next - (Date.now() - t0)) : next) };
+  }
+
+  private forgetVerifies(key: string): void {
+    for (const k of this.autoVerified.keys()) if (k.startsWith(`${key}|`)) this.autoVerified.delete(k);
   }
 
   /**
