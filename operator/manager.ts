@@ -133,7 +133,7 @@ export class Operator {
       if (!this.seen.has(k) || JSON.stringify(this.seenLabels.get(k)) !== JSON.stringify(p.metadata.labels ?? {})) requeuePolicies(p.metadata.namespace);
       this.seen.set(k, t);
       this.seenLabels.set(k, p.metadata.labels ?? {});
-      this.queue.add(k);
+      this.queue.add(k, true);
     };
     inf.on("add", onChange);
     inf.on("update", onChange);
@@ -142,7 +142,7 @@ export class Operator {
       this.seenLabels.delete(keyOf(p));
       requeuePolicies(p.metadata.namespace);
       this.metrics.forgetPair(p.metadata.namespace!, p.metadata.name!);
-      this.queue.add(keyOf(p));
+      this.queue.add(keyOf(p), true);
     });
     const pols = (this.policies = crInformer<FailoverPolicy>(this.kc, FAILOVER_POLICIES, this.o.namespace, log));
     // A policy that changes affects every pair it selects (or selected).
