@@ -6,6 +6,8 @@
 // and the user-visible latency of a spec change (kubectl patch → status
 // observedGeneration caught up). There is no rsync/lsyncd equivalent.
 import { mkdir, readFile, writeFile } from "node:fs/promises";
+import YAML from "yaml";
+import { REPO } from "../e2e/harness.ts";
 import path from "node:path";
 import { startCluster, type Cluster } from "../env/cluster.ts";
 import { OperatorProc, Pki, installCrds, kubectlOk, pairYaml, tlsAgent } from "../e2e/k8s-harness.ts";
@@ -14,6 +16,14 @@ import { emptyResult, type BenchResult } from "./report.ts";
 import { fmtMs, nowMs, percentiles, pollUntil, progress, sleep, type BenchContext } from "./util.ts";
 
 const NS = "scale";
+
+/** A Kubernetes memory quantity (512Mi, 1Gi, 300M) in bytes. */
+function quantity(q: string): number {
+  const m = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$/.exec(q.trim());
+  if (!m) throw new Error(`not a memory quantity: ${q}`);
+  const mult: Record<string, number> = { "": 1, Ki: 1024, Mi: 1024 ** 2, Gi: 1024 ** 3, Ti: 1024 ** 4, k: 1e3, M: 1e6, G: 1e9, T: 1e12 };
+  return Number(m[1]) * mult[m[2] ?? ""]!;
+}
 
 async function rss(pid: number): Promise<{ now: number; peak: number }> {
   const s = await readFile(`/proc/${pid}/status`, "utf8");
@@ -48,13 +58,19 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
   const { agent: target, tls } = await tlsAgent(pki, dir, "dst-agent", { targetRoot: path.join(dir, "dst") });
   const { agent: source, tls: stls } = await tlsAgent(pki, dir, "src-agent");
   let op: OperatorProc | undefined;
+  let chartLimit: string | undefined;
+  let workers = 4;
   try {
     await target.start(tls);
     await source.start(stls);
     await installCrds(cluster);
     await kubectlOk(cluster, ["create", "namespace", NS]);
     await kubectlOk(cluster, ["create", "namespace", "understudy-system"]);
-    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", "10s", "--log-level", "warn"] });
+    // The chart's defaults (workers, status interval, memory limit) are what is measured.
+    const values = YAML.parse(await readFile(path.join(REPO, "charts/understudy/values.yaml"), "utf8")) as { workers?: number; statusInterval?: string; resources?: { limits?: { memory?: string } } };
+    chartLimit = values.resources?.limits?.memory;
+    workers = values.workers ?? 4;
+    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", values.statusInterval ?? "10s", "--workers", String(workers), "--log-level", "warn"] });
     await op.start();
     const idle = await rss(op.pid);
     progress(`operator: creating ${pairs} source directories and pairs`);
@@ -130,6 +146,8 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
         ["apply → every pair Ready (configured on the source, mirrored, replicating)", fmtMs(allReadyMs)],
         ["operator RSS idle (no pairs)", mb(idle.now)],
         ["operator RSS once all Ready / after 60 s steady / peak", `${mb(afterReady.now)} / ${mb(steady.now)} / ${mb(final.peak)}`],
+        ["the chart's memory limit (resources.limits.memory)", chartLimit ? `${chartLimit}: peak ${final.peak <= quantity(chartLimit) ? "within it" : "ABOVE it"} (${((final.peak / quantity(chartLimit)) * 100).toFixed(0)}%)` : "none"],
+        ["workers (the chart's default)", String(workers)],
         ["operator JS heap in use at the end (the rest of RSS is V8's reserve, code and buffers)", mb(heapUsed)],
         ["operator CPU in steady state", `${cpuCores.toFixed(2)} cores`],
         ["reconciles per second in steady state", ((reconciles(m1) - reconciles(m0)) / 60).toFixed(1)],
