@@ -266,6 +266,9 @@ export class FailoverFlow {
     const serviceAddress = await this.moveIdentity(pair, policy, srcAddr, "source");
     const next: ReplicationPairStatus = { ...status, failover: { ...(status.failover ?? {}), quiesced: false }, phase: "Configuring", activeSide: "source", serviceAddress, epoch, reverse: undefined, health: { ...(status.health ?? {}), sourceDown: false, missedBeats: 0, sourceDownSince: undefined } };
     this.cond(next, pair, "FailedOver", "False", "FailedBack", `the source serves again at epoch ${epoch}; replication to ${name} resumes`);
+    // What held for the reverse direction does not for the forward one: it restarts with a mirror, and needs a verify of its own.
+    this.cond(next, pair, ConditionType.Mirrored, "False", "MirrorPending", `replication from the source to ${pair.spec.targets.map((t) => t.name).join(", ")} restarts with a checksum mirror`);
+    this.cond(next, pair, ConditionType.Verified, "Unknown", "NeverVerified", "no verify since the failback yet");
     await this.write(pair, next);
     return { requeueAfterMs: 500 };
   }
