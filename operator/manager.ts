@@ -100,9 +100,15 @@ export class Operator {
    * watching, the Lease usable); otherwise every reason, e.g. a 403 on the Lease.
    */
   readiness(): { ok: boolean; why?: string } {
-    const problems = [this.synced ? undefined : "caches not synced", this.informer?.problem(), this.policies?.problem(), this.elector?.problem].filter((p): p is string => !!p);
+    // Every reconcile since the last good one was refused by the API server (RBAC): the leader cannot do its job.
+    const refused = this.forbidden && this.forbidden.at > this.lastReconciled ? `reconciles are refused since ${new Date(this.forbidden.at).toISOString()}: ${this.forbidden.error}` : undefined;
+    const problems = [this.synced ? undefined : "caches not synced", this.informer?.problem(), this.policies?.problem(), this.elector?.problem, refused].filter((p): p is string => !!p);
     return problems.length ? { ok: false, why: problems.join("; ") } : { ok: true };
   }
+
+  /** The last reconcile the API server refused (403), and when a reconcile last succeeded: /readyz. */
+  private forbidden?: { at: number; error: string };
+  private lastReconciled = 0;
 
   get isLeader(): boolean {
     return !this.o.leaderElect || (this.elector?.isLeader ?? false);
@@ -285,9 +291,11 @@ export class Operator {
         // 0 means "again at once" (after a status write that must land first), undefined "only on a change"
         if (res.requeueAfterMs !== undefined) this.queue.addAfter(key, res.requeueAfterMs);
         this.metrics.reconciles.inc({ controller: CONTROLLER, result: "success" });
+        this.lastReconciled = Date.now();
         if (!key.startsWith("policy:")) this.observePair(key);
       } catch (e) {
         const retryMs = this.queue.addRateLimited(key);
+        if (errText(e).startsWith("403")) this.forbidden = { at: Date.now(), error: errText(e) };
         this.metrics.reconciles.inc({ controller: CONTROLLER, result: "error" });
         this.o.log.warn({ pair: key, err: errText(e), retryMs, failures: this.queue.numRequeues(key) }, "reconcile failed; will retry");
       } finally {
