@@ -89,7 +89,11 @@ export class OperatorProc extends ChildProc {
       if (p.exitCode !== null) throw new Error(`operator exited with ${p.exitCode}; log:\n${await this.log()}`);
       const r = await this.readyz().catch(() => undefined);
       return r && (until ? until(r) : r.status === 200) ? r : undefined;
-    }, 30_000, 200);
+      // generous: on a busy machine loading the operator and syncing its caches can take a while
+    }, 90_000, 200).catch(async (e: Error) => {
+      const last = await this.readyz().catch((x: Error) => ({ status: 0, body: x.message }));
+      throw new Error(`${e.message}; last /readyz: ${last.status} ${last.body.trim()}`);
+    });
   }
 
   async readyz(): Promise<{ status: number; body: string }> {
