@@ -88,7 +88,8 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
     await pollUntil(`all ${pairs} pairs Ready`, async () => {
       const items = await listPairs(cluster);
       lastReady = items.filter(ready).length;
-      progress(`operator: ${lastReady}/${pairs} Ready after ${fmtMs(nowMs() - tApply)}`);
+      const m = await rss(op!.pid).catch(() => ({ now: 0, peak: 0 }));
+      progress(`operator: ${lastReady}/${pairs} Ready after ${fmtMs(nowMs() - tApply)}; operator RSS ${(m.now / 1e6).toFixed(0)} MB (peak ${(m.peak / 1e6).toFixed(0)} MB)`);
       return lastReady === pairs;
     }, 1_800_000, 2000);
     const allReadyMs = nowMs() - tApply;
