@@ -32,7 +32,9 @@ async function rss(pid: number): Promise<{ now: number; peak: number }> {
 }
 
 async function listPairs(c: Cluster): Promise<ReplicationPair[]> {
-  return (JSON.parse(await kubectlOk(c, ["get", "replicationpairs", "-n", NS, "-o", "json"])) as { items: ReplicationPair[] }).items;
+  const r = await c.kubectl(["get", "replicationpairs", "-n", NS, "-o", "json"], { timeoutMs: 300_000 });
+  if (r.code !== 0) throw new Error(`kubectl get replicationpairs failed (${r.code}): ${r.stderr}`);
+  return (JSON.parse(r.stdout) as { items: ReplicationPair[] }).items;
 }
 
 const ready = (p: ReplicationPair) => p.status?.conditions?.some((c) => c.type === "Ready" && c.status === "True") && p.status.observedGeneration === p.metadata.generation;
@@ -82,7 +84,11 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
       docs.push(pairYaml({ name: `p${i}`, namespace: NS, source: source.address, targets: [{ name: "standby", address: target.address }], path: d }));
     }
     const tApply = nowMs();
-    await kubectlOk(cluster, ["apply", "-f", "-"], docs.join("---\n"));
+    // In slices: one apply of thousands of objects outlasts kubectl's deadline on a busy machine.
+    for (let i = 0; i < docs.length; i += 250) {
+      const r = await cluster.kubectl(["apply", "-f", "-"], { input: docs.slice(i, i + 250).join("---\n"), timeoutMs: 600_000 });
+      if (r.code !== 0) throw new Error(`kubectl apply of pairs ${i}-${i + 249} failed (${r.code}): ${r.stderr}`);
+    }
     const applyMs = nowMs() - tApply;
     let lastReady = 0;
     await pollUntil(`all ${pairs} pairs Ready`, async () => {
