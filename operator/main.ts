@@ -5,6 +5,7 @@ import path from "node:path";
 import { existsSync, readFileSync } from "node:fs";
 import { parseDuration, type TlsConfig } from "../common/config.ts";
 import { createLogger } from "../common/log.ts";
+import { writePidFile } from "../common/pid-file.ts";
 // The manager (Kubernetes client, AWS SDK, ssh2) loads only when the operator runs:
 // every agent process starts through the same CLI and must not carry them.
 import type { Operator } from "./manager.ts";
@@ -67,6 +68,7 @@ interface Flags {
   agentBundle?: string;
   enrollListen: string;
   enrollUrl?: string;
+  pidFile?: string;
 }
 
 export function operatorCommand(fail: (msg: string) => never): Command {
@@ -91,6 +93,7 @@ export function operatorCommand(fail: (msg: string) => never): Command {
     .option("--enroll-url <url>", "https URL at which new agents (EC2 instances) reach the enrollment endpoint, e.g. https://10.0.0.10:7443")
     .option("--enroll-listen <addr>", "where the enrollment endpoint listens", "0.0.0.0:7443")
     .option("--log-level <level>", "trace, debug, info, warn, error", process.env.UNDERSTUDY_LOG_LEVEL ?? "info")
+    .option("--pid-file <file>", "write the operator's process id here (removed on exit)")
     .action(async (f: Flags) => {
       let tls: TlsConfig;
       if (f.agentInsecure) tls = { insecure: true };
@@ -129,6 +132,7 @@ export function operatorCommand(fail: (msg: string) => never): Command {
         if (!/^.+:\d{1,5}$/.test(f.enrollListen)) fail(`--enroll-listen must be host:port, not ${f.enrollListen}`);
       }
       if (f.caDir && f.agentBundle) provisioning = { caDir: path.resolve(f.caDir), bundlePath: path.resolve(f.agentBundle), enrollListen: f.enrollListen, ...(f.enrollUrl ? { enrollUrl: f.enrollUrl } : {}) };
+      if (f.pidFile) writePidFile(f.pidFile);
       const log = createLogger("understudy-operator", f.logLevel);
       const { Operator: OperatorImpl } = await import("./manager.ts");
       let op: Operator;
