@@ -88,7 +88,7 @@ test("the README's Kubernetes section runs as written on the local API server", 
   assert.match(out, /^www\s+Replicating\s+source\s/m, "the pair replicates");
   assert.match(out, /^hello$/m, "the replica holds the file, where the README says it is");
   assert.match(out, /known good: dr yes/, "the operator verified the copy by itself and the gate opened");
-  assert.match(out, /^www-understudy\s+IPv4\s+80\s+127\.0\.0\.2\s/m, "the Service's EndpointSlice points at the target after the failover");
+  assert.match(out, /^www\s+FailedOver\s+dr\s/m, "after the source died the target serves");
   assert.match(out, /active side dr \(epoch 1\)/);
   // Step 8 stopped everything it started, and k8s:down removed the API server's directory.
   assert.equal(existsSync(path.join(dir, ".local-cluster")), false, "k8s:down removes its directory");
