@@ -70,9 +70,14 @@ export class AgentPool implements AgentDirectory {
     return value;
   }
 
+  /**
+   * Leaves the cached status alone: a new set is "configuring" anyway, and with
+   * thousands of pairs created at once, refetching the agent's whole status
+   * (every set) after each ConfigureSet decoded gigabytes (quadratic in pairs).
+   * Callers that need the set's new state ask with invalidate() first.
+   */
   configureSet(address: string, spec: SetSpec): Promise<{ result: string; specHash: string }> {
-    this.invalidate(address);
-    return this.timed("configureSet", () => this.conn(address).configureSet(spec, this.o.timeoutMs * 3)).finally(() => this.invalidate(address));
+    return this.timed("configureSet", () => this.conn(address).configureSet(spec, this.o.timeoutMs * 3));
   }
 
   removeSet(address: string, name: string, purge: boolean): Promise<{ existed: boolean }> {

@@ -234,9 +234,15 @@ export class ReplicationPairReconciler {
         if (current && !current.managed) throw new Error(`source agent ${source} has a set named ${setName} in its config file`);
         if (current?.specHash !== hash) {
           const r = await this.o.agents.configureSet(source, desired);
-          log.info({ result: r.result, set: setName }, "configured the source agent");
-          this.o.events.event(pair, "Normal", r.result === "created" ? "SetCreated" : "SetUpdated", `replication set ${setName} ${r.result} on source agent ${source} (${desired.path} → ${desired.targets.join(", ")})`);
-          view.status = await this.o.agents.status(source);
+          if (r.result !== "unchanged") {
+            log.info({ result: r.result, set: setName }, "configured the source agent");
+            this.o.events.event(pair, "Normal", r.result === "created" ? "SetCreated" : "SetUpdated", `replication set ${setName} ${r.result} on source agent ${source} (${desired.path} → ${desired.targets.join(", ")})`);
+          }
+          if (current) {
+            // A changed set restarted: its status is read again (a new one is simply "configuring" until the next look).
+            this.o.agents.invalidate(source);
+            view.status = await this.o.agents.status(source);
+          }
         }
       } catch (e) {
         // Unreachable now: try again later. Anything else (bad path, not allowed …) is for a person to fix.
