@@ -96,6 +96,23 @@ export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: s
   return inf;
 }
 
+/**
+ * A JSON merge patch (RFC 7386) from `from` to `to`: what `to` leaves out is
+ * sent as null, so the API server deletes it. Without that, a field the new
+ * status no longer has (lag after a failover, sourceDownSince once the source
+ * is back) kept its old value on the server for ever.
+ */
+export function mergePatch(from: object, to: object): Record<string, unknown> {
+  const a = from as Record<string, unknown>;
+  const out: Record<string, unknown> = { ...(to as Record<string, unknown>) };
+  const plain = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+  for (const k of Object.keys(a)) {
+    if (!(k in out) || out[k] === undefined) out[k] = null;
+    else if (plain(a[k]) && plain(out[k])) out[k] = mergePatch(a[k], out[k]);
+  }
+  return out;
+}
+
 export class KubePairWriter implements PairWriter {
   private readonly api: CustomObjectsApi;
   constructor(kc: KubeConfig) {
@@ -126,7 +143,7 @@ export class KubePairWriter implements PairWriter {
   }
 
   async patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<string | undefined> {
-    const updated = (await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status }, true)) as ReplicationPair;
+    const updated = (await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status: mergePatch(pair.status ?? {}, status) }, true)) as ReplicationPair;
     return updated.metadata?.resourceVersion;
   }
 }

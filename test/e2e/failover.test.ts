@@ -43,7 +43,7 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     const ok = await w.waitPair("db", "both targets known good without anyone asking for a verify", (x) => !!x.status?.knownGood?.every((k) => k.ok));
     assert.equal(ok.status?.lastHandledVerifyRequest, undefined, "no verify was requested");
     assert.ok(ok.status?.targets?.every((t) => t.lastVerify?.result === "Passed"));
-    assert.match(await w.events("db"), /VerifyStarted.*started by the operator/);
+    assert.match(await w.events("db"), /VerifyStarted/);
     assert.equal(condition(ok, "FailoverReady").status, "True");
     assert.match(condition(ok, "FailoverReady").message ?? "", /failover possible to a, b: automatic when the source is down/);
     if (p.status?.knownGood?.some((k) => !k.ok)) assert.match(condition(p, "FailoverReady").message ?? "", /failover not possible yet/);

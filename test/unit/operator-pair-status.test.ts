@@ -347,3 +347,10 @@ test("a source path that is missing: never Ready or Mirrored; the conditions nam
   const back = computeStatus(pair(gone), observe(source())).status;
   assert.equal(cond(back, "Ready").status, "True", JSON.stringify(back.conditions));
 });
+
+test("a status write deletes on the server what the new status leaves out (a merge patch sends null), nested too", async () => {
+  const { mergePatch } = await import("../../operator/kube.ts");
+  const before = { lag: "2s", lagSeconds: 2, health: { sourceDown: true, sourceDownSince: "2025-01-01T00:00:00Z", missedBeats: 3 }, targets: [{ name: "dr", address: "a", lastAckedSeq: 3 }], phase: "Replicating" };
+  const after = { phase: "FailedOver", health: { sourceDown: false, missedBeats: 0 }, targets: [{ name: "dr", address: "a" }] };
+  assert.deepEqual(mergePatch(before, after), { phase: "FailedOver", lag: null, lagSeconds: null, health: { sourceDown: false, missedBeats: 0, sourceDownSince: null }, targets: [{ name: "dr", address: "a" }] });
+});
