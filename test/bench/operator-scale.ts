@@ -72,7 +72,9 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
     const values = YAML.parse(await readFile(path.join(REPO, "charts/understudy/values.yaml"), "utf8")) as { workers?: number; statusInterval?: string; resources?: { limits?: { memory?: string } } };
     chartLimit = values.resources?.limits?.memory;
     workers = values.workers ?? 4;
-    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", values.statusInterval ?? "10s", "--workers", String(workers), "--log-level", "warn"] });
+    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", values.statusInterval ?? "10s", "--workers", String(workers), "--log-level", "warn"],
+      // BENCH_OPERATOR_NODE_OPTIONS: V8 flags for the operator, e.g. --max-semi-space-size=4 (what a chart could set)
+      ...(process.env.BENCH_OPERATOR_NODE_OPTIONS ? { env: { NODE_OPTIONS: process.env.BENCH_OPERATOR_NODE_OPTIONS } } : {}) });
     await op.start();
     const idle = await rss(op.pid);
     progress(`operator: creating ${pairs} source directories and pairs`);
@@ -164,7 +166,7 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
         ["spec change (kubectl patch) → status.observedGeneration, 50 pairs: p50 / p90 / p99 / max", `${fmtMs(lat.p50)} / ${fmtMs(lat.p90)} / ${fmtMs(lat.p99)} / ${fmtMs(lat.max)}`],
       ],
     });
-    r.notes.push("The operator runs as a process with an admin kubeconfig, 4 workers, a 10 s status interval, and leader election on; its Kubernetes client is @kubernetes/client-node.", "A spec change restarts that pair's set on the source agent (journal kept, no mirror); the latency includes that and the next status write.");
+    r.notes.push(`The operator runs as a process with an admin kubeconfig, the chart's ${workers} workers and status interval, and leader election on${process.env.BENCH_OPERATOR_NODE_OPTIONS ? `, NODE_OPTIONS=${process.env.BENCH_OPERATOR_NODE_OPTIONS}` : ""}; its Kubernetes client is @kubernetes/client-node.`, "A spec change restarts that pair's set on the source agent (journal kept, no mirror); the latency includes that and the next status write.");
   } catch (e) {
     r.error = (e as Error).message;
   } finally {
