@@ -12,6 +12,7 @@ import { clientCredentials, peerCommonName, serverCredentials } from "../common/
 import { AGENT_VERSION, ControlService, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ReplicationService, type ControlServer, type StatusResponse } from "./wire.ts";
 import { loadManagedSpecs, managedSet, saveManagedSpecs, SET_NAME, type ManagedSet } from "./control/managed-sets.ts";
 import { runCommand } from "./control/run-command.ts";
+import { pathProblem } from "./control/path-check.ts";
 import { xattrUnavailable } from "./fs/xattr.ts";
 import { Receiver } from "./target/receiver.ts";
 import { SourceSet } from "./source/replication-set.ts";
@@ -181,7 +182,7 @@ export class Agent {
       agentVersion: AGENT_VERSION,
       protocolVersion: PROTOCOL_VERSION,
       uptimeSeconds: (Date.now() - this.started) / 1000,
-      sets: this.sets.map((s) => ({ ...s.status(), managed: this.managed.has(s.cfg.name), specHash: this.managed.get(s.cfg.name)?.hash ?? "" })),
+      sets: this.sets.map((s) => ({ ...s.status(), managed: this.managed.has(s.cfg.name), specHash: this.managed.get(s.cfg.name)?.hash ?? "", pathError: "" })),
       images: [...(this.receiver?.images.values() ?? [])].map((i) => ({
         source: i.source,
         set: i.set,
@@ -197,6 +198,13 @@ export class Agent {
         journalId: i.meta.journalId,
       })),
     };
+  }
+
+  /** status(), and for each set whether its path can be read now (a missing source path is not a healthy empty set). */
+  async statusWithPaths(): Promise<StatusResponse> {
+    const s = this.status();
+    await Promise.all(s.sets.map(async (set) => (set.pathError = await pathProblem(set.path))));
+    return s;
   }
 
   private set(name: string): SourceSet {
@@ -237,7 +245,7 @@ export class Agent {
   }
 
   private readonly control: ControlServer = {
-    status: (_call, cb) => cb(null, this.status()),
+    status: (_call, cb) => void this.statusWithPaths().then((s) => cb(null, s), (e: Error) => cb(Object.assign(e, { code: grpc.status.INTERNAL }))),
     configureSet: this.changing((req) => {
       if (!req.spec) throw Object.assign(new Error("ConfigureSet needs a spec"), { code: grpc.status.INVALID_ARGUMENT });
       return this.configureSet(req.spec);

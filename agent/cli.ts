@@ -1,5 +1,6 @@
 // The `understudy` command line: run an agent, ask one for its status, make
 // certificates, enroll with an operator, or run the embedded demo (two agents on loopback).
+import { writePidFile } from "../common/pid-file.ts";
 import { readFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { Command, Option } from "commander";
@@ -26,7 +27,8 @@ program
   .command("agent")
   .description("run an agent (source and/or target role, from its config)")
   .requiredOption("-c, --config <file>", "agent config (YAML)")
-  .action(async (opts: { config: string }) => {
+  .option("--pid-file <file>", "write the agent's process id here (removed on exit)")
+  .action(async (opts: { config: string; pidFile?: string }) => {
     let cfg;
     try {
       cfg = await loadAgentConfig(opts.config);
@@ -34,6 +36,7 @@ program
       if (e instanceof ConfigError) fail(e.message);
       throw e;
     }
+    if (opts.pidFile) writePidFile(opts.pidFile);
     const log = createLogger(`agent:${cfg.name}`);
     const agent = new Agent(cfg, log);
     let stopping = false;

@@ -28,6 +28,7 @@ export function formatStatus(s: StatusResponse): string {
   const out = [`agent ${s.name}  version ${s.agentVersion} (protocol v${s.protocolVersion})  up ${Math.round(s.uptimeSeconds)}s`];
   for (const set of s.sets) {
     out.push(`  set ${set.name}  ${set.path}  ${set.state}  files ${set.files}  ${bytes(set.bytes)}  seq ${set.lastSeq}  queue ${bytes(set.queuedBytes?.memory ?? 0)} mem / ${bytes(set.queuedBytes?.disk ?? 0)} disk`);
+    if (set.pathError) out.push(`    error: ${set.pathError}`);
     for (const t of set.targets) {
       out.push(`    → ${t.address.padEnd(22)} ${t.state.padEnd(12)} sent ${t.lastSentSeq}  acked ${t.lastAckedSeq}  lag ${t.lagSeconds.toFixed(2)}s  queued ${bytes((t.queuedBytes?.memory ?? 0) + (t.queuedBytes?.disk ?? 0))}${t.lastError ? `  error: ${t.lastError}` : ""}`);
       if (t.mirror?.startedAt) out.push(`      ${progressLine(t.mirror)}`);

@@ -22,6 +22,9 @@ export interface AgentDirectory {
   invalidate(address: string): void;
 }
 
+/** A Status answer up to this many TTLs old serves a refresh while a new one is fetched. */
+const STALE_FACTOR = 3;
+
 export interface AgentPoolOptions {
   tls: TlsConfig;
   /** How long one Status answer serves every pair on that agent. */
@@ -61,18 +64,50 @@ export class AgentPool implements AgentDirectory {
   status(address: string, timeoutMs?: number): Promise<StatusResponse> {
     const hit = this.cache.get(address);
     if (hit && Date.now() - hit.at < this.o.statusTtlMs) return hit.value;
+    // A status refresh (no health-check deadline) need not wait for the agent: the last answer,
+    // if only a little older, serves while a new one is fetched. With hundreds of pairs on one
+    // agent, every reconcile used to wait for the same slow Status call, and the workers with them.
+    const last = this.answered.get(address);
+    if (timeoutMs === undefined && last && Date.now() - last.at < this.o.statusTtlMs * STALE_FACTOR && hit?.value !== undefined) {
+      if (!this.refreshing.has(address)) {
+        this.refreshing.add(address);
+        // Not put into the cache while in flight (readers would wait for it); its answer is, once there.
+        void this.fetchStatus(address, undefined, false).catch(() => undefined).finally(() => this.refreshing.delete(address));
+      }
+      return Promise.resolve(last.value);
+    }
+    return this.fetchStatus(address, timeoutMs);
+  }
+
+  /** The last Status answer per agent, and when it came (served while a fresher one is on its way). */
+  private readonly answered = new Map<string, { at: number; value: StatusResponse }>();
+  private readonly refreshing = new Set<string>();
+
+  private fetchStatus(address: string, timeoutMs?: number, cacheInFlight = true): Promise<StatusResponse> {
     // Single flight: concurrent readers share one call; a failure is not cached.
     const value = this.timed("status", () => this.conn(address).status(Math.min(timeoutMs ?? this.o.timeoutMs, this.o.timeoutMs)));
-    this.cache.set(address, { at: Date.now(), value });
-    value.catch(() => {
-      if (this.cache.get(address)?.value === value) this.cache.delete(address);
-    });
+    if (cacheInFlight) this.cache.set(address, { at: Date.now(), value });
+    value.then(
+      (v) => {
+        this.answered.set(address, { at: Date.now(), value: v });
+        if (!cacheInFlight) this.cache.set(address, { at: Date.now(), value });
+      },
+      () => {
+        if (this.cache.get(address)?.value === value) this.cache.delete(address);
+        this.answered.delete(address);
+      },
+    );
     return value;
   }
 
+  /**
+   * Leaves the cached status alone: a new set is "configuring" anyway, and with
+   * thousands of pairs created at once, refetching the agent's whole status
+   * (every set) after each ConfigureSet decoded gigabytes (quadratic in pairs).
+   * Callers that need the set's new state ask with invalidate() first.
+   */
   configureSet(address: string, spec: SetSpec): Promise<{ result: string; specHash: string }> {
-    this.invalidate(address);
-    return this.timed("configureSet", () => this.conn(address).configureSet(spec, this.o.timeoutMs * 3)).finally(() => this.invalidate(address));
+    return this.timed("configureSet", () => this.conn(address).configureSet(spec, this.o.timeoutMs * 3));
   }
 
   removeSet(address: string, name: string, purge: boolean): Promise<{ existed: boolean }> {
@@ -105,6 +140,7 @@ export class AgentPool implements AgentDirectory {
 
   invalidate(address: string): void {
     this.cache.delete(address);
+    this.answered.delete(address);
   }
 
   close(): void {

@@ -32,31 +32,85 @@ export function reuseConnections(kc: KubeConfig): KubeConfig {
   return kc;
 }
 
+const LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration";
+
+/**
+ * Drop what the operator never reads from an object its informer keeps, in
+ * place (the cache holds this very object): managedFields (server-side apply
+ * bookkeeping, often larger than the spec and status together) and kubectl's
+ * last-applied copy of the spec. With thousands of pairs they were most of
+ * the cache.
+ */
+export function slim(obj: KubernetesObject): void {
+  const m = obj.metadata;
+  if (!m) return;
+  delete m.managedFields;
+  if (m.annotations && LAST_APPLIED in m.annotations) {
+    delete m.annotations[LAST_APPLIED];
+    if (Object.keys(m.annotations).length === 0) delete m.annotations;
+  }
+}
+
 /**
  * A list+watch cache of one resource, restarted with backoff when its watch
  * fails (client-node leaves that to the caller). `synced` resolves after the
  * first successful list (client-node's start() resolves even when it failed).
  */
-export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: string, namespace: string | undefined, log: Logger): Informer<T> & ObjectCache<T> & { synced: Promise<void> } {
+export function crInformer<T extends KubernetesObject>(kc: KubeConfig, plural: string, namespace: string | undefined, log: Logger): Informer<T> & ObjectCache<T> & { synced: Promise<void>; problem(): string | undefined } {
   const api = kc.makeApiClient(CustomObjectsApi);
   const path = namespace ? `/apis/${GROUP}/${VERSION}/namespaces/${namespace}/${plural}` : `/apis/${GROUP}/${VERSION}/${plural}`;
   let markSynced!: () => void;
   const synced = new Promise<void>((r) => (markSynced = r));
+  // The last failure of the list or the watch, until they work again: /readyz reports it (a 403 on the list is not "ready").
+  let failing: { error: string; since: number; list: boolean } | undefined;
+  const problem = () => (failing ? `cannot ${failing.list ? "list" : "watch"} ${plural}${namespace ? ` in ${namespace}` : ""}: ${failing.error} (since ${new Date(failing.since).toISOString()})` : undefined);
   const list = async (): Promise<KubernetesListObject<T>> => {
-    const l = (namespace ? await api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural }) : await api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })) as KubernetesListObject<T>;
+    let l: KubernetesListObject<T>;
+    try {
+      l = (namespace ? await api.listNamespacedCustomObject({ group: GROUP, version: VERSION, namespace, plural }) : await api.listClusterCustomObject({ group: GROUP, version: VERSION, plural })) as KubernetesListObject<T>;
+    } catch (e) {
+      failing = { error: errText(e), since: failing?.since ?? Date.now(), list: true };
+      throw e;
+    }
+    failing = undefined;
     // Resolved once the informer has stored these items (it does so right after this returns).
     queueMicrotask(markSynced);
     return l;
   };
-  const inf = Object.assign(makeInformer<T>(kc, path, list), { synced });
+  const inf = Object.assign(makeInformer<T>(kc, path, list), { synced, problem });
+  // Registered first, so every other handler and the cache itself see the slim object.
+  inf.on("add", slim);
+  inf.on("update", slim);
   let delay = 1000;
-  inf.on("connect", () => (delay = 1000));
+  inf.on("connect", () => {
+    delay = 1000;
+    // connect comes before the list: only a watch failure is over (a failing list says so again)
+    if (failing && !failing.list) failing = undefined;
+  });
   inf.on("error", (err) => {
+    if (!failing?.list) failing = { error: errText(err), since: failing?.since ?? Date.now(), list: false };
     log.warn({ resource: plural, err: errText(err), retryMs: delay }, "watch failed; restarting");
     setTimeout(() => void inf.start().catch(() => undefined), delay).unref();
     delay = Math.min(delay * 2, 30_000);
   });
   return inf;
+}
+
+/**
+ * A JSON merge patch (RFC 7386) from `from` to `to`: what `to` leaves out is
+ * sent as null, so the API server deletes it. Without that, a field the new
+ * status no longer has (lag after a failover, sourceDownSince once the source
+ * is back) kept its old value on the server for ever.
+ */
+export function mergePatch(from: object, to: object): Record<string, unknown> {
+  const a = from as Record<string, unknown>;
+  const out: Record<string, unknown> = { ...(to as Record<string, unknown>) };
+  const plain = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+  for (const k of Object.keys(a)) {
+    if (!(k in out) || out[k] === undefined) out[k] = null;
+    else if (plain(a[k]) && plain(out[k])) out[k] = mergePatch(a[k], out[k]);
+  }
+  return out;
 }
 
 export class KubePairWriter implements PairWriter {
@@ -89,7 +143,7 @@ export class KubePairWriter implements PairWriter {
   }
 
   async patchStatus(pair: ReplicationPair, status: ReplicationPairStatus): Promise<string | undefined> {
-    const updated = (await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status }, true)) as ReplicationPair;
+    const updated = (await this.patch(pair, { metadata: { resourceVersion: pair.metadata.resourceVersion }, status: mergePatch(pair.status ?? {}, status) }, true)) as ReplicationPair;
     return updated.metadata?.resourceVersion;
   }
 }

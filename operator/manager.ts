@@ -9,12 +9,8 @@ import { X509Certificate } from "node:crypto";
 import { loadCaSigner, signLeaf } from "../common/tls.ts";
 import { AGENT_VERSION } from "../agent/wire.ts";
 import type { EndpointProvisioner } from "./controllers/endpoints.ts";
-import { Ec2Provisioner } from "./ec2/provisioner.ts";
-import { SshProvisioner } from "./ssh/provisioner.ts";
-import { KubeEnrollmentStore } from "./enroll/kube-store.ts";
-import { EnrollProvisioner } from "./enroll/provisioner.ts";
-import { EnrollmentServer } from "./enroll/server.ts";
-import { enrollmentKey, issueToken } from "./enroll/tokens.ts";
+// Provisioning (AWS SDK, ssh2: ~100 MB of resident code) loads only when it is configured.
+import type { EnrollmentServer } from "./enroll/server.ts";
 import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
 import type { Server } from "node:http";
@@ -106,6 +102,21 @@ export class Operator {
     this.queue.onDequeue = (ms) => this.metrics.queueWaitSeconds.observe({ controller: CONTROLLER }, ms / 1000);
   }
 
+  /**
+   * /readyz: ok only while this replica can do its job (caches synced and
+   * watching, the Lease usable); otherwise every reason, e.g. a 403 on the Lease.
+   */
+  readiness(): { ok: boolean; why?: string } {
+    // Every reconcile since the last good one was refused by the API server (RBAC): the leader cannot do its job.
+    const refused = this.forbidden && this.forbidden.at > this.lastReconciled ? `reconciles are refused since ${new Date(this.forbidden.at).toISOString()}: ${this.forbidden.error}` : undefined;
+    const problems = [this.synced ? undefined : "caches not synced", this.informer?.problem(), this.policies?.problem(), this.elector?.problem, refused].filter((p): p is string => !!p);
+    return problems.length ? { ok: false, why: problems.join("; ") } : { ok: true };
+  }
+
+  /** The last reconcile the API server refused (403), and when a reconcile last succeeded: /readyz. */
+  private forbidden?: { at: number; error: string };
+  private lastReconciled = 0;
+
   get isLeader(): boolean {
     return !this.o.leaderElect || (this.elector?.isLeader ?? false);
   }
@@ -117,7 +128,7 @@ export class Operator {
       serveHttp(this.o.healthBind, {
         probes: {
           healthy: () => !this.stopping,
-          ready: () => (this.synced ? { ok: true } : { ok: false, why: "caches not synced" }),
+          ready: () => this.readiness(),
         },
       }),
     ])).filter((s): s is Server => !!s);
@@ -135,7 +146,7 @@ export class Operator {
       if (!this.seen.has(k) || JSON.stringify(this.seenLabels.get(k)) !== JSON.stringify(p.metadata.labels ?? {})) requeuePolicies(p.metadata.namespace);
       this.seen.set(k, t);
       this.seenLabels.set(k, p.metadata.labels ?? {});
-      this.queue.add(k);
+      this.queue.add(k, true);
     };
     inf.on("add", onChange);
     inf.on("update", onChange);
@@ -144,7 +155,7 @@ export class Operator {
       this.seenLabels.delete(keyOf(p));
       requeuePolicies(p.metadata.namespace);
       this.metrics.forgetPair(p.metadata.namespace!, p.metadata.name!);
-      this.queue.add(keyOf(p));
+      this.queue.add(keyOf(p), true);
     });
     const pols = (this.policies = crInformer<FailoverPolicy>(this.kc, FAILOVER_POLICIES, this.o.namespace, log));
     // A policy that changes affects every pair it selects (or selected).
@@ -206,6 +217,9 @@ export class Operator {
 
   /** The enrollment endpoint and the provisioners that use it. */
   private async startProvisioning(p: NonNullable<OperatorOptions["provisioning"]>): Promise<EndpointProvisioner[]> {
+    const [{ Ec2Provisioner }, { SshProvisioner }, { KubeEnrollmentStore }, { EnrollProvisioner }, { EnrollmentServer }, { enrollmentKey, issueToken }] = await Promise.all([
+      import("./ec2/provisioner.ts"), import("./ssh/provisioner.ts"), import("./enroll/kube-store.ts"), import("./enroll/provisioner.ts"), import("./enroll/server.ts"), import("./enroll/tokens.ts"),
+    ]);
     const read = async (f: string) => readFile(path.join(p.caDir, f), "utf8").catch((e: NodeJS.ErrnoException) => {
       throw new Error(`--ca-dir ${p.caDir}: cannot read ${f}: ${e.code ?? e.message}`);
     });
@@ -288,9 +302,11 @@ export class Operator {
         // 0 means "again at once" (after a status write that must land first), undefined "only on a change"
         if (res.requeueAfterMs !== undefined) this.queue.addAfter(key, res.requeueAfterMs);
         this.metrics.reconciles.inc({ controller: CONTROLLER, result: "success" });
+        this.lastReconciled = Date.now();
         if (!key.startsWith("policy:")) this.observePair(key);
       } catch (e) {
         const retryMs = this.queue.addRateLimited(key);
+        if (errText(e).startsWith("403")) this.forbidden = { at: Date.now(), error: errText(e) };
         this.metrics.reconciles.inc({ controller: CONTROLLER, result: "error" });
         this.o.log.warn({ pair: key, err: errText(e), retryMs, failures: this.queue.numRequeues(key) }, "reconcile failed; will retry");
       } finally {

@@ -417,7 +417,7 @@ export class SourceSet {
     });
   }
 
-  status(): Omit<SourceSetStatus, "managed" | "specHash"> {
+  status(): Omit<SourceSetStatus, "managed" | "specHash" | "pathError"> {
     const jb = this.journal ? this.journal.bytes() : { memory: 0, disk: 0 };
     const now = Date.now();
     return {

@@ -18,7 +18,7 @@ import type { AgentDirectory } from "../agents.ts";
 import { ConditionType, setCondition, timestamp, type Condition, type FailoverPolicy, type ResolvedPair, type ReplicationPairStatus } from "../api/v1alpha1/index.ts";
 import { knownGood } from "./known-good.ts";
 import { desiredSetSpec, setNameFor } from "./desired.ts";
-import { dropUndefined } from "./pair-status.ts";
+import { dropUndefined, humanBytes, humanSeconds } from "./pair-status.ts";
 import type { EventRecorder, IdentityMover, PairWriter, Result } from "./replicationpair.ts";
 
 export interface FailoverOptions {
@@ -144,17 +144,22 @@ export class FailoverFlow {
     const downSince = pair.status?.health?.sourceDownSince;
     const prevFo = pair.status?.failover;
     const startedAt = prevFo?.startedAt && prevFo.target === name && !prevFo.finishedAt ? prevFo.startedAt : timestamp(now);
+    // Recovery counts from the failure's first evidence: the last time the source was seen up.
     const from = downSince ? Date.parse(downSince) : Date.parse(startedAt);
+    const finished = this.o.now();
+    const recoverySeconds = Math.round((finished.getTime() - from) / 100) / 10;
     const status: ReplicationPairStatus = {
       ...(pair.status ?? {}),
       phase: "FailedOver",
       activeSide: name,
       serviceAddress,
       epoch,
-      failover: { target: name, reason: src.status ? "cutover" : "source down", sourceDownSince: downSince, startedAt, finishedAt: timestamp(this.o.now()), recoverySeconds: Math.round((this.o.now().getTime() - from) / 100) / 10, appliedSeq: promoted.durableSeq, actions: [...(prevFo?.target === name && !prevFo.finishedAt ? (prevFo.actions ?? []) : []), ...actions], quiesced: prevFo?.quiesced && !prevFo.finishedAt ? true : undefined },
+      failover: { target: name, reason: src.status ? "cutover" : "source down", sourceDownSince: downSince, startedAt, finishedAt: timestamp(finished), recoverySeconds, appliedSeq: promoted.durableSeq, actions: [...(prevFo?.target === name && !prevFo.finishedAt ? (prevFo.actions ?? []) : []), ...actions], quiesced: prevFo?.quiesced && !prevFo.finishedAt ? true : undefined },
     };
-    this.cond(status, pair, "FailedOver", "True", src.status ? "CutOver" : "FailedOver", `${name} serves at epoch ${epoch} with every change up to ${promoted.durableSeq}; the source is fenced`);
+    newDirection(status, pair, name, { appliedSeq: promoted.durableSeq, sourceUp: !!src.status });
+    this.cond(status, pair, "FailedOver", "True", src.status ? "CutOver" : "FailedOver", `${name} serves at epoch ${epoch} with every change up to ${promoted.durableSeq}; the source is fenced; ${src.status ? "cut over" : `recovered ${recoverySeconds}s after the source was last seen (${downSince ?? startedAt})`}`);
     this.cond(status, pair, ConditionType.Ready, "False", "FailedOver", `${name} serves; no copy until the source returns and is brought up to date`);
+    this.directionConditions(status, pair, name, { sourceUp: !!src.status });
     this.o.log.warn({ pair: `${pair.metadata.namespace}/${pair.metadata.name}`, target: name, epoch, appliedSeq: promoted.durableSeq }, "failed over");
     await this.write(pair, status);
     return { requeueAfterMs: 1000 };
@@ -177,10 +182,14 @@ export class FailoverFlow {
     }
     const srcName = pair.status?.sourceAgent?.name;
     const image = tv.status.images.find((i) => i.set === setName && (!srcName || i.source === srcName));
+    // The old source's health as it is now (the checks that found it down stopped at the failover).
+    if (status.health) status.health = { policy: status.health.policy, sourceReachable: !!src.status, missedBeats: src.status ? 0 : status.health.missedBeats, sourceDown: !src.status, sourceDownSince: src.status ? undefined : status.health.sourceDownSince };
     if (!src.status) {
-      status.reverse = { ...(status.reverse ?? {}), state: "source unreachable", mirrored: false };
+      status.reverse = { state: "source unreachable", mirrored: false };
+      newDirection(status, pair, name, { appliedSeq: image?.appliedSeq, sourceUp: false });
       this.cond(status, pair, ConditionType.Degraded, "True", "SourceUnreachable", `${name} serves without a copy: the original source ${srcAddr} is unreachable (${src.error})`);
       this.cond(status, pair, ConditionType.Ready, "False", "FailedOver", `${name} serves; no copy until the source returns`);
+      this.directionConditions(status, pair, name, { sourceUp: false });
       await this.write(pair, status);
       return { requeueAfterMs: 2000 };
     }
@@ -202,7 +211,9 @@ export class FailoverFlow {
     const rt = cur?.targets.find((x) => x.address === srcAddr);
     const mirrored = !!rt && !rt.mirror?.active && (rt.mirror?.result === "ok" || (rt.mirror?.startedAt === 0 && (rt.state === "idle" || rt.state === "replicating")));
     status.reverse = { state: rt?.state ?? "configuring", mirrored, lagSeconds: rt?.lagSeconds, lastAckedSeq: rt?.lastAckedSeq, lastSeq: cur?.lastSeq, lastError: rt?.lastError || undefined };
+    newDirection(status, pair, name, { appliedSeq: image?.appliedSeq, sourceUp: true, queuedBytes: rt ? (rt.queuedBytes?.memory ?? 0) + (rt.queuedBytes?.disk ?? 0) : undefined, mirror: rt?.mirror?.active ? `${Math.floor(((rt.mirror.bytesDone ?? 0) / Math.max(1, rt.mirror.bytesTotal ?? 0)) * 100)}% ${humanBytes(rt.mirror.bytesDone ?? 0)}/${humanBytes(rt.mirror.bytesTotal ?? 0)}` : mirrored ? "complete" : "pending" });
     this.cond(status, pair, ConditionType.Degraded, "False", "Recovered", `${name} serves and the original source is reachable`);
+    this.directionConditions(status, pair, name, { sourceUp: true, reverseState: rt?.state, reverseError: rt?.lastError || undefined, mirrored, mirrorActive: !!rt?.mirror?.active });
     if (mirrored) this.cond(status, pair, ConditionType.Ready, "True", "FailedOverProtected", `${name} serves and replicates back to the original source; set spec.activeSide=source to fail back`);
     else this.cond(status, pair, ConditionType.Ready, "False", "ReverseMirroring", `${name} serves; bringing the original source up to date (${rt?.mirror?.active ? `${rt.mirror.filesDone}/${rt.mirror.filesTotal} files` : rt?.state ?? "starting"})`);
     await this.write(pair, status);
@@ -255,8 +266,31 @@ export class FailoverFlow {
     const serviceAddress = await this.moveIdentity(pair, policy, srcAddr, "source");
     const next: ReplicationPairStatus = { ...status, failover: { ...(status.failover ?? {}), quiesced: false }, phase: "Configuring", activeSide: "source", serviceAddress, epoch, reverse: undefined, health: { ...(status.health ?? {}), sourceDown: false, missedBeats: 0, sourceDownSince: undefined } };
     this.cond(next, pair, "FailedOver", "False", "FailedBack", `the source serves again at epoch ${epoch}; replication to ${name} resumes`);
+    // What held for the reverse direction does not for the forward one: it restarts with a mirror, and needs a verify of its own.
+    this.cond(next, pair, ConditionType.Mirrored, "False", "MirrorPending", `replication from the source to ${pair.spec.targets.map((t) => t.name).join(", ")} restarts with a checksum mirror`);
+    this.cond(next, pair, ConditionType.Verified, "Unknown", "NeverVerified", "no verify since the failback yet");
     await this.write(pair, next);
     return { requeueAfterMs: 500 };
+  }
+
+  /**
+   * Replicating, Mirrored and Verified while a target serves: they describe
+   * the new direction (the active target → the original source), not the
+   * forward replication that stopped at the failover.
+   */
+  private directionConditions(status: ReplicationPairStatus, pair: ResolvedPair, name: string, r: { sourceUp: boolean; reverseState?: string; reverseError?: string; mirrored?: boolean; mirrorActive?: boolean }): void {
+    const src = pair.spec.source.agent.address;
+    if (!r.sourceUp) {
+      this.cond(status, pair, ConditionType.Replicating, "False", "OriginalSourceAway", `${name} serves; nothing replicates until the original source ${src} returns (then ${name} replicates back to it)`);
+      this.cond(status, pair, ConditionType.Mirrored, "False", "OriginalSourceAway", `no copy of ${name}'s data exists elsewhere until the original source ${src} returns`);
+    } else {
+      const st = r.reverseState ?? "configuring";
+      if (st === "idle" || st === "replicating" || (st === "mirroring" && !r.reverseError)) this.cond(status, pair, ConditionType.Replicating, "True", "ReverseReplicating", `${name} replicates back to the original source ${src}`);
+      else this.cond(status, pair, ConditionType.Replicating, "False", st === "configuring" ? "Configuring" : "ReverseDegraded", `replication ${name} → ${src} is ${st}${r.reverseError ? `: ${r.reverseError}` : ""}`);
+      if (r.mirrored) this.cond(status, pair, ConditionType.Mirrored, "True", "ReverseMirrorComplete", `the original source ${src} holds a complete copy of ${name}'s data`);
+      else this.cond(status, pair, ConditionType.Mirrored, "False", "ReverseMirroring", `bringing the original source ${src} up to date from ${name}${r.mirrorActive ? " (mirror running)" : ""}`);
+    }
+    this.cond(status, pair, ConditionType.Verified, "Unknown", "NotVerifiedSinceFailover", `no verify since ${name} took over; verifies from before describe the old direction (after failback the operator verifies the new one)`);
   }
 
   /** Run a policy's action list on an agent; one line per action for status. */
@@ -314,4 +348,32 @@ export class FailoverFlow {
 export function reverseSpec(pair: ResolvedPair, image: ImageStatus | undefined, sourceAddress: string, epoch: number) {
   const fwd = desiredSetSpec(pair);
   return { ...fwd, path: image?.path ?? "", targets: [sourceAddress], epoch, verifyIntervalMs: 0 };
+}
+
+/**
+ * The status fields that describe replication, rewritten for the new
+ * direction once `active` serves: it holds what it was promoted with, the
+ * other targets wait for a failback, and lag/queued are those of the reverse
+ * replication (none while the original source is away). Nothing from before
+ * the failover is left to look current (acked/applied/lag/verify of the
+ * stopped forward replication).
+ */
+export function newDirection(status: ReplicationPairStatus, pair: ResolvedPair, active: string, r: { appliedSeq?: number; sourceUp: boolean; queuedBytes?: number; mirror?: string }): void {
+  const prev = new Map((status.targets ?? []).map((t) => [t.name, t]));
+  status.targets = pair.spec.targets.map((t) =>
+    t.name === active
+      ? { name: t.name, address: t.agent.address, state: "serving", appliedSeq: r.appliedSeq ?? prev.get(t.name)?.appliedSeq }
+      : { name: t.name, address: t.agent.address, state: "waiting", lastError: `not replicated while ${active} serves; fail back to resume` },
+  );
+  const rev = status.reverse;
+  const lag = r.sourceUp ? rev?.lagSeconds : undefined;
+  status.lag = lag !== undefined ? humanSeconds(lag) : undefined;
+  status.lagSeconds = lag;
+  status.queued = r.sourceUp && r.queuedBytes !== undefined ? humanBytes(r.queuedBytes) : undefined;
+  status.queuedBytes = r.sourceUp ? r.queuedBytes : undefined;
+  status.mirror = r.sourceUp ? r.mirror : undefined;
+  status.lastSeq = rev?.lastSeq;
+  status.lastVerify = undefined;
+  // The gate's verdicts were about the stopped direction; failback brings its own.
+  status.knownGood = undefined;
 }

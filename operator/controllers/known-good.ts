@@ -45,7 +45,7 @@ export function knownGood(i: GateInput): GateResult {
       const v = t.lastVerify;
       const result = v?.result === "Running" ? undefined : v?.result;
       const maxAge = parseDuration(kg.maxVerifyAge ?? "24h");
-      if (!v?.finishedAt || !result) failed.push("never verified (a passed verify is required)");
+      if (!v?.finishedAt || !result) failed.push("never verified (a passed verify is required: the operator starts one once the copy is complete and replicating)");
       else if (result !== "Passed") failed.push(`last verify ${result.toLowerCase()}${v.differences ? ` (${v.differences} difference(s))` : ""}${v.error ? `: ${v.error}` : ""}`);
       else if (i.now.getTime() - Date.parse(v.finishedAt) > maxAge) failed.push(`last verify is older than ${kg.maxVerifyAge ?? "24h"} (${v.finishedAt})`);
     }

@@ -141,6 +141,8 @@ export function computeStatus(pair: ResolvedPair, obs: Observation): { status: R
     ? [Reason.SourceUnreachable, `operator cannot reach the source agent ${pair.spec.source.agent.address}: ${obs.source.error}`]
     : obs.configError
       ? (obs.configReason ? [obs.configReason, obs.configError] : [Reason.ConfigRejected, `source agent refused the replication set: ${obs.configError}`])
+      : set?.pathError
+        ? [Reason.SourcePathUnavailable, `${set.pathError} (on source agent ${src?.name ?? pair.spec.source.agent.address}): nothing is replicated from it until it can be read`]
       : set?.state === "failed"
         ? [Reason.SetFailed, `replication set failed on the source: ${set.lastError}`]
         : bad((t) => t.state === "refused").length
@@ -156,6 +158,7 @@ export function computeStatus(pair: ResolvedPair, obs: Observation): { status: R
   // Replicating: every target takes changes as they happen.
   if (!src) set1(ConditionType.Replicating, "Unknown", Reason.SourceUnreachable, "source agent not reachable");
   else if (!set) set1(ConditionType.Replicating, "False", obs.configError ? (obs.configReason ?? Reason.ConfigRejected) : Reason.Configuring, obs.configError ?? "replication set is being configured on the source agent");
+  else if (set.pathError) set1(ConditionType.Replicating, "False", Reason.SourcePathUnavailable, set.pathError);
   else if (set.state === "starting" || set.state === "scanning") set1(ConditionType.Replicating, "False", Reason.Scanning, `source is scanning ${set.path}`);
   else {
     const notOk = targets.filter((t) => !HEALTHY.has(t.state ?? "") && t.state !== "mirroring");
@@ -171,7 +174,8 @@ export function computeStatus(pair: ResolvedPair, obs: Observation): { status: R
   const running = targets.filter((t) => t.mirror?.active);
   const failed = targets.filter((t) => !t.mirror?.active && t.mirror?.result && t.mirror.result !== "ok");
   const never = targets.filter((t) => !t.mirror);
-  if (running.length) {
+  if (set?.pathError) set1(ConditionType.Mirrored, "False", Reason.SourcePathUnavailable, `no target holds a copy of ${set.path}: ${set.pathError}`);
+  else if (running.length) {
     const m = running[0]!.mirror!;
     const pct = m.bytesTotal ? Math.floor(((m.bytesDone ?? 0) / m.bytesTotal) * 100) : 0;
     set1(ConditionType.Mirrored, "False", Reason.Mirroring, `${m.mode} mirror to ${running.map((t) => t.name).join(", ")}: ${pct}% (${m.filesDone}/${m.filesTotal} files, ${humanBytes(m.bytesDone ?? 0)}/${humanBytes(m.bytesTotal ?? 0)})`);
@@ -221,7 +225,9 @@ export function computeStatus(pair: ResolvedPair, obs: Observation): { status: R
             : "Pending";
   const mirrorSummary = running.length
     ? `${Math.floor(((running[0]!.mirror!.bytesDone ?? 0) / Math.max(1, running[0]!.mirror!.bytesTotal ?? 0)) * 100)}% ${humanBytes(running[0]!.mirror!.bytesDone ?? 0)}/${humanBytes(running[0]!.mirror!.bytesTotal ?? 0)}`
-    : get(ConditionType.Mirrored).status === "True"
+    : set?.pathError
+      ? "source path unavailable"
+      : get(ConditionType.Mirrored).status === "True"
       ? "complete"
       : get(ConditionType.Mirrored).reason === Reason.MirrorFailed
         ? "failed"

@@ -68,9 +68,13 @@ interface Provisioned {
 interface Health {
   missed: number;
   firstMissAt?: number;
+  /** The last check the source answered: the failure happened after it (its first evidence). */
+  lastOkAt?: number;
 }
 
 const FAST_MS = 2000;
+/** A verify the operator started for the failover gate is not started again sooner than this. */
+const AUTO_VERIFY_RETRY_MS = 10 * 60_000;
 
 const WARNING_REASONS = new Set<string>([Reason.SourceUnreachable, Reason.TargetUnreachable, Reason.TargetDegraded, Reason.TargetRefused, Reason.ConfigRejected, Reason.VersionMismatch, Reason.SetFailed, Reason.MirrorFailed, Reason.DifferencesFound, Reason.VerifyError]);
 
@@ -78,6 +82,8 @@ export class ReplicationPairReconciler {
   private readonly o: PairReconcilerOptions;
   private readonly flow: FailoverFlow;
   private readonly health = new Map<string, Health>();
+  /** When the operator last started a verify for the gate, by "<pair key>|<target>". */
+  private readonly autoVerified = new Map<string, number>();
   constructor(o: PairReconcilerOptions) {
     this.o = o;
     this.flow = new FailoverFlow({ agents: o.agents, writer: o.writer, events: o.events, identity: o.identity ?? { pointService: async () => undefined }, log: o.log, now: () => this.now() });
@@ -91,7 +97,12 @@ export class ReplicationPairReconciler {
     const t0 = Date.now();
     const [namespace, name] = key.split("/") as [string, string];
     const cached = this.o.get(namespace, name);
-    if (!cached) return {}; // deleted, and its finalizer already done
+    if (!cached) {
+      // deleted, and its finalizer already done: forget what was kept about it
+      this.health.delete(key);
+      this.forgetVerifies(key);
+      return {};
+    }
     const pair = structuredClone(cached); // never modify the informer's cache
     const log = this.o.log.child({ pair: key });
     const setName = setNameFor(pair);
@@ -135,6 +146,8 @@ export class ReplicationPairReconciler {
     }
     if (active !== "source" || want !== "source") {
       this.health.delete(key);
+      // The direction changes: verifies made for the old one say nothing about the new (after failback the gate wants its own).
+      this.forgetVerifies(key);
       const r = await this.flow.reconcile(resolved, policy, active, want);
       return { requeueAfterMs: Math.min(r.requeueAfterMs ?? this.o.statusIntervalMs, prov.requeueAfterMs ?? Infinity) };
     }
@@ -221,9 +234,15 @@ export class ReplicationPairReconciler {
         if (current && !current.managed) throw new Error(`source agent ${source} has a set named ${setName} in its config file`);
         if (current?.specHash !== hash) {
           const r = await this.o.agents.configureSet(source, desired);
-          log.info({ result: r.result, set: setName }, "configured the source agent");
-          this.o.events.event(pair, "Normal", r.result === "created" ? "SetCreated" : "SetUpdated", `replication set ${setName} ${r.result} on source agent ${source} (${desired.path} → ${desired.targets.join(", ")})`);
-          view.status = await this.o.agents.status(source);
+          if (r.result !== "unchanged") {
+            log.info({ result: r.result, set: setName }, "configured the source agent");
+            this.o.events.event(pair, "Normal", r.result === "created" ? "SetCreated" : "SetUpdated", `replication set ${setName} ${r.result} on source agent ${source} (${desired.path} → ${desired.targets.join(", ")})`);
+          }
+          if (current) {
+            // A changed set restarted: its status is read again (a new one is simply "configuring" until the next look).
+            this.o.agents.invalidate(source);
+            view.status = await this.o.agents.status(source);
+          }
         }
       } catch (e) {
         // Unreachable now: try again later. Anything else (bad path, not allowed …) is for a person to fix.
@@ -266,6 +285,12 @@ export class ReplicationPairReconciler {
       if (handled.lastHandledMirrorRequest || handled.lastHandledVerifyRequest) view.status = await this.o.agents.status(source).catch(() => view.status);
     }
 
+    // 3. A policy whose gate needs a verify gets one without anyone asking: once a target
+    //    holds a complete copy, and again before the last one ages out (or after a failback).
+    if (view.status && !configError && policy && (policy.spec.knownGood?.requireVerify ?? true)) {
+      if (await this.verifyForGate(key, pair, policy, view.status, log)) view.status = await this.o.agents.status(source).catch(() => view.status);
+    }
+
     // 4. Status, and an Event for each condition that flipped.
     const { status, transitions } = computeStatus(pair, { now: this.now(), setName, source: view, configError, ...(versionMismatch ? { configReason: Reason.VersionMismatch } : {}), targets });
     Object.assign(status, handled);
@@ -305,6 +330,45 @@ export class ReplicationPairReconciler {
     return { requeueAfterMs: Math.min(provNext, policy ? Math.max(50, next - (Date.now() - t0)) : next) };
   }
 
+  private forgetVerifies(key: string): void {
+    for (const k of this.autoVerified.keys()) if (k.startsWith(`${key}|`)) this.autoVerified.delete(k);
+  }
+
+  /**
+   * Start a verify of each target whose last passed verify is missing or past
+   * half of the policy's maxVerifyAge, when the target is caught up (mirror
+   * done, replicating). At most one try per target every AUTO_VERIFY_RETRY_MS,
+   * so a verify that fails is not repeated in a loop. Returns whether one started.
+   */
+  private async verifyForGate(key: string, pair: ResolvedPair, policy: FailoverPolicy, src: NonNullable<AgentView["status"]>, log: Logger): Promise<boolean> {
+    const set = src.sets.find((s) => s.name === setNameFor(pair));
+    if (!set || set.state !== "replicating" || set.pathError) return false;
+    const now = this.now().getTime();
+    const maxAge = parseDuration(policy.spec.knownGood?.maxVerifyAge ?? "24h");
+    const started: string[] = [];
+    for (const t of pair.spec.targets) {
+      const st = set.targets.find((x) => x.address === t.agent.address);
+      if (!st || st.verifying || st.mirror?.active || (st.mirror?.startedAt && st.mirror.result !== "ok") || (st.state !== "idle" && st.state !== "replicating")) continue;
+      const agentVerify = st.lastVerify && st.lastVerify.finishedAt > 0 && !st.lastVerify.error && st.lastVerify.ok ? st.lastVerify.finishedAt * 1000 : undefined;
+      const rec = pair.status?.targets?.find((x) => x.name === t.name)?.lastVerify;
+      const recorded = rec?.result === "Passed" && rec.finishedAt ? Date.parse(rec.finishedAt) : undefined;
+      const last = Math.max(agentVerify ?? 0, recorded ?? 0);
+      if (last && now - last < maxAge / 2) continue;
+      const k = `${key}|${t.name}`;
+      const tried = this.autoVerified.get(k);
+      if (tried !== undefined && now - tried < AUTO_VERIFY_RETRY_MS) continue;
+      this.autoVerified.set(k, now);
+      try {
+        await this.o.agents.startVerify(pair.spec.source.agent.address, { set: set.name, target: t.agent.address, repair: false });
+        started.push(t.name);
+      } catch (e) {
+        log.warn({ target: t.name, err: (e as Error).message }, "verify for the failover gate not started");
+      }
+    }
+    if (started.length) this.o.events.event(pair, "Normal", "VerifyStarted", `verify of ${started.join(", ")} started by the operator: FailoverPolicy ${policy.metadata.name} needs a passed verify no older than ${policy.spec.knownGood?.maxVerifyAge ?? "24h"} before it fails over (knownGood.requireVerify)`);
+    return started.length > 0;
+  }
+
   /**
    * Health and the known-good gate, written into `status`. The source counts
    * as down only when the operator missed `missedBeats` checks in a row AND no
@@ -321,6 +385,7 @@ export class ReplicationPairReconciler {
     } else {
       h.missed = 0;
       h.firstMissAt = undefined;
+      h.lastOkAt = now.getTime();
     }
     this.health.set(key, h);
     const srcName = status.sourceAgent?.name ?? pair.status?.sourceAgent?.name;
@@ -334,13 +399,20 @@ export class ReplicationPairReconciler {
       sourceReachable: !source.error,
       missedBeats: h.missed,
       sourceDown: down,
-      sourceDownSince: h.firstMissAt && down ? new Date(h.firstMissAt).toISOString() : undefined,
+      // Down since the last check it answered (an operator that restarted meanwhile knows only the first miss).
+      sourceDownSince: h.firstMissAt && down ? new Date(Math.min(h.lastOkAt ?? h.firstMissAt, h.firstMissAt)).toISOString() : undefined,
     };
     const gates = new Map(pair.spec.targets.map((t) => {
       const v = targets.get(t.agent.address);
       return [t.name, { gate: knownGood({ recorded: status.targets?.find((x) => x.name === t.name), image: images.get(t.name), imageError: v?.error, policy, now }), image: images.get(t.name) }];
     }));
     status.knownGood = pair.spec.targets.map((t) => ({ target: t.name, ok: gates.get(t.name)!.gate.ok, failed: gates.get(t.name)!.gate.failed }));
+    // In one line, what a person needs to know: could this pair fail over now, and if not, what is missing.
+    const good = status.knownGood.filter((k) => k.ok).map((k) => k.target);
+    const automatic = (policy.spec.approval ?? "manual") === "automatic";
+    setCondition((status.conditions ??= []) as Condition[], good.length
+      ? { type: "FailoverReady", status: "True", reason: "KnownGood", message: `failover possible to ${good.join(", ")}: ${automatic ? "automatic when the source is down" : "on approval (kubectl understudy failover)"} (FailoverPolicy ${policy.metadata.name})` }
+      : { type: "FailoverReady", status: "False", reason: "NoKnownGoodTarget", message: `failover not possible yet (FailoverPolicy ${policy.metadata.name}): ${status.knownGood.map((k) => `${k.target}: ${(k.failed ?? []).join("; ")}`).join(" | ")}` }, pair.metadata.generation ?? 0, now);
     if (!down) {
       const conds = (status.conditions ?? []) as Condition[];
       if (conds.some((c) => c.type === "FailoverPending")) setCondition(conds, { type: "FailoverPending", status: "False", reason: "SourceUp", message: "the source is up" }, pair.metadata.generation ?? 0, now);

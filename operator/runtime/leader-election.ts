@@ -25,6 +25,8 @@ export class LeaderElector {
   private observed?: { holder: string; renewTime: string; at: number };
   private leading = false;
   private readonly abort = new AbortController();
+  /** The last Lease call that failed (cleared by one that succeeds): /readyz reports it. */
+  private failing?: { error: string; since: number; attempts: number };
 
   constructor(kc: KubeConfig, o: LeaderElectionOptions) {
     this.api = kc.makeApiClient(CoordinationV1Api);
@@ -37,6 +39,30 @@ export class LeaderElector {
   }
 
   /**
+   * Why this replica cannot take part in leader election now (a 403 on the
+   * Lease, an API server it cannot reach), or undefined when its last attempt
+   * got an answer (held by another replica counts as an answer).
+   */
+  get problem(): string | undefined {
+    const f = this.failing;
+    if (!f) return undefined;
+    return `cannot use Lease ${this.o.namespace}/${this.o.name}: ${f.error} (${f.attempts} attempt(s) failed since ${new Date(f.since).toISOString()})`;
+  }
+
+  /** Run one Lease attempt and remember whether the API server answered it. */
+  private async attempt(): Promise<boolean> {
+    try {
+      const ok = await this.tryAcquireOrRenew();
+      this.failing = undefined;
+      return ok;
+    } catch (e) {
+      const error = errText(e);
+      this.failing = { error, since: this.failing?.since ?? Date.now(), attempts: (this.failing?.attempts ?? 0) + 1 };
+      throw e;
+    }
+  }
+
+  /**
    * Resolves once this process leads, then keeps renewing; calls onLost if
    * leadership is lost (the process should exit: its caches and queues may
    * act on stale beliefs).
@@ -45,7 +71,7 @@ export class LeaderElector {
     const { log } = this.o;
     log.info({ lease: `${this.o.namespace}/${this.o.name}`, identity: this.o.identity }, "waiting to become leader");
     while (!this.abort.signal.aborted) {
-      if (await this.tryAcquireOrRenew().catch((e) => (log.warn({ err: errText(e) }, "lease acquire failed"), false))) break;
+      if (await this.attempt().catch((e) => (log.warn({ lease: `${this.o.namespace}/${this.o.name}`, err: errText(e) }, "lease acquire failed"), false))) break;
       await sleep(jitter(this.o.retryPeriodMs), this.abort.signal);
     }
     if (this.abort.signal.aborted) return;
@@ -62,7 +88,7 @@ export class LeaderElector {
       let ok = false;
       let why = "";
       try {
-        ok = await this.tryAcquireOrRenew();
+        ok = await this.attempt();
         if (!ok) why = `lease is held by ${this.observed?.holder}`;
       } catch (e) {
         why = errText(e);

@@ -12,6 +12,12 @@ export interface RateLimiterOptions {
 
 export class WorkQueue {
   private readonly queue: string[] = [];
+  /**
+   * Keys a person is waiting for (a spec change, a request, a deletion): served
+   * before the periodic refreshes in `queue`, so thousands of healthy pairs
+   * due for a status refresh never delay the one whose spec just changed.
+   */
+  private readonly urgent: string[] = [];
   private readonly dirty = new Set<string>();
   private readonly processing = new Set<string>();
   private readonly failures = new Map<string, number>();
@@ -30,22 +36,40 @@ export class WorkQueue {
   }
 
   get length(): number {
-    return this.queue.length;
+    return this.queue.length + this.urgent.length;
   }
 
-  add(key: string): void {
-    if (this.shuttingDown || this.dirty.has(key)) return;
+  /** Queue a key (once); `urgent`: ahead of the periodic work (a change someone made). */
+  add(key: string, urgent = false): void {
+    if (this.shuttingDown) return;
+    if (this.dirty.has(key)) {
+      // Queued already as periodic work: move it ahead.
+      if (urgent && !this.processing.has(key)) {
+        const i = this.queue.indexOf(key);
+        if (i >= 0) {
+          this.queue.splice(i, 1);
+          this.urgent.push(key);
+        }
+      } else if (urgent) this.urgentAfter.add(key);
+      return;
+    }
     this.dirty.add(key);
     this.addedAt.set(key, Date.now());
-    if (this.processing.has(key)) return;
+    if (this.processing.has(key)) {
+      if (urgent) this.urgentAfter.add(key);
+      return;
+    }
     const w = this.waiters.shift();
     if (w) {
       this.dirty.delete(key);
       this.processing.add(key);
       this.reportWait(key);
       w(key);
-    } else this.queue.push(key);
+    } else (urgent ? this.urgent : this.queue).push(key);
   }
+
+  /** Keys added urgently while they were processed: they come back urgent. */
+  private readonly urgentAfter = new Set<string>();
 
   /** Add after a delay; an earlier pending delay for the key wins. */
   addAfter(key: string, ms: number): void {
@@ -84,7 +108,7 @@ export class WorkQueue {
   /** Next key, or undefined once shut down. Call done(key) when finished. */
   get(): Promise<string | undefined> {
     if (this.shuttingDown) return Promise.resolve(undefined);
-    const key = this.queue.shift();
+    const key = this.urgent.shift() ?? this.queue.shift();
     if (key !== undefined) {
       this.dirty.delete(key);
       this.processing.add(key);
@@ -96,10 +120,11 @@ export class WorkQueue {
 
   done(key: string): void {
     this.processing.delete(key);
+    const urgent = this.urgentAfter.delete(key);
     if (this.dirty.has(key)) {
       // Added while it was processed: it runs again, by another get().
       this.dirty.delete(key);
-      this.add(key);
+      this.add(key, urgent);
     }
   }
 

@@ -6,6 +6,8 @@
 // and the user-visible latency of a spec change (kubectl patch → status
 // observedGeneration caught up). There is no rsync/lsyncd equivalent.
 import { mkdir, readFile, writeFile } from "node:fs/promises";
+import YAML from "yaml";
+import { REPO } from "../e2e/harness.ts";
 import path from "node:path";
 import { startCluster, type Cluster } from "../env/cluster.ts";
 import { OperatorProc, Pki, installCrds, kubectlOk, pairYaml, tlsAgent } from "../e2e/k8s-harness.ts";
@@ -17,6 +19,14 @@ import { fmtMs, nowMs, percentiles, pollUntil, progress, type BenchContext } fro
 
 const NS = "scale";
 
+/** A Kubernetes memory quantity (512Mi, 1Gi, 300M) in bytes. */
+function quantity(q: string): number {
+  const m = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$/.exec(q.trim());
+  if (!m) throw new Error(`not a memory quantity: ${q}`);
+  const mult: Record<string, number> = { "": 1, Ki: 1024, Mi: 1024 ** 2, Gi: 1024 ** 3, Ti: 1024 ** 4, k: 1e3, M: 1e6, G: 1e9, T: 1e12 };
+  return Number(m[1]) * mult[m[2] ?? ""]!;
+}
+
 async function rss(pid: number): Promise<{ now: number; peak: number }> {
   const s = await readFile(`/proc/${pid}/status`, "utf8");
   const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(s)?.[1] ?? 0) * 1024;
@@ -24,7 +34,9 @@ async function rss(pid: number): Promise<{ now: number; peak: number }> {
 }
 
 async function listPairs(c: Cluster): Promise<ReplicationPair[]> {
-  return (JSON.parse(await kubectlOk(c, ["get", "replicationpairs", "-n", NS, "-o", "json"])) as { items: ReplicationPair[] }).items;
+  const r = await c.kubectl(["get", "replicationpairs", "-n", NS, "-o", "json"], { timeoutMs: 300_000 });
+  if (r.code !== 0) throw new Error(`kubectl get replicationpairs failed (${r.code}): ${r.stderr}`);
+  return (JSON.parse(r.stdout) as { items: ReplicationPair[] }).items;
 }
 
 const ready = (p: ReplicationPair) => p.status?.conditions?.some((c) => c.type === "Ready" && c.status === "True") && p.status.observedGeneration === p.metadata.generation;
@@ -38,7 +50,8 @@ function histogramQuantiles(metrics: string, name: string, qs: number[]): { coun
 }
 
 export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult> {
-  const pairs = ctx.quick ? 100 : 500;
+  // BENCH_OPERATOR_PAIRS=N: another pair count (the chart's memory limit is sized for the default).
+  const pairs = Number(process.env.BENCH_OPERATOR_PAIRS) || (ctx.quick ? 100 : 2000);
   const r = emptyResult("8", `Operator: reconciling ${pairs} ReplicationPairs on a real API server`, `${pairs} pairs, each a directory of 3 small files; one source and one target agent`);
   const t0 = nowMs();
   const dir = path.join(ctx.workDir, "operator-scale");
@@ -49,14 +62,22 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
   const { agent: target, tls } = await tlsAgent(pki, dir, "dst-agent", { targetRoot: path.join(dir, "dst") });
   const { agent: source, tls: stls } = await tlsAgent(pki, dir, "src-agent");
   let op: OperatorProc | undefined;
+  let chartLimit: string | undefined;
+  let workers = 4;
   try {
     await target.start(tls);
     await source.start(stls);
     await installCrds(cluster);
     await kubectlOk(cluster, ["create", "namespace", NS]);
     await kubectlOk(cluster, ["create", "namespace", "understudy-system"]);
+    // The chart's defaults (workers, status interval, memory limit) are what is measured.
     const dashUrl = `http://127.0.0.1:${await freePort()}/`;
-    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", "10s", "--log-level", "warn", "--dashboard-address", new URL(dashUrl).host] });
+    const values = YAML.parse(await readFile(path.join(REPO, "charts/understudy/values.yaml"), "utf8")) as { workers?: number; statusInterval?: string; resources?: { limits?: { memory?: string } } };
+    chartLimit = values.resources?.limits?.memory;
+    workers = values.workers ?? 4;
+    op = await OperatorProc.create({ kubeconfig: cluster.kubeconfig, tlsDir: await pki.operatorTlsDir(), logPath: path.join(dir, "operator.log"), leaseNamespace: "understudy-system", extra: ["--status-interval", values.statusInterval ?? "10s", "--workers", String(workers), "--log-level", "warn", "--dashboard-address", new URL(dashUrl).host],
+      // BENCH_OPERATOR_NODE_OPTIONS: V8 flags for the operator, e.g. --max-semi-space-size=4 (what a chart could set)
+      ...(process.env.BENCH_OPERATOR_NODE_OPTIONS ? { env: { NODE_OPTIONS: process.env.BENCH_OPERATOR_NODE_OPTIONS } } : {}) });
     await op.start();
     const idle = await rss(op.pid);
     progress(`operator: creating ${pairs} source directories and pairs`);
@@ -68,13 +89,18 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
       docs.push(pairYaml({ name: `p${i}`, namespace: NS, source: source.address, targets: [{ name: "standby", address: target.address }], path: d }));
     }
     const tApply = nowMs();
-    await kubectlOk(cluster, ["apply", "-f", "-"], docs.join("---\n"));
+    // In slices: one apply of thousands of objects outlasts kubectl's deadline on a busy machine.
+    for (let i = 0; i < docs.length; i += 250) {
+      const r = await cluster.kubectl(["apply", "-f", "-"], { input: docs.slice(i, i + 250).join("---\n"), timeoutMs: 600_000 });
+      if (r.code !== 0) throw new Error(`kubectl apply of pairs ${i}-${i + 249} failed (${r.code}): ${r.stderr}`);
+    }
     const applyMs = nowMs() - tApply;
     let lastReady = 0;
     await pollUntil(`all ${pairs} pairs Ready`, async () => {
       const items = await listPairs(cluster);
       lastReady = items.filter(ready).length;
-      progress(`operator: ${lastReady}/${pairs} Ready after ${fmtMs(nowMs() - tApply)}`);
+      const m = await rss(op!.pid).catch(() => ({ now: 0, peak: 0 }));
+      progress(`operator: ${lastReady}/${pairs} Ready after ${fmtMs(nowMs() - tApply)}; operator RSS ${(m.now / 1e6).toFixed(0)} MB (peak ${(m.peak / 1e6).toFixed(0)} MB)`);
       return lastReady === pairs;
     }, 1_800_000, 2000);
     const allReadyMs = nowMs() - tApply;
@@ -140,6 +166,8 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
         ["apply → every pair Ready (configured on the source, mirrored, replicating)", fmtMs(allReadyMs)],
         ["operator RSS idle (no pairs)", mb(idle.now)],
         ["operator RSS once all Ready / after 60 s steady / peak", `${mb(afterReady.now)} / ${mb(steady.now)} / ${mb(final.peak)}`],
+        ["the chart's memory limit (resources.limits.memory)", chartLimit ? `${chartLimit}: peak ${final.peak <= quantity(chartLimit) ? "within it" : "ABOVE it"} (${((final.peak / quantity(chartLimit)) * 100).toFixed(0)}%)` : "none"],
+        ["workers (the chart's default)", String(workers)],
         ["operator JS heap in use at the end (the rest of RSS is V8's reserve, code and buffers)", mb(heapUsed)],
         ["operator CPU in steady state", `${cpuCores.toFixed(2)} cores`],
         ["dashboard open (one viewer, 60 s) vs the 60 s before without one: operator RSS / JS heap in use (medians of 5 s samples) / CPU more (goal < 30 MB, < 0.05 cores)", `${mb(memViewer.rss - memNoViewer.rss)} / ${mb(memViewer.heap - memNoViewer.heap)} / ${(dashCores - cpuCores).toFixed(3)} cores`],
@@ -151,7 +179,7 @@ export async function benchOperatorScale(ctx: BenchContext): Promise<BenchResult
         ["spec change (kubectl patch) → status.observedGeneration, 50 pairs: p50 / p90 / p99 / max", `${fmtMs(lat.p50)} / ${fmtMs(lat.p90)} / ${fmtMs(lat.p99)} / ${fmtMs(lat.max)}`],
       ],
     });
-    r.notes.push("The operator runs as a process with an admin kubeconfig, 4 workers, a 10 s status interval, leader election on, and the dashboard served (its history and event caches are in every figure); its Kubernetes client is @kubernetes/client-node.", "A spec change restarts that pair's set on the source agent (journal kept, no mirror); the latency includes that and the next status write.");
+    r.notes.push(`The operator runs as a process with an admin kubeconfig, the chart's ${workers} workers and status interval, leader election on, and the dashboard served (its history and event caches are in every figure)${process.env.BENCH_OPERATOR_NODE_OPTIONS ? `, NODE_OPTIONS=${process.env.BENCH_OPERATOR_NODE_OPTIONS}` : ""}; its Kubernetes client is @kubernetes/client-node.`, "A spec change restarts that pair's set on the source agent (journal kept, no mirror); the latency includes that and the next status write.");
   } catch (e) {
     r.error = (e as Error).message;
   } finally {

@@ -131,9 +131,9 @@ export class FailoverWorld {
     return JSON.parse(await kubectlOk(this.cluster, ["get", "endpointslice", `${service}-understudy`, "-n", this.ns, "-o", "json"]));
   }
 
-  /** `kubectl understudy …` (the plugin), as a person would run it. */
+  /** `kubectl understudy …` (the plugin), as a person would run it (with their own rights, not the operator's). */
   plugin(args: string[]): Promise<{ code: number; out: string }> {
-    return new Promise((resolve) => execFile(process.execPath, [CLI, "kubectl", ...args, "-n", this.ns, "--kubeconfig", this.kubeconfig], (err, stdout, stderr) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, out: stdout + stderr })));
+    return new Promise((resolve) => execFile(process.execPath, [CLI, "kubectl", ...args, "-n", this.ns, "--kubeconfig", this.cluster.kubeconfig], (err, stdout, stderr) => resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, out: stdout + stderr })));
   }
 
   async events(pair: string): Promise<string> {

@@ -38,10 +38,17 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     await w.waitPair("db", "Ready", (p) => condition(p, "Ready").status === "True");
     const p = await w.waitPair("db", "gate status", (x) => (x.status?.knownGood?.length ?? 0) === 2);
     assert.equal(p.status?.health?.policy, "db-ha");
-    assert.ok(p.status?.knownGood?.every((k) => !k.ok && k.failed?.some((f) => /never verified/.test(f))), "not known good before a verify");
+    // The policy requires a verify (the default): the operator runs one itself once the copies are complete,
+    // and until it has passed the status says that failover is not possible yet, and why.
+    const ok = await w.waitPair("db", "both targets known good without anyone asking for a verify", (x) => !!x.status?.knownGood?.every((k) => k.ok));
+    assert.equal(ok.status?.lastHandledVerifyRequest, undefined, "no verify was requested");
+    assert.ok(ok.status?.targets?.every((t) => t.lastVerify?.result === "Passed"));
+    assert.match(await w.events("db"), /VerifyStarted/);
+    assert.equal(condition(ok, "FailoverReady").status, "True");
+    assert.match(condition(ok, "FailoverReady").message ?? "", /failover possible to a, b: automatic when the source is down/);
+    if (p.status?.knownGood?.every((k) => !k.ok)) assert.match(condition(p, "FailoverReady").message ?? "", /failover not possible yet/);
     const v = await w.plugin(["verify", "db"]);
     assert.equal(v.code, 0, v.out);
-    await w.waitPair("db", "both targets known good", (x) => !!x.status?.knownGood?.every((k) => k.ok));
     await waitFor("policy status", async () => JSON.parse(await kubectlOk(w.cluster, ["get", "fop", "db-ha", "-n", NS, "-o", "json"])).status?.matchedPairs === 1, 30_000, 250);
     assert.match((await w.plugin(["status", "db"])).out, /known good: a yes/);
   });
@@ -67,6 +74,18 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     assert.equal(p.status?.epoch, 1);
     assert.ok((p.status?.failover?.recoverySeconds ?? 99) < 10, `recovery ${p.status?.failover?.recoverySeconds}s (observed ${tookMs} ms)`);
     assert.equal(condition(p, "FailedOver").status, "True");
+    // The status describes the new direction: a serves with what it was promoted with (the message says the same
+    // number), b waits, nothing from the stopped forward replication (acks, lag, queue, verify) looks current.
+    const applied = p.status?.failover?.appliedSeq;
+    assert.ok(applied && applied > 0);
+    assert.match(condition(p, "FailedOver").message ?? "", new RegExp(`every change up to ${applied}\\b`));
+    assert.match(condition(p, "FailedOver").message ?? "", new RegExp(`recovered ${p.status?.failover?.recoverySeconds}s after the source was last seen`));
+    assert.deepEqual(p.status?.targets?.map((t) => [t.name, t.state, t.appliedSeq ?? null, t.lastAckedSeq ?? null]), [["a", "serving", applied, null], ["b", "waiting", null, null]]);
+    assert.equal(p.status?.lag, undefined);
+    assert.equal(p.status?.queued, undefined);
+    assert.equal(p.status?.lastVerify, undefined);
+    assert.equal(condition(p, "Mirrored").status, "False");
+    assert.ok(p.status?.failover?.sourceDownSince && Date.parse(p.status.failover.sourceDownSince) <= killedAt + 1000, `recovery counted from the last check the source answered (${p.status?.failover?.sourceDownSince}), before the kill at ${new Date(killedAt).toISOString()}`);
     // Every acknowledged write is on a (the source directory is exactly what was acknowledged).
     assert.deepEqual(await w.treesDiffer(srcDir, image("a")), []);
     const es = await w.endpointSlice("db");
@@ -89,6 +108,12 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     await w.agents.src!.start(w.tls);
     const p = await w.waitPair("db", "source brought up to date", (x) => x.status?.reverse?.mirrored === true);
     assert.equal(p.status?.activeSide, "a");
+    // The old source's health as it is now, and Degraded agrees with it.
+    assert.equal(p.status?.health?.sourceReachable, true);
+    assert.equal(p.status?.health?.sourceDown, false);
+    assert.equal(condition(p, "Degraded").status, "False");
+    assert.equal(condition(p, "Replicating").reason, "ReverseReplicating");
+    assert.equal(condition(p, "Mirrored").reason, "ReverseMirrorComplete");
     const st = await fetchStatus(w.agents.src!.address, w.tls);
     assert.equal(st.sets.find((s) => s.name === `${NS}.db`), undefined, "the old source no longer replicates forward");
     await w.waitTreesEqual(image("a"), srcDir, "source equal to a");
@@ -98,6 +123,7 @@ describe("failover and failback", { timeout: 900_000 }, () => {
   });
 
   test("failback: the source serves again, the identity moves back, and both targets are replicas again", async () => {
+    const failbackAt = Date.now();
     const r = await w.plugin(["failback", "db", "--timeout", "90"]);
     assert.equal(r.code, 0, r.out);
     const p = await w.waitPair("db", "source active and Ready", (x) => x.status?.activeSide === "source" && condition(x, "Ready").status === "True", 90_000);
@@ -110,5 +136,8 @@ describe("failover and failback", { timeout: 900_000 }, () => {
     assert.equal(img?.promoted, false);
     assert.equal(img?.epoch, 2);
     await stat(path.join(srcDir, "order-during-outage.dat"));
+    // Known good again only on a verify of the new direction (the verify from before the failover does not count).
+    const kg = await w.waitPair("db", "known good after failback", (x) => !!x.status?.knownGood?.every((k) => k.ok), 90_000);
+    for (const t of kg.status?.targets ?? []) assert.ok(t.lastVerify?.finishedAt && Date.parse(t.lastVerify.finishedAt) >= failbackAt - 1000, `${t.name}'s verify ${t.lastVerify?.finishedAt} is from after the failback`);
   });
 });

@@ -61,29 +61,44 @@ export class OperatorProc extends ChildProc {
   readonly healthPort: number;
   readonly metricsPort: number;
   private readonly args: string[];
+  private readonly env: Record<string, string>;
 
-  private constructor(args: string[], logPath: string, healthPort: number, metricsPort: number) {
+  private constructor(args: string[], logPath: string, healthPort: number, metricsPort: number, env: Record<string, string>) {
     super(logPath, 15_000);
     this.args = args;
     this.healthPort = healthPort;
     this.metricsPort = metricsPort;
+    this.env = env;
   }
 
-  static async create(o: { kubeconfig: string; tlsDir: string; logPath: string; namespace?: string; leaseNamespace: string; extra?: string[] }): Promise<OperatorProc> {
+  /** leaseNamespace undefined: no --leader-election-namespace (the operator finds it itself, e.g. from env.POD_NAMESPACE). */
+  static async create(o: { kubeconfig: string; tlsDir: string; logPath: string; namespace?: string; leaseNamespace: string | undefined; extra?: string[]; env?: Record<string, string> }): Promise<OperatorProc> {
     const [hp, mp] = [await freePort(), await freePort()];
-    const args = [CLI, "operator", "--kubeconfig", o.kubeconfig, "--agent-tls-dir", o.tlsDir, "--leader-election-namespace", o.leaseNamespace, "--health-probe-bind-address", `127.0.0.1:${hp}`, "--metrics-bind-address", `127.0.0.1:${mp}`,
+    const args = [CLI, "operator", "--kubeconfig", o.kubeconfig, "--agent-tls-dir", o.tlsDir, ...(o.leaseNamespace ? ["--leader-election-namespace", o.leaseNamespace] : []), "--health-probe-bind-address", `127.0.0.1:${hp}`, "--metrics-bind-address", `127.0.0.1:${mp}`,
       // short leases so a handover test takes seconds, not the default 15
       "--lease-duration", "6s", "--renew-deadline", "4s", "--retry-period", "1s", "--status-interval", "2s", ...(o.namespace ? ["--namespace", o.namespace] : []), ...(o.extra ?? [])];
-    return new OperatorProc(args, o.logPath, hp, mp);
+    return new OperatorProc(args, o.logPath, hp, mp, o.env ?? {});
   }
 
-  async start(): Promise<void> {
-    const p = this.spawnLogged(process.execPath, this.args, { ...process.env, KUBECONFIG: "" });
-    await waitFor("operator /readyz", async () => {
+  /** Start and wait until /readyz says ok (or, with `until`, until its answer satisfies that). */
+  async start(until?: (r: { status: number; body: string }) => boolean): Promise<{ status: number; body: string }> {
+    const env: NodeJS.ProcessEnv = { ...process.env, KUBECONFIG: "", ...this.env };
+    if (!this.env.POD_NAMESPACE) delete env.POD_NAMESPACE;
+    const p = this.spawnLogged(process.execPath, this.args, env);
+    return waitFor("operator /readyz", async () => {
       if (p.exitCode !== null) throw new Error(`operator exited with ${p.exitCode}; log:\n${await this.log()}`);
-      const r = await fetch(`http://127.0.0.1:${this.healthPort}/readyz`).catch(() => undefined);
-      return r?.ok ?? false;
-    }, 30_000, 200);
+      const r = await this.readyz().catch(() => undefined);
+      return r && (until ? until(r) : r.status === 200) ? r : undefined;
+      // generous: on a busy machine loading the operator and syncing its caches can take a while
+    }, 90_000, 200).catch(async (e: Error) => {
+      const last = await this.readyz().catch((x: Error) => ({ status: 0, body: x.message }));
+      throw new Error(`${e.message}; last /readyz: ${last.status} ${last.body.trim()}`);
+    });
+  }
+
+  async readyz(): Promise<{ status: number; body: string }> {
+    const r = await fetch(`http://127.0.0.1:${this.healthPort}/readyz`);
+    return { status: r.status, body: await r.text() };
   }
 
   async metrics(): Promise<string> {

@@ -348,3 +348,21 @@ test("a set removed or changed while it is still starting stops for good", async
   const log = await pair.source.log();
   assert.doesNotMatch(log, /"level":50/, "no errors in the source's log");
 });
+
+test("a set whose path is missing or not a directory says so in its status, with the path and the error; fixed, the error goes", async (t) => {
+  const { pair, conn } = await managedPair(t);
+  await pair.start();
+  const missing = path.join(pair.src, "not-there");
+  await conn.configureSet(spec({ name: "gone", path: missing, targets: [pair.target.address] }));
+  const s = await waitFor("a path error", async () => setOf(await conn.status(), "gone")?.pathError || undefined);
+  assert.equal(s, `source path ${missing} cannot be read: ENOENT: no such file or directory`);
+  const file = path.join(pair.src, "a-file");
+  await writeFile(file, "x\n");
+  await conn.configureSet(spec({ name: "file", path: file, targets: [pair.target.address] }));
+  assert.equal(await waitFor("a path error", async () => setOf(await conn.status(), "file")?.pathError || undefined), `source path ${file} is not a directory`);
+  // The path appears: the error is gone at once (checked at every status).
+  await mkdir(missing);
+  await writeFile(path.join(missing, "late.txt"), "late\n");
+  await waitFor("no path error", async () => setOf(await conn.status(), "gone")?.pathError === "");
+  assert.equal(setOf(await conn.status(), "file")?.pathError, `source path ${file} is not a directory`);
+});

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { mkdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { startCluster, type Cluster } from "../env/cluster.ts";
-import { REPO, compareTrees, snapshotTree, tmpDir, waitFor, type AgentProc } from "./harness.ts";
+import { REPO, cli, compareTrees, snapshotTree, tmpDir, waitFor, type AgentProc } from "./harness.ts";
 import { OperatorProc, Pki, condition, getPair, kubectlOk, pairYaml, tlsAgent, waitCondition } from "./k8s-harness.ts";
 import { fetchStatus } from "../../agent/control-client.ts";
 import type { TlsConfig } from "../../common/config.ts";
@@ -98,6 +98,46 @@ describe("operator on a real API server", { timeout: 900_000 }, () => {
       assert.equal(can.stdout.trim(), "no", `${as} must not ${verb} ${res} in ${ns}`);
     }
     await startOperator("operator-1");
+  });
+
+  test("the Lease is in the release namespace by default; a Lease the ServiceAccount may not use makes /readyz fail, saying why", async () => {
+    // As in the chart's pod: no --leader-election-namespace, POD_NAMESPACE from the downward API.
+    const podNs = await OperatorProc.create({ kubeconfig: saKubeconfig, tlsDir, logPath: path.join(dir, "operator-podns-le.log"), leaseNamespace: undefined, extra: ["--leader-election-id", `${leaseName}`], env: { POD_NAMESPACE: SYSTEM_NS } });
+    operators.push(podNs);
+    const ok = await podNs.start();
+    assert.equal(ok.body.trim(), "ok");
+    // Ready means it could read the Lease: in the release namespace, the only one its RBAC allows.
+    assert.match(await podNs.log(), new RegExp(`"lease":"${SYSTEM_NS}/${leaseName}"`));
+    await podNs.stop();
+    // Another namespace's Lease (what the operator used to pick by default: "default") is forbidden to the chart's
+    // ServiceAccount: the operator keeps trying, and /readyz says it is not ready and why, instead of "ok".
+    const wrong = await OperatorProc.create({ kubeconfig: saKubeconfig, tlsDir, logPath: path.join(dir, "operator-403.log"), leaseNamespace: "default", extra: ["--leader-election-id", leaseName] });
+    operators.push(wrong);
+    const r = await wrong.start((x) => x.status === 503 && /403/.test(x.body));
+    assert.match(r.body, /^not ready: cannot use Lease default\/\S+: 403: leases\.coordination\.k8s\.io "\S+" is forbidden: User "system:serviceaccount:understudy-system:\S+" cannot get resource "leases"/m);
+    // ... and stays so (it is not a transient answer before the first try).
+    await new Promise((res) => setTimeout(res, 3000));
+    assert.equal((await wrong.readyz()).status, 503);
+    await wrong.stop();
+    // Without a namespace from anywhere, the operator refuses to start and says what to give.
+    const none = await cli(["operator", "--kubeconfig", saKubeconfig, "--agent-tls-dir", tlsDir]);
+    assert.equal(none.code, 2, none.stderr);
+    assert.match(none.stderr, /leader election needs the namespace of its Lease: give --leader-election-namespace/);
+  });
+
+  test("--agent-tls-dir names the files it needs; what certs issue writes is accepted", async () => {
+    const empty = path.join(dir, "empty-tls");
+    await mkdir(empty, { recursive: true });
+    const r = await cli(["operator", "--kubeconfig", saKubeconfig, "--agent-tls-dir", empty, "--no-leader-elect"]);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /ca\.crt, tls\.crt and tls\.key .* or ca\.crt, understudy-operator\.crt and understudy-operator\.key/);
+    const r2 = await cli(["operator", "--kubeconfig", saKubeconfig]);
+    assert.match(r2.stderr, /give --agent-tls-dir DIR: .*ca\.crt, tls\.crt and tls\.key/);
+    // The CA dir itself, as `certs issue --name understudy-operator` left it:
+    const op = await OperatorProc.create({ kubeconfig: saKubeconfig, tlsDir: pki.dir, logPath: path.join(dir, "operator-pkidir.log"), leaseNamespace: SYSTEM_NS, extra: ["--leader-election-id", leaseName, "--no-leader-elect"] });
+    operators.push(op);
+    await op.start();
+    await op.stop();
   });
 
   test("an invalid ReplicationPair is refused with messages a user understands", async () => {

@@ -126,7 +126,7 @@ function wireTarget(p: Partial<WireTarget> = {}): WireTarget {
 }
 
 function set(targets: WireTarget[], p: Partial<SourceSetStatus> = {}): SourceSetStatus {
-  return { name: SET, path: "/srv/www", state: "running", lastSeq: 42, journalFirstSeq: 1, queuedBytes: { memory: 0, disk: 0 }, targets, files: 10, bytes: 1000, capturedDataBytes: 0, lastError: "", managed: true, specHash: "abc", ...p };
+  return { name: SET, path: "/srv/www", state: "running", lastSeq: 42, journalFirstSeq: 1, queuedBytes: { memory: 0, disk: 0 }, targets, files: 10, bytes: 1000, capturedDataBytes: 0, lastError: "", managed: true, specHash: "abc", pathError: "", ...p };
 }
 
 function image(p: Partial<ImageStatus> = {}): ImageStatus {
@@ -550,4 +550,78 @@ test("one target to another directly is refused (fail back first)", async () => 
   await h.flow.reconcile(failedOverPair("dr2"), undefined, "dr", "dr2");
   assert.deepEqual(h.actions(), []);
   assert.equal(cond(last(h.writer), "FailedOver").reason, "UnsupportedMove");
+});
+
+// (g) the status after a failover describes the new direction
+
+/** What the status said just before the source died: forward replication with lag, acks and a verify. */
+function frozenForward(): ReplicationPairStatus {
+  return {
+    lag: "2.5s", lagSeconds: 2.5, queued: "4.0KiB", queuedBytes: 4096, lastSeq: 352, mirror: "complete",
+    lastVerify: { target: "dr", result: "Passed", finishedAt: isoAgo(3_600_000) },
+    targets: [recorded({ lastSentSeq: 350, lastAckedSeq: 348, appliedSeq: 349, lagSeconds: 2.5, queuedBytes: 4096, connected: true })],
+    knownGood: [{ target: "dr", ok: true, failed: [] }],
+    health: { policy: "geo", sourceReachable: false, missedBeats: 3, sourceDown: true, sourceDownSince: isoAgo(4_200) },
+    conditions: [
+      { type: "Mirrored", status: "True", reason: "MirrorComplete", message: "every target holds a complete copy", lastTransitionTime: isoAgo(9e6) },
+      { type: "Replicating", status: "True", reason: "Replicating", message: "replicating /srv/www to dr", lastTransitionTime: isoAgo(9e6) },
+      { type: "Verified", status: "True", reason: "VerifyPassed", message: "last verify of every target found no difference", lastTransitionTime: isoAgo(9e6) },
+    ],
+  };
+}
+
+test("after a failover the status shows the new direction: no frozen lag/acks/verify, the message's numbers are the status's", async () => {
+  const h = harness();
+  h.agents.agents.set(TGT, agent("dr1", { images: [image({ appliedSeq: 352, durableSeq: 352 })] }));
+  h.agents.promoted = { appliedSeq: 352, durableSeq: 352 };
+  await h.flow.reconcile(pair("dr", frozenForward()), policy(), "source", "dr");
+  const s = last(h.writer);
+  assert.deepEqual(s.targets, [{ name: "dr", address: TGT, state: "serving", appliedSeq: 352 }]);
+  for (const k of ["lag", "lagSeconds", "queued", "queuedBytes", "lastVerify", "knownGood", "mirror"] as const) assert.equal(s[k], undefined, `${k} is from before the failover`);
+  const fo = cond(s, "FailedOver").message;
+  assert.match(fo, /every change up to 352\b/);
+  assert.equal(s.failover?.appliedSeq, 352);
+  // recoverySeconds counts from the last time the source was seen (sourceDownSince), and the message says the same number
+  assert.equal(s.failover?.recoverySeconds, 4.2);
+  assert.match(fo, /recovered 4\.2s after the source was last seen/);
+  assert.equal(cond(s, "Mirrored").status, "False");
+  assert.equal(cond(s, "Replicating").status, "False");
+  assert.equal(cond(s, "Verified").status, "Unknown");
+  assert.equal(cond(s, "Verified").reason, "NotVerifiedSinceFailover");
+});
+
+test("failed over and the source is back: health says reachable (not DOWN), Degraded=False agrees, lag and queued are the reverse replication's", async () => {
+  const h = harness();
+  h.agents.agents.set(SRC, agent("web1", { images: [image({ source: "dr1", path: "/srv/www" })] }));
+  const rev = set([reverseTarget({ state: "replicating", lastAckedSeq: 65, lagSeconds: 0.4, queuedBytes: { memory: 2048, disk: 0 } })], { path: "/replicas/web1/prod.www", lastSeq: 70 });
+  h.agents.agents.set(TGT, agent("dr1", { sets: [rev], images: [image({ promoted: true, epoch: 5, appliedSeq: 352 })] }));
+  const before = { ...frozenForward(), targets: [{ name: "dr", address: TGT, state: "serving", appliedSeq: 352 }] };
+  await h.flow.reconcile(failedOverPair("dr", before), policy(), "dr", "dr");
+  const s = last(h.writer);
+  assert.deepEqual(s.health, { policy: "geo", sourceReachable: true, missedBeats: 0, sourceDown: false });
+  assert.equal(cond(s, "Degraded").status, "False");
+  assert.equal(s.lagSeconds, 0.4);
+  assert.equal(s.lag, "400ms");
+  assert.equal(s.queuedBytes, 2048);
+  assert.equal(s.lastSeq, 70, "the reverse journal's sequence, not the stopped forward one's 352");
+  assert.equal(s.reverse?.lastAckedSeq, 65);
+  assert.equal(cond(s, "Replicating").status, "True");
+  assert.equal(cond(s, "Replicating").reason, "ReverseReplicating");
+  assert.equal(cond(s, "Mirrored").status, "True");
+  assert.equal(cond(s, "Mirrored").reason, "ReverseMirrorComplete");
+  assert.equal(cond(s, "Verified").status, "Unknown");
+});
+
+test("failed over and the source still away: health says DOWN, Degraded=True agrees, no lag or queue shown", async () => {
+  const h = harness();
+  h.agents.agents.set(SRC, new Error("no route to host"));
+  h.agents.agents.set(TGT, agent("dr1", { images: [image({ promoted: true, epoch: 5, appliedSeq: 352 })] }));
+  await h.flow.reconcile(failedOverPair("dr", frozenForward()), policy(), "dr", "dr");
+  const s = last(h.writer);
+  assert.equal(s.health?.sourceDown, true);
+  assert.equal(s.health?.sourceReachable, false);
+  assert.equal(cond(s, "Degraded").status, "True");
+  assert.equal(s.lag, undefined);
+  assert.equal(s.queued, undefined);
+  assert.deepEqual(s.targets, [{ name: "dr", address: TGT, state: "serving", appliedSeq: 352 }]);
 });

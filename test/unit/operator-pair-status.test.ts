@@ -39,7 +39,7 @@ function target(p: Partial<TargetStatus> = {}): TargetStatus {
 }
 
 function source(targets: TargetStatus[] = [target()], p: Partial<SourceSetStatus> = {}): AgentView {
-  const set: SourceSetStatus = { name: SET, path: "/srv/www", state: "running", lastSeq: 42, journalFirstSeq: 1, queuedBytes: { memory: 0, disk: 0 }, targets, files: 10, bytes: 1000, capturedDataBytes: 0, lastError: "", managed: true, specHash: "abc", ...p };
+  const set: SourceSetStatus = { name: SET, path: "/srv/www", state: "running", lastSeq: 42, journalFirstSeq: 1, queuedBytes: { memory: 0, disk: 0 }, targets, files: 10, bytes: 1000, capturedDataBytes: 0, lastError: "", managed: true, specHash: "abc", pathError: "", ...p };
   const status: StatusResponse = { name: "web1", agentVersion: "0.1.0", protocolVersion: 1, sets: [set], images: [], uptimeSeconds: 100 };
   return { status };
 }
@@ -323,4 +323,34 @@ test("every reason fits the CRD's reason pattern and the status has no undefined
     for (const c of status.conditions!) assert.match(c.reason, reason);
     assert.deepEqual(status, JSON.parse(JSON.stringify(status)));
   }
+});
+
+test("a source path that is missing: never Ready or Mirrored; the conditions name the path and the error", () => {
+  const err = "source path /srv/www cannot be read: ENOENT: no such file or directory";
+  // What the agent reports for a missing path: the set runs (an empty tree) and even its mirror "finished".
+  const { status } = computeStatus(pair(), observe(source([target()], { pathError: err, files: 1, bytes: 0 })));
+  assert.equal(status.phase, "Degraded");
+  assert.deepEqual(summary(status), {
+    Degraded: ["True", "SourcePathUnavailable"],
+    Replicating: ["False", "SourcePathUnavailable"],
+    Mirrored: ["False", "SourcePathUnavailable"],
+    Verified: ["Unknown", "NeverVerified"],
+    Ready: ["False", "SourcePathUnavailable"],
+  });
+  for (const t of ["Degraded", "Replicating", "Mirrored", "Ready"]) assert.match(cond(status, t).message, /\/srv\/www.*ENOENT: no such file or directory/, t);
+  assert.equal(status.mirror, "source path unavailable");
+  // A pair that was Ready loses it when its path goes away, and gets it back when the path returns.
+  const was = healthy();
+  const gone = computeStatus(pair(was), observe(source([target()], { pathError: err }))).status;
+  assert.equal(cond(gone, "Ready").status, "False");
+  assert.equal(cond(gone, "Mirrored").status, "False");
+  const back = computeStatus(pair(gone), observe(source())).status;
+  assert.equal(cond(back, "Ready").status, "True", JSON.stringify(back.conditions));
+});
+
+test("a status write deletes on the server what the new status leaves out (a merge patch sends null), nested too", async () => {
+  const { mergePatch } = await import("../../operator/kube.ts");
+  const before = { lag: "2s", lagSeconds: 2, health: { sourceDown: true, sourceDownSince: "2025-01-01T00:00:00Z", missedBeats: 3 }, targets: [{ name: "dr", address: "a", lastAckedSeq: 3 }], phase: "Replicating" };
+  const after = { phase: "FailedOver", health: { sourceDown: false, missedBeats: 0 }, targets: [{ name: "dr", address: "a" }] };
+  assert.deepEqual(mergePatch(before, after), { phase: "FailedOver", lag: null, lagSeconds: null, health: { sourceDown: false, missedBeats: 0, sourceDownSince: null }, targets: [{ name: "dr", address: "a" }] });
 });

@@ -235,3 +235,30 @@ test("property: with several workers, no key is processed twice at once, nothing
     { numRuns: 300 },
   );
 });
+
+test("urgent keys (a change someone made) are handed out before periodic ones, also when already queued or being processed", async () => {
+  const q = new WorkQueue();
+  for (let i = 0; i < 1000; i++) q.add(`p${i}`);
+  q.add("changed", true);
+  q.add("p500", true); // queued as periodic work: moves ahead, and is still handed out once
+  assert.equal(q.length, 1000 + 1);
+  assert.equal(await take(q), "changed");
+  assert.equal(await take(q), "p500");
+  assert.equal(await take(q), "p0");
+  // A key being processed that changes again comes back ahead of the periodic work.
+  q.add("p1", true);
+  assert.equal(await take(q), "p1");
+  q.add("p1", true);
+  q.done("p0");
+  q.done("p1");
+  assert.equal(await take(q), "p1", "came back urgent after done()");
+  assert.equal(await take(q), "p2");
+  const seen = new Set<string>(["changed", "p500", "p0", "p1", "p2"]);
+  for (let k = await take(q); typeof k === "string"; k = await take(q)) {
+    assert.ok(!seen.has(k), `${k} handed out twice`);
+    seen.add(k);
+    if (seen.size === 1001) break;
+  }
+  assert.equal(seen.size, 1001);
+  q.shutDown();
+});

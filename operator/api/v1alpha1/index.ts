@@ -78,6 +78,8 @@ export const Reason = {
   /** the agents of a pair run different understudy versions */
   VersionMismatch: "VersionMismatch",
   Provisioned: "Provisioned",
+  /** the source's replication set path is missing or unreadable on the source host */
+  SourcePathUnavailable: "SourcePathUnavailable",
 } as const;
 
 /** A time as Kubernetes writes metav1.Time: RFC 3339 in UTC, whole seconds. */

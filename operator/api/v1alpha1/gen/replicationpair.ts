@@ -307,7 +307,7 @@ export interface FailoverStatus {
   startedAt?: string;
   finishedAt?: string;
   /**
-   * Source found down (or failover requested) to the target serving.
+   * From the failure's first evidence (the last health check the source answered; for a requested move, the request) to the target serving.
    */
   recoverySeconds?: number;
   /**
@@ -339,6 +339,9 @@ export interface HealthStatus {
   sourceReachable?: boolean;
   missedBeats?: number;
   sourceDown?: boolean;
+  /**
+   * The last time the source answered a health check before it was found down.
+   */
   sourceDownSince?: string;
 }
 export interface KnownGoodStatus {
@@ -374,7 +377,7 @@ export interface TargetStatus {
   name: string;
   address: string;
   /**
-   * connecting, replicating, idle, degraded, refused or unreachable.
+   * connecting, replicating, idle, degraded, refused or unreachable; while a target serves (after a failover or cutover): serving (that target) or waiting (the others).
    */
   state?: string;
   connected?: boolean;

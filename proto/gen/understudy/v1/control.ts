@@ -229,6 +229,11 @@ export interface SourceSetStatus {
   managed: boolean;
   /** Hash of the SetSpec a managed set runs with (see ConfigureSetResponse). */
   specHash: string;
+  /**
+   * Why the set's path cannot be replicated right now (missing, not a
+   * directory, unreadable), with the path and the error; empty when it can.
+   */
+  pathError: string;
 }
 
 export interface ImageStatus {
@@ -2066,6 +2071,7 @@ function createBaseSourceSetStatus(): SourceSetStatus {
     lastError: "",
     managed: false,
     specHash: "",
+    pathError: "",
   };
 }
 
@@ -2109,6 +2115,9 @@ export const SourceSetStatus: MessageFns<SourceSetStatus> = {
     }
     if (message.specHash !== "") {
       writer.uint32(106).string(message.specHash);
+    }
+    if (message.pathError !== "") {
+      writer.uint32(114).string(message.pathError);
     }
     return writer;
   },
@@ -2228,6 +2237,14 @@ export const SourceSetStatus: MessageFns<SourceSetStatus> = {
             }
 
             message.specHash = reader.string();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.pathError = reader.string();
             continue;
           }
         }
