@@ -5,7 +5,7 @@
 // (nothing is ever pulled) and reach the lab's other hosts.
 //
 // What the node changes outside its own directory, and how stop() undoes it
-// (see ../../docs/real-node.md and /work/shared/K8S-REALNODE.md):
+// (see ../../docs/real-node-tests.md and the team notes K8S-REALNODE.md):
 //   processes          every daemon by PID; the shims of its containerd (found by its socket path)
 //                      and every process left in its cgroups, by PID
 //   iptables, cni0     only in the node's network namespace: `kube-proxy --cleanup`, the CNI-*/KUBE-*
