@@ -152,8 +152,17 @@ describe("dashboard in a real browser", { timeout: 900_000 }, () => {
     }, 30_000, 500).catch((e: Error) => assert.fail(`${e.message}\n${last}`));
     assert.equal(await page.$('tr[data-pair="vault/secret"]'), null, "a pair in a namespace the viewer may not read is not shown");
     assert.match((await page.textContent(".pairs .note")) ?? "", /viewer may not list ReplicationPairs in 1 namespace/);
-    // The known-good gate per target, with the check that fails.
-    assert.match((await page.textContent(`tr[data-pair="${NS}/web"] ul.kg`)) ?? "", /✗ standby: never verified/);
+    // The known-good gate per target, with the checks that fail, as status.knownGood has it. (Under
+    // this policy the operator verifies a new copy by itself, so the gate moves from "never verified"
+    // to known good on its own: compare with the status, read again each time.)
+    let kgLast = "";
+    await waitFor("the page's known-good gate to match status.knownGood", async () => {
+      const kg = JSON.parse((await kubectlOk(cluster, ["get", "rp", "web", "-n", NS, "-o", "jsonpath={.status.knownGood}"])) || "[]") as { target: string; ok: boolean; failed?: string[] }[];
+      const want = kg.map((k) => (k.ok ? `✓ ${k.target}` : `✗ ${k.target}: ${(k.failed ?? []).join("; ")}`)).join("");
+      const shown = ((await page.textContent(`tr[data-pair="${NS}/web"] ul.kg`)) ?? "").trim();
+      kgLast = `status: ${want} | page: ${shown}`;
+      return kg.length === 1 && kg[0]!.target === "standby" && shown === want;
+    }, 30_000, 250).catch((e: Error) => assert.fail(`${e.message}\n${kgLast}`));
     // Events of the pairs and the policy, filterable by pair.
     await page.waitForSelector("#events li[data-reason=SetCreated]", { timeout: 30_000 });
     await page.selectOption("select[aria-label='filter by pair']", `${NS}/shop`);
