@@ -334,12 +334,12 @@ async function writePki(dir: string): Promise<Pki> {
   return files;
 }
 
-function b64(s: string): string {
+export function b64(s: string): string {
   return Buffer.from(s).toString("base64");
 }
 
 /** Credentials are embedded, so the file stays valid when copied elsewhere. */
-async function writeKubeconfig(file: string, server: string, caPem: string, user: Record<string, string>): Promise<string> {
+export async function writeKubeconfig(file: string, server: string, caPem: string, user: Record<string, string>): Promise<string> {
   const cfg = {
     apiVersion: "v1",
     kind: "Config",

@@ -26,7 +26,7 @@ import { promisify } from "node:util";
 import YAML from "yaml";
 import { newCA, signLeaf, type NewCA, type San } from "../../common/tls.ts";
 import { buildOciArchive } from "../../image/oci.ts";
-import type { Cluster, RunOptions, RunResult } from "./cluster.ts";
+import { b64, writeKubeconfig, type Cluster, type RunOptions, type RunResult } from "./cluster.ts";
 import { SETPRIV } from "./exit-cleanup.ts";
 
 const BUILD_SCRIPT = fileURLToPath(new URL("./build-k8s.sh", import.meta.url));
@@ -466,26 +466,9 @@ function installHook(): void {
 
 // ---------------------------------------------------------------------------
 
-function b64(s: string): string {
-  return Buffer.from(s).toString("base64");
-}
-
-async function kubeconfig(file: string, server: string, caPem: string, user: Record<string, string>): Promise<string> {
-  const cfg = {
-    apiVersion: "v1",
-    kind: "Config",
-    clusters: [{ name: "node", cluster: { server, "certificate-authority-data": b64(caPem) } }],
-    users: [{ name: "user", user }],
-    contexts: [{ name: "node", context: { cluster: "node", user: "user" } }],
-    "current-context": "node",
-  };
-  await writeFile(file, YAML.stringify(cfg), { mode: 0o600 });
-  return file;
-}
-
 async function clientKubeconfig(file: string, server: string, ca: NewCA, clientCA: NewCA, cn: string, orgs: string[] = []): Promise<string> {
   const c = await signLeaf(clientCA, { commonName: cn, organizations: orgs, usage: "client", days: CERT_DAYS });
-  return kubeconfig(file, server, ca.certPem, { "client-certificate-data": b64(c.certPem), "client-key-data": b64(c.keyPem) });
+  return writeKubeconfig(file, server, ca.certPem, { "client-certificate-data": b64(c.certPem), "client-key-data": b64(c.keyPem) });
 }
 
 /** The pause image (the sandbox's process), from the pause binary build-k8s.sh compiled: one file, statically linked. */
@@ -593,7 +576,7 @@ export async function startRealNode(o: RealNodeOptions): Promise<RealNode> {
       writeFile(f("sa.key"), sa.privateKey, { mode: 0o600 }),
     ]);
     const adminCert = await signLeaf(clientCA, { commonName: "understudy-admin", organizations: ["system:masters"], usage: "client", days: CERT_DAYS });
-    const adminKc = await kubeconfig(path.join(dir, "admin.kubeconfig"), server, ca.certPem, { "client-certificate-data": b64(adminCert.certPem), "client-key-data": b64(adminCert.keyPem) });
+    const adminKc = await writeKubeconfig(path.join(dir, "admin.kubeconfig"), server, ca.certPem, { "client-certificate-data": b64(adminCert.certPem), "client-key-data": b64(adminCert.keyPem) });
     const kubeletKc = await clientKubeconfig(path.join(dir, "kubelet.kubeconfig"), server, ca, clientCA, `system:node:${node.nodeName}`, ["system:nodes"]);
     const kcmKc = await clientKubeconfig(path.join(dir, "kcm.kubeconfig"), server, ca, clientCA, "system:kube-controller-manager");
     const schedKc = await clientKubeconfig(path.join(dir, "scheduler.kubeconfig"), server, ca, clientCA, "system:kube-scheduler");
@@ -808,7 +791,7 @@ export async function startRealNode(o: RealNodeOptions): Promise<RealNode> {
         if (r.code !== 0) throw new Error(`kubectl create token failed: ${r.stderr}`);
         return r.stdout.trim();
       },
-      writeKubeconfigForToken: (token, file) => kubeconfig(file, server, ca.certPem, { token }),
+      writeKubeconfigForToken: (token, file) => writeKubeconfig(file, server, ca.certPem, { token }),
       importImage,
       stop,
       get cleanupReport() {
